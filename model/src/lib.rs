@@ -1,0 +1,24 @@
+//! LLaVA-Mistral on candle, with layer taps for the safety diagnostics. No HTTP, no async.
+//!
+//! - `config`: the three checkpoint variants' configs, unified into [`config::LlavaConfig`].
+//! - `weights`: sharded, memory-mapped safetensors with name mapping and shape validation.
+//! - `image`: decoding with limits, PIL-exact resizing, pad / anyres preprocessing, token counts.
+//! - `tokenizer`, `sentencepiece`, `template`: tokenizers, SentencePiece `.model` files, chat templates.
+//! - `clip`, `mistral`, `llava`: vision tower, decoder with [`mistral::LayerTaps`], the assembled model.
+//! - `sampling`: logits to tokens (greedy, temperature, top-k/top-p, seeds, logprobs, stops).
+//! - `diagnostics`: the DIAGNOSTICS.md math (logit lens, refusal sets, attention shares, cosines).
+
+pub mod error;
+pub use error::{ModelError, Result};
+
+pub mod clip;
+pub mod config;
+pub mod diagnostics;
+pub mod image;
+pub mod llava;
+pub mod mistral;
+pub mod sampling;
+pub mod sentencepiece;
+pub mod template;
+pub mod tokenizer;
+pub mod weights;

@@ -1,0 +1,672 @@
+//! Mistral decoder (GQA, RoPE, RMSNorm, SwiGLU) with a per-sequence KV cache and layer taps.
+//!
+//! Matches transformers' `MistralModel` with eager attention: scores `q·kᵀ·d^-½`, causal (and
+//! sliding-window) mask, softmax in f32. Taps are chosen per forward in [`LayerTaps`] and cost
+//! nothing when empty. Layer indexing is HF `output_hidden_states`: `h[0]` = input embeddings,
+//! `h[j]` = output of block j; unlike HF, `h[N]` is taken *before* the final norm (DIAGNOSTICS.md).
+
+use std::ops::Range;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{embedding, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
+
+use crate::config::TextConfig;
+use crate::error::{ModelError, Result};
+
+/// Query rows per attention chunk in prefill: bounds the score matrix to heads × 512 × keys.
+const QUERY_CHUNK: usize = 512;
+
+/// What to record or change during one prefill. Positions are absolute sequence positions.
+#[derive(Debug, Clone, Default)]
+pub struct LayerTaps {
+    /// Hidden states `h[0..=N]` at these positions → [`TapOutput::hidden`].
+    pub hidden_positions: Vec<usize>,
+    /// Attention probability rows of these query positions, every layer and head.
+    pub attention_queries: Vec<usize>,
+    /// Mean-pooled hidden states over these spans, every layer → [`TapOutput::pooled`].
+    pub pooled_spans: Vec<Range<usize>>,
+    /// Positions whose logits are returned (default: the last position only).
+    pub logit_positions: Option<Vec<usize>>,
+    /// Intervention: at these blocks (1-based), no query may attend to these key spans.
+    pub mask_keys: Option<KeyMask>,
+    /// Intervention: hidden-state edits applied right after the given blocks.
+    pub state_edits: Vec<StateEdit>,
+}
+
+impl LayerTaps {
+    pub fn is_empty(&self) -> bool {
+        self.hidden_positions.is_empty()
+            && self.attention_queries.is_empty()
+            && self.pooled_spans.is_empty()
+            && self.mask_keys.is_none()
+            && self.state_edits.is_empty()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct KeyMask {
+    /// Block indices 1..=N.
+    pub layers: Vec<usize>,
+    pub spans: Vec<Range<usize>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EditMode {
+    /// `h ← h + v` (the paper's reconstruction experiment).
+    Add,
+    /// `h ← v` (the reference code's variant).
+    Replace,
+}
+
+/// After block `after_layer` (1..=N), the hidden states at `positions` get `vector` ([hidden]).
+#[derive(Debug, Clone)]
+pub struct StateEdit {
+    pub after_layer: usize,
+    pub positions: Vec<Range<usize>>,
+    pub vector: Tensor,
+    pub mode: EditMode,
+}
+
+/// What a prefill recorded.
+#[derive(Debug)]
+pub struct TapOutput {
+    /// [N+1, len(hidden_positions), hidden], `h[N]` before the final norm.
+    pub hidden: Option<Tensor>,
+    /// Per block (N entries): [heads, len(attention_queries), keys].
+    pub attention: Vec<Tensor>,
+    /// [N+1, len(pooled_spans), hidden].
+    pub pooled: Option<Tensor>,
+}
+
+/// One sequence's keys and values, grown in place (no copy of the whole cache per step).
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<LayerKv>,
+    len: usize,
+}
+
+#[derive(Debug, Clone)]
+struct LayerKv {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![LayerKv { k: None, v: None }; num_layers],
+            len: 0,
+        }
+    }
+
+    /// Positions already cached (the next token's position).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes held by the cache buffers.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.k, &l.v])
+            .flatten()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
+impl LayerKv {
+    /// Appends `k`, `v` [kv_heads, n, head_dim] at `at` and returns views of the first `at + n`.
+    fn append(&mut self, at: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let n = k.dim(1)?;
+        let need = at + n;
+        for (slot, new) in [(&mut self.k, k), (&mut self.v, v)] {
+            let cap = slot.as_ref().map_or(0, |t| t.dim(1).unwrap_or(0));
+            if need > cap {
+                let (h, _, d) = new.dims3()?;
+                let new_cap = need.max(cap * 2).max(64);
+                let buf = Tensor::zeros((h, new_cap, d), new.dtype(), new.device())?;
+                if let Some(old) = slot.as_ref() {
+                    if at > 0 {
+                        buf.slice_set(&old.narrow(1, 0, at)?.contiguous()?, 1, 0)?;
+                    }
+                }
+                *slot = Some(buf);
+            }
+            let buf = slot.as_ref().expect("allocated above");
+            buf.slice_set(&new.contiguous()?, 1, at)?;
+        }
+        let k = self.k.as_ref().expect("set").narrow(1, 0, need)?;
+        let v = self.v.as_ref().expect("set").narrow(1, 0, need)?;
+        Ok((k, v))
+    }
+}
+
+/// RoPE angles computed as transformers does (f32 inv_freq, f32 position × inv_freq), so that
+/// long prompts match it to f32 rounding.
+struct Rotary {
+    inv_freq: Vec<f32>,
+}
+
+impl Rotary {
+    fn new(cfg: &TextConfig) -> Self {
+        let d = cfg.head_dim;
+        let base = cfg.rope_theta as f32;
+        let inv_freq = (0..d)
+            .step_by(2)
+            .map(|i| 1.0f32 / base.powf(i as f32 / d as f32))
+            .collect();
+        Self { inv_freq }
+    }
+
+    /// cos, sin [positions.len(), head_dim/2].
+    fn cos_sin(&self, positions: &[usize], dev: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in &self.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (positions.len(), half), dev)?,
+            Tensor::from_vec(sin, (positions.len(), half), dev)?,
+        ))
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    window: Option<usize>,
+}
+
+/// Per-layer instructions derived from [`LayerTaps`].
+struct AttnTaps<'a> {
+    queries: &'a [usize],
+    masked: Option<&'a [Range<usize>]>,
+}
+
+impl Attention {
+    fn new(cfg: &TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        Ok(Self {
+            q_proj: linear_no_bias(h, cfg.num_attention_heads * hd, vb.pp("q_proj"))?,
+            k_proj: linear_no_bias(h, cfg.num_key_value_heads * hd, vb.pp("k_proj"))?,
+            v_proj: linear_no_bias(h, cfg.num_key_value_heads * hd, vb.pp("v_proj"))?,
+            o_proj: linear_no_bias(cfg.num_attention_heads * hd, h, vb.pp("o_proj"))?,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: hd,
+            window: cfg.sliding_window,
+        })
+    }
+
+    /// Projects [rows, hidden] to rotated q [rows, heads, hd] and k, v [rows, kv_heads, hd].
+    fn qkv(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let rows = xs.dim(0)?;
+        let q = self.q_proj.forward(xs)?.reshape((rows, self.heads, self.head_dim))?;
+        let k = self.k_proj.forward(xs)?.reshape((rows, self.kv_heads, self.head_dim))?;
+        let v = self.v_proj.forward(xs)?.reshape((rows, self.kv_heads, self.head_dim))?;
+        // rope() wants [b, h, t, d] with cos [b, t, d/2]: treat each row as its own batch entry
+        // so that rows may sit at unrelated positions (batched decode).
+        let rope = |t: Tensor| -> candle_core::Result<Tensor> {
+            let t = t.unsqueeze(2)?.contiguous()?;
+            candle_nn::rotary_emb::rope(&t, &cos.unsqueeze(1)?, &sin.unsqueeze(1)?)?.squeeze(2)
+        };
+        Ok((rope(q)?, rope(k)?, v))
+    }
+
+    /// Attention of `n` new rows of one sequence starting at `start` over its cache.
+    /// xs [n, hidden] → [n, hidden]; records probability rows for `taps.queries`.
+    fn forward_seq(
+        &self,
+        xs: &Tensor,
+        start: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+        kv: &mut LayerKv,
+        taps: &AttnTaps,
+        recorded: &mut Option<Tensor>,
+    ) -> Result<Tensor> {
+        let n = xs.dim(0)?;
+        let (q, k, v) = self.qkv(xs, cos, sin)?;
+        let (keys, values) = kv.append(start, &k.transpose(0, 1)?, &v.transpose(0, 1)?)?;
+        let out = self.attend(&q.transpose(0, 1)?.contiguous()?, start, &keys, &values, taps, recorded)?;
+        // [heads, n, hd] → [n, heads*hd]
+        let out = out.transpose(0, 1)?.reshape((n, self.heads * self.head_dim))?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+
+    /// q [heads, n, hd] at positions start..start+n; keys/values [kv_heads, start+n, hd].
+    fn attend(
+        &self,
+        q: &Tensor,
+        start: usize,
+        keys: &Tensor,
+        values: &Tensor,
+        taps: &AttnTaps,
+        recorded: &mut Option<Tensor>,
+    ) -> Result<Tensor> {
+        let n = q.dim(1)?;
+        let total = start + n;
+        let groups = self.heads / self.kv_heads;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let dev = q.device();
+        let mut outs = Vec::with_capacity(n.div_ceil(QUERY_CHUNK));
+        let mut rows: Vec<(usize, Tensor)> = Vec::new();
+        for c0 in (0..n).step_by(QUERY_CHUNK) {
+            let c = QUERY_CHUNK.min(n - c0);
+            let kend = start + c0 + c;
+            // Sliding window: the earliest key any query of this chunk may see.
+            let kbeg = match self.window {
+                Some(w) => (start + c0 + 1).saturating_sub(w),
+                None => 0,
+            };
+            let klen = kend - kbeg;
+            // Grouped-query attention without materialising repeated K/V: queries of the
+            // `groups` heads sharing a KV head are stacked along the row axis.
+            let qc = q
+                .narrow(1, c0, c)?
+                .reshape((self.kv_heads, groups * c, self.head_dim))?;
+            let kc = keys.narrow(1, kbeg, klen)?;
+            let vc = values.narrow(1, kbeg, klen)?;
+            let scores = (qc.matmul(&kc.t()?)? * scale)?; // [kv, groups*c, klen]
+            let scores = scores.reshape((self.heads, c, klen))?;
+            let mask = self.mask(start + c0, c, kbeg, klen, taps.masked)?;
+            let scores = match mask {
+                Some(m) => scores.broadcast_add(&Tensor::from_vec(m, (1, c, klen), dev)?)?,
+                None => scores,
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            for &qpos in taps.queries {
+                if qpos >= start + c0 && qpos < start + c0 + c {
+                    let row = probs.narrow(1, qpos - start - c0, 1)?; // [heads, 1, klen]
+                    let row = row.pad_with_zeros(D::Minus1, kbeg, total - kend)?;
+                    rows.push((qpos, row));
+                }
+            }
+            let probs = probs.reshape((self.kv_heads, groups * c, klen))?;
+            let o = probs.matmul(&vc.contiguous()?)?; // [kv, groups*c, hd]
+            outs.push(o.reshape((self.heads, c, self.head_dim))?);
+        }
+        if !taps.queries.is_empty() {
+            // Keep the caller's order of query positions.
+            let mut ordered = Vec::with_capacity(taps.queries.len());
+            for &qpos in taps.queries {
+                match rows.iter().find(|(p, _)| *p == qpos) {
+                    Some((_, r)) => ordered.push(r.clone()),
+                    None => {
+                        return Err(ModelError::InvalidInput(format!(
+                            "attention tap at position {qpos} is outside this forward ({start}..{total})"
+                        )))
+                    }
+                }
+            }
+            *recorded = Some(Tensor::cat(&ordered, 1)?);
+        }
+        Ok(Tensor::cat(&outs, 1)?)
+    }
+
+    /// Additive mask for queries at `q0..q0+c` over keys `kbeg..kbeg+klen`, or None when nothing
+    /// is masked (the whole chunk sees all its keys).
+    fn mask(
+        &self,
+        q0: usize,
+        c: usize,
+        kbeg: usize,
+        klen: usize,
+        masked: Option<&[Range<usize>]>,
+    ) -> Result<Option<Vec<f32>>> {
+        let causal_needed = c > 1;
+        let window_needed = self.window.is_some_and(|w| q0 + c > w);
+        if !causal_needed && !window_needed && masked.is_none() {
+            return Ok(None);
+        }
+        let mut m = vec![0f32; c * klen];
+        for i in 0..c {
+            let qpos = q0 + i;
+            let row = &mut m[i * klen..(i + 1) * klen];
+            for (j, slot) in row.iter_mut().enumerate() {
+                let kpos = kbeg + j;
+                let outside_window = self.window.is_some_and(|w| qpos >= kpos + w);
+                let hidden = masked.is_some_and(|spans| spans.iter().any(|s| s.contains(&kpos)));
+                if kpos > qpos || outside_window || hidden {
+                    *slot = f32::NEG_INFINITY;
+                }
+            }
+            if row.iter().all(|x| x.is_infinite()) {
+                return Err(ModelError::InvalidInput(format!(
+                    "attention mask leaves query position {qpos} no key to attend to"
+                )));
+            }
+        }
+        Ok(Some(m))
+    }
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: linear_no_bias(h, i, vb.pp("gate_proj"))?,
+            up_proj: linear_no_bias(h, i, vb.pp("up_proj"))?,
+            down_proj: linear_no_bias(i, h, vb.pp("down_proj"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = self.gate_proj.forward(xs)?.silu()?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+    }
+}
+
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn new(cfg: &TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(Self {
+            input_layernorm: rms_norm(h, eps, vb.pp("input_layernorm"))?,
+            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            post_attention_layernorm: rms_norm(h, eps, vb.pp("post_attention_layernorm"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+        })
+    }
+
+    fn mlp_residual(&self, xs: Tensor) -> candle_core::Result<Tensor> {
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&xs)?)?;
+        xs + h
+    }
+}
+
+/// The Mistral decoder (`language_model`): embeddings, blocks, final norm, unembedding.
+pub struct Decoder {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: Rotary,
+    cfg: TextConfig,
+    device: Device,
+    dtype: DType,
+}
+
+/// Result of a prefill.
+#[derive(Debug)]
+pub struct PrefillOutput {
+    /// [len(logit_positions) or 1, vocab], f32.
+    pub logits: Tensor,
+    pub taps: TapOutput,
+}
+
+impl Decoder {
+    /// `vb` points at `language_model`.
+    pub fn new(cfg: &TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let m = vb.pp("model");
+        let embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, m.pp("embed_tokens"))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::new(cfg, m.pp("layers").pp(i)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed_tokens.embeddings().clone(), None)
+        } else {
+            linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
+        };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rotary: Rotary::new(cfg),
+            cfg: cfg.clone(),
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    pub fn config(&self) -> &TextConfig {
+        &self.cfg
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+    /// The unembedding W_U [vocab, hidden] (for the logit lens).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.weight()
+    }
+    /// The final RMSNorm weight [hidden] and eps (for the logit lens).
+    pub fn final_norm(&self) -> &RmsNorm {
+        &self.norm
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Token embeddings [ids.len(), hidden].
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let vocab = self.cfg.vocab_size;
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ModelError::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary ({vocab})"
+            )));
+        }
+        let ids = Tensor::new(ids, &self.device)?;
+        Ok(self.embed_tokens.forward(&ids)?)
+    }
+
+    /// Runs `embeds` [n, hidden] (positions cache.len()..) through the decoder, appending to the
+    /// cache. Returns f32 logits of the chosen positions and the recorded taps.
+    pub fn prefill(&self, embeds: &Tensor, cache: &mut KvCache, taps: &LayerTaps) -> Result<PrefillOutput> {
+        let n = embeds.dim(0)?;
+        if n == 0 {
+            return Err(ModelError::InvalidInput("empty prompt".into()));
+        }
+        let start = cache.len;
+        let total = start + n;
+        let check = |p: usize, what: &str| {
+            if p < start || p >= total {
+                Err(ModelError::InvalidInput(format!(
+                    "{what} position {p} outside this forward ({start}..{total})"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        for &p in &taps.hidden_positions {
+            check(p, "hidden-state tap")?;
+        }
+        for s in &taps.pooled_spans {
+            if s.is_empty() || s.start < start || s.end > total {
+                return Err(ModelError::InvalidInput(format!(
+                    "pooled span {s:?} outside this forward ({start}..{total})"
+                )));
+            }
+        }
+        let positions: Vec<usize> = (start..total).collect();
+        let (cos, sin) = self.rotary.cos_sin(&positions, &self.device)?;
+        let hidden_idx = if taps.hidden_positions.is_empty() {
+            None
+        } else {
+            let idx: Vec<u32> = taps.hidden_positions.iter().map(|&p| (p - start) as u32).collect();
+            Some(Tensor::new(idx.as_slice(), &self.device)?)
+        };
+        let mut hidden_rec = Vec::new();
+        let mut pooled_rec = Vec::new();
+        let record = |xs: &Tensor, hidden_rec: &mut Vec<Tensor>, pooled_rec: &mut Vec<Tensor>| -> Result<()> {
+            if let Some(idx) = &hidden_idx {
+                hidden_rec.push(xs.index_select(idx, 0)?.to_dtype(DType::F32)?);
+            }
+            if !taps.pooled_spans.is_empty() {
+                let means = taps
+                    .pooled_spans
+                    .iter()
+                    .map(|s| xs.narrow(0, s.start - start, s.len())?.to_dtype(DType::F32)?.mean_keepdim(0))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                pooled_rec.push(Tensor::cat(&means, 0)?);
+            }
+            Ok(())
+        };
+
+        let mut xs = embeds.to_dtype(self.dtype)?;
+        record(&xs, &mut hidden_rec, &mut pooled_rec)?;
+        let mut attention = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let block = i + 1;
+            let masked = taps
+                .mask_keys
+                .as_ref()
+                .filter(|m| m.layers.contains(&block))
+                .map(|m| m.spans.as_slice());
+            let attn_taps = AttnTaps {
+                queries: &taps.attention_queries,
+                masked,
+            };
+            let mut rec = None;
+            let h = layer.input_layernorm.forward(&xs)?;
+            let a = layer.self_attn.forward_seq(
+                &h,
+                start,
+                &cos,
+                &sin,
+                &mut cache.layers[i],
+                &attn_taps,
+                &mut rec,
+            )?;
+            xs = layer.mlp_residual((xs + a)?)?;
+            for edit in taps.state_edits.iter().filter(|e| e.after_layer == block) {
+                xs = apply_edit(&xs, start, edit)?;
+            }
+            if let Some(r) = rec {
+                attention.push(r.to_dtype(DType::F32)?);
+            }
+            record(&xs, &mut hidden_rec, &mut pooled_rec)?;
+        }
+        cache.len = total;
+
+        let logit_rows = match &taps.logit_positions {
+            Some(ps) => {
+                for &p in ps {
+                    check(p, "logit")?;
+                }
+                let idx: Vec<u32> = ps.iter().map(|&p| (p - start) as u32).collect();
+                xs.index_select(&Tensor::new(idx.as_slice(), &self.device)?, 0)?
+            }
+            None => xs.narrow(0, n - 1, 1)?,
+        };
+        let logits = self.lm_head.forward(&self.norm.forward(&logit_rows)?)?.to_dtype(DType::F32)?;
+        Ok(PrefillOutput {
+            logits,
+            taps: TapOutput {
+                hidden: if hidden_rec.is_empty() {
+                    None
+                } else {
+                    Some(Tensor::stack(&hidden_rec, 0)?)
+                },
+                attention,
+                pooled: if pooled_rec.is_empty() {
+                    None
+                } else {
+                    Some(Tensor::stack(&pooled_rec, 0)?)
+                },
+            },
+        })
+    }
+
+    /// One decode step for B sequences of different lengths: `tokens[b]` is appended to
+    /// `caches[b]`. Each linear layer is one matmul over the B new rows; attention runs per
+    /// sequence over its own cache. Returns f32 logits [B, vocab].
+    pub fn decode_step(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        let b = tokens.len();
+        if b == 0 || b != caches.len() {
+            return Err(ModelError::InvalidInput(format!(
+                "decode step with {b} tokens for {} caches",
+                caches.len()
+            )));
+        }
+        let positions: Vec<usize> = caches.iter().map(|c| c.len).collect();
+        let (cos, sin) = self.rotary.cos_sin(&positions, &self.device)?;
+        let mut xs = self.embed(tokens)?.to_dtype(self.dtype)?;
+        let no_taps = AttnTaps {
+            queries: &[],
+            masked: None,
+        };
+        let (hd, heads) = (self.cfg.head_dim, self.cfg.num_attention_heads);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_layernorm.forward(&xs)?;
+            let attn = &layer.self_attn;
+            let (q, k, v) = attn.qkv(&h, &cos, &sin)?;
+            let mut outs = Vec::with_capacity(b);
+            for (s, cache) in caches.iter_mut().enumerate() {
+                let pos = positions[s];
+                let ks = k.narrow(0, s, 1)?.transpose(0, 1)?; // [kv, 1, hd]
+                let vs = v.narrow(0, s, 1)?.transpose(0, 1)?;
+                let (keys, values) = cache.layers[i].append(pos, &ks, &vs)?;
+                let qs = q.narrow(0, s, 1)?.transpose(0, 1)?.contiguous()?; // [heads, 1, hd]
+                let o = attn.attend(&qs, pos, &keys, &values, &no_taps, &mut None)?;
+                outs.push(o.reshape((1, heads * hd))?);
+            }
+            let o = attn.o_proj.forward(&Tensor::cat(&outs, 0)?)?;
+            xs = layer.mlp_residual((xs + o)?)?;
+        }
+        for c in caches.iter_mut() {
+            c.len += 1;
+        }
+        Ok(self.lm_head.forward(&self.norm.forward(&xs)?)?.to_dtype(DType::F32)?)
+    }
+}
+
+fn apply_edit(xs: &Tensor, start: usize, edit: &StateEdit) -> Result<Tensor> {
+    let (n, h) = xs.dims2()?;
+    let v = edit.vector.to_dtype(xs.dtype())?.reshape((1, h))?;
+    let mut select = vec![0f32; n];
+    for span in &edit.positions {
+        if span.start < start || span.end > start + n {
+            return Err(ModelError::InvalidInput(format!(
+                "state edit span {span:?} outside this forward ({start}..{})",
+                start + n
+            )));
+        }
+        for p in span.clone() {
+            select[p - start] = 1.0;
+        }
+    }
+    let sel = Tensor::from_vec(select, (n, 1), xs.device())?.to_dtype(xs.dtype())?;
+    let delta = sel.broadcast_mul(&v)?;
+    Ok(match edit.mode {
+        EditMode::Add => (xs + delta)?,
+        // h·(1−sel) + v·sel
+        EditMode::Replace => (xs.broadcast_mul(&(1.0 - &sel)?)? + delta)?,
+    })
+}

@@ -1,0 +1,772 @@
+//! Logits to tokens: greedy, temperature, top-k, top-p, seeds, logprobs, and stop strings.
+//!
+//! Semantics follow the OpenAI API as vLLM implements it:
+//! - `temperature` 0 (vLLM: below 1e-5) is greedy: the argmax, lowest id on ties (`torch.argmax`).
+//! - Otherwise the logits are processed in vLLM's (and transformers' `LogitsWarper`) order:
+//!   **temperature, then top-k, then top-p**, then one draw from what is left. The order matters
+//!   for top-p: the nucleus is taken from the temperature-scaled distribution.
+//! - top-k keeps every token whose logit is at least the k-th largest (ties at the boundary kept,
+//!   like vLLM's and transformers' threshold masks); `top_k` 0 disables it (vLLM's 0 / −1).
+//! - top-p keeps the smallest prefix of the tokens sorted by probability whose mass reaches `top_p`
+//!   (vLLM's `probs_sum <= 1 - p` mask on the ascending cumulative sum), always at least one token.
+//! - `logprob` and `top_logprobs` are taken from the *unmodified* distribution,
+//!   `log_softmax(logits)`, before temperature, top-k and top-p (vLLM's default
+//!   `logprobs_mode = "raw_logprobs"`), so they do not depend on the sampling settings.
+//! - A seeded sampler draws the same tokens from the same logits; an unseeded one draws a random
+//!   seed (reported by [`Sampler::seed`]). Each sequence owns its sampler and its random stream, so
+//!   the output does not depend on which other requests share the batch. The generator is rand
+//!   0.9's `StdRng` (ChaCha12); its stream is fixed by the lock file's rand version.
+
+use candle_core::{DType, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+
+/// vLLM's `_SAMPLING_EPS`: temperatures below it are treated as greedy.
+pub const GREEDY_TEMPERATURE_EPS: f32 = 1e-5;
+/// OpenAI's (and vLLM's default `max_logprobs`) upper bound on `top_logprobs`.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+/// OpenAI's upper bound on `temperature`.
+pub const MAX_TEMPERATURE: f32 = 2.0;
+
+/// One request's sampling settings, already mapped from the OpenAI request fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// 0 = greedy. OpenAI's default is 1.
+    pub temperature: f32,
+    /// Nucleus mass in [0, 1]; 1 disables it.
+    pub top_p: f32,
+    /// Number of highest logits kept; 0 disables it.
+    pub top_k: usize,
+    /// `None` draws a random seed.
+    pub seed: Option<u64>,
+    /// Most tokens to generate; `None` leaves the bound to the context length (the engine's job).
+    pub max_tokens: Option<usize>,
+    /// Stop strings: generation ends before the first occurrence, which is not emitted.
+    pub stop: Vec<String>,
+    /// Return the chosen token's logprob.
+    pub logprobs: bool,
+    /// Also return this many most likely tokens with their logprobs (0..=20).
+    pub top_logprobs: usize,
+}
+
+impl Default for SamplingParams {
+    /// OpenAI's defaults: temperature 1, top_p 1, no top-k, no seed, no stops, no logprobs.
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+            max_tokens: None,
+            stop: Vec::new(),
+            logprobs: false,
+            top_logprobs: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy settings (temperature 0), e.g. for the diagnostics' self-caption pass.
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
+    }
+
+    /// Whether a draw is the argmax: temperature below vLLM's epsilon, or top-k of 1.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature < GREEDY_TEMPERATURE_EPS || self.top_k == 1
+    }
+
+    /// Checks the ranges OpenAI enforces; errors are the client's (`InvalidInput`).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(ModelError::InvalidInput(msg));
+        if !self.temperature.is_finite() || !(0.0..=MAX_TEMPERATURE).contains(&self.temperature) {
+            return bad(format!(
+                "temperature must be between 0 and {MAX_TEMPERATURE}, got {}",
+                self.temperature
+            ));
+        }
+        if !self.top_p.is_finite() || !(0.0..=1.0).contains(&self.top_p) {
+            return bad(format!("top_p must be between 0 and 1, got {}", self.top_p));
+        }
+        if self.top_logprobs > MAX_TOP_LOGPROBS {
+            return bad(format!(
+                "top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {}",
+                self.top_logprobs
+            ));
+        }
+        if self.top_logprobs > 0 && !self.logprobs {
+            return bad("top_logprobs requires logprobs to be true".into());
+        }
+        if self.max_tokens == Some(0) {
+            return bad("max_tokens must be at least 1".into());
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return bad("stop strings must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// One sampled token. `logprob` and `top_logprobs` are from the unmodified distribution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampledToken {
+    pub id: u32,
+    pub logprob: f32,
+    /// The `top_logprobs` most likely tokens, most likely first (ties: lower id first); empty
+    /// unless requested.
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// Draws tokens for one sequence; owns its settings and its random stream.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    seed: u64,
+    rng: StdRng,
+}
+
+impl Sampler {
+    /// Seeds from `params.seed`, or from a fresh random seed when there is none.
+    pub fn new(params: SamplingParams) -> Self {
+        let seed = params.seed.unwrap_or_else(rand::random);
+        Self {
+            params,
+            seed,
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// The seed in use (the request's, or the one drawn for it).
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Samples from one row of logits `[V]` (or `[1, V]`), any dtype, any device.
+    pub fn sample(&mut self, logits: &Tensor) -> Result<SampledToken> {
+        let row = logits
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        self.sample_logits(&row)
+    }
+
+    /// Samples from one row of logits.
+    pub fn sample_logits(&mut self, logits: &[f32]) -> Result<SampledToken> {
+        let log_z = log_normalizer(logits)?;
+        let id = if self.params.is_greedy() {
+            argmax(logits)
+        } else {
+            self.draw(logits)
+        };
+        let logprob = (f64::from(logits[id]) - log_z) as f32;
+        let top_logprobs = top_n(logits, self.params.top_logprobs)
+            .into_iter()
+            .map(|i| (i as u32, (f64::from(logits[i]) - log_z) as f32))
+            .collect();
+        Ok(SampledToken {
+            id: id as u32,
+            logprob,
+            top_logprobs,
+        })
+    }
+
+    /// Temperature, top-k, top-p, then one draw (module docs). Logits are finite or −inf here.
+    fn draw(&mut self, logits: &[f32]) -> usize {
+        let temperature = f64::from(self.params.temperature);
+        let max = f64::from(logits[argmax(logits)]);
+        let k = self.params.top_k;
+        let threshold = if k > 0 && k < logits.len() {
+            kth_largest(logits, k)
+        } else {
+            f32::NEG_INFINITY
+        };
+        // Weights exp((x - max) / T): the temperature-scaled softmax, unnormalised.
+        let mut candidates: Vec<(usize, f64)> = logits
+            .iter()
+            .enumerate()
+            .filter(|&(_, &x)| x >= threshold && x > f32::NEG_INFINITY)
+            .map(|(i, &x)| (i, ((f64::from(x) - max) / temperature).exp()))
+            .collect();
+        let mut total: f64 = candidates.iter().map(|c| c.1).sum();
+        let top_p = f64::from(self.params.top_p);
+        if top_p < 1.0 {
+            candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            let target = top_p * total;
+            let mut before = 0.0;
+            let keep = candidates
+                .iter()
+                .position(|c| {
+                    before += c.1;
+                    before >= target
+                })
+                .map_or(candidates.len(), |last| last + 1);
+            candidates.truncate(keep.max(1));
+            total = candidates.iter().map(|c| c.1).sum();
+        }
+        let u = self.rng.random::<f64>() * total;
+        let mut cumulative = 0.0;
+        for &(id, w) in &candidates {
+            cumulative += w;
+            if u < cumulative {
+                return id;
+            }
+        }
+        // Rounding can leave u at the very top of the range: the last candidate owns it.
+        candidates.last().map_or(0, |c| c.0)
+    }
+}
+
+/// Samples row b of `logits [B, V]` with the b-th sampler (one device-to-host copy per batch).
+pub fn sample_batch<'a>(
+    logits: &Tensor,
+    samplers: impl IntoIterator<Item = &'a mut Sampler>,
+) -> Result<Vec<SampledToken>> {
+    let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let samplers: Vec<&mut Sampler> = samplers.into_iter().collect();
+    if samplers.len() != rows.len() {
+        return Err(ModelError::Sampling(format!(
+            "{} samplers for {} rows of logits",
+            samplers.len(),
+            rows.len()
+        )));
+    }
+    samplers
+        .into_iter()
+        .zip(&rows)
+        .map(|(s, row)| s.sample_logits(row))
+        .collect()
+}
+
+/// `log Σ exp(x)` in f64, refusing NaN, +inf, and rows with no finite logit.
+fn log_normalizer(logits: &[f32]) -> Result<f64> {
+    if let Some(i) = logits
+        .iter()
+        .position(|x| x.is_nan() || *x == f32::INFINITY)
+    {
+        return Err(ModelError::Sampling(format!(
+            "logit {i} is {} (model fault)",
+            logits[i]
+        )));
+    }
+    if logits.is_empty() {
+        return Err(ModelError::Sampling("empty logits".into()));
+    }
+    let max = f64::from(logits[argmax(logits)]);
+    if max == f64::NEG_INFINITY {
+        return Err(ModelError::Sampling("every logit is -inf".into()));
+    }
+    let sum: f64 = logits.iter().map(|&x| (f64::from(x) - max).exp()).sum();
+    Ok(max + sum.ln())
+}
+
+/// Index of the largest value, the lowest index on ties (`torch.argmax`'s documented choice).
+pub(crate) fn argmax(values: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// The k-th largest value (1-based), for top-k's threshold.
+fn kth_largest(values: &[f32], k: usize) -> f32 {
+    let mut copy = values.to_vec();
+    let (_, kth, _) = copy.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+    *kth
+}
+
+/// Indices of the n largest values, largest first, lower index first on ties.
+pub(crate) fn top_n(values: &[f32], n: usize) -> Vec<usize> {
+    let n = n.min(values.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    let order = |a: &usize, b: &usize| values[*b].total_cmp(&values[*a]).then(a.cmp(b));
+    let mut idx: Vec<usize> = (0..values.len()).collect();
+    if n < idx.len() {
+        idx.select_nth_unstable_by(n - 1, order);
+        idx.truncate(n);
+    }
+    idx.sort_by(order);
+    idx
+}
+
+/// Why a sequence stopped, as OpenAI names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// EOS, or a stop string.
+    Stop,
+    /// `max_tokens` or the context length reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// What [`StopMatcher::push`] lets out.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StopOutput {
+    /// Text safe to send now: never part of a stop string, nothing after a stop.
+    pub text: String,
+    /// A stop string was found; the sequence is finished with [`FinishReason::Stop`].
+    pub stopped: bool,
+}
+
+/// Finds stop strings in streamed text (vLLM's and OpenAI's behaviour: the text is cut before the
+/// first occurrence and the stop string is not emitted). A tail that could be the start of a stop
+/// string is held back until the next chunk decides it, so a stop split across chunks (tokens)
+/// never leaks its first part.
+#[derive(Debug, Clone, Default)]
+pub struct StopMatcher {
+    stops: Vec<String>,
+    held: String,
+    stopped: bool,
+}
+
+impl StopMatcher {
+    /// Empty stop strings are ignored ([`SamplingParams::validate`] refuses them).
+    pub fn new(stops: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            held: String::new(),
+            stopped: false,
+        }
+    }
+
+    /// Feeds the next piece of decoded text.
+    pub fn push(&mut self, chunk: &str) -> StopOutput {
+        if self.stopped {
+            return StopOutput {
+                text: String::new(),
+                stopped: true,
+            };
+        }
+        let mut buffer = std::mem::take(&mut self.held);
+        buffer.push_str(chunk);
+        // Text let out earlier held no stop and no stop prefix at its end, so the earliest stop
+        // lies in `buffer`.
+        let first_stop = self
+            .stops
+            .iter()
+            .filter_map(|s| buffer.find(s.as_str()))
+            .min();
+        if let Some(at) = first_stop {
+            buffer.truncate(at);
+            self.stopped = true;
+            return StopOutput {
+                text: buffer,
+                stopped: true,
+            };
+        }
+        let hold_from = self.partial_match_start(&buffer);
+        self.held = buffer.split_off(hold_from);
+        StopOutput {
+            text: buffer,
+            stopped: false,
+        }
+    }
+
+    /// Releases the held-back tail when the sequence ends for another reason (EOS, length).
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+
+    /// Text currently held back as a possible start of a stop string.
+    pub fn held_back(&self) -> &str {
+        &self.held
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// Start of the longest suffix of `text` that is a proper prefix of some stop string.
+    fn partial_match_start(&self, text: &str) -> usize {
+        let longest = self.stops.iter().map(|s| s.len() - 1).max().unwrap_or(0);
+        let earliest = text.len().saturating_sub(longest);
+        (earliest..text.len())
+            .filter(|&i| text.is_char_boundary(i))
+            .find(|&i| {
+                let tail = &text[i..];
+                self.stops.iter().any(|s| s.starts_with(tail))
+            })
+            .unwrap_or(text.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn params(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed: Some(seed),
+            ..SamplingParams::default()
+        }
+    }
+
+    fn softmax(logits: &[f32], temperature: f64) -> Vec<f64> {
+        let max = logits.iter().copied().fold(f32::MIN, f32::max) as f64;
+        let w: Vec<f64> = logits
+            .iter()
+            .map(|&x| ((x as f64 - max) / temperature).exp())
+            .collect();
+        let s: f64 = w.iter().sum();
+        w.into_iter().map(|x| x / s).collect()
+    }
+
+    fn counts(sampler: &mut Sampler, logits: &[f32], draws: usize) -> Vec<usize> {
+        let mut c = vec![0; logits.len()];
+        for _ in 0..draws {
+            c[sampler.sample_logits(logits).unwrap().id as usize] += 1;
+        }
+        c
+    }
+
+    /// Pearson's chi-square of observed counts against expected probabilities.
+    fn chi_square(observed: &[usize], expected: &[f64]) -> f64 {
+        let n: usize = observed.iter().sum();
+        observed
+            .iter()
+            .zip(expected)
+            .filter(|(_, &p)| p > 0.0)
+            .map(|(&o, &p)| {
+                let e = p * n as f64;
+                (o as f64 - e).powi(2) / e
+            })
+            .sum()
+    }
+
+    #[test]
+    fn greedy_is_argmax_with_lowest_id_on_ties() {
+        let mut s = Sampler::new(SamplingParams::greedy());
+        assert_eq!(s.sample_logits(&[0.1, 2.0, -1.0, 1.9]).unwrap().id, 1);
+        assert_eq!(s.sample_logits(&[3.0, 1.0, 3.0]).unwrap().id, 0);
+        // Below vLLM's epsilon counts as greedy too.
+        let mut s = Sampler::new(params(1e-6, 0, 1.0, 3));
+        for _ in 0..50 {
+            assert_eq!(s.sample_logits(&[0.0, 0.1, 0.05]).unwrap().id, 1);
+        }
+    }
+
+    #[test]
+    fn same_seed_gives_same_sequence_and_other_seed_differs() {
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
+        let run = |seed| {
+            let mut s = Sampler::new(params(1.0, 0, 1.0, seed));
+            (0..64)
+                .map(|_| s.sample_logits(&logits).unwrap().id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+    }
+
+    #[test]
+    fn unseeded_sampler_reports_the_seed_it_drew() {
+        let logits = [0.0f32, 0.5, 1.0, 0.2, 0.9, 0.3];
+        let mut a = Sampler::new(SamplingParams::default());
+        let mut b = Sampler::new(SamplingParams {
+            seed: Some(a.seed()),
+            ..SamplingParams::default()
+        });
+        for _ in 0..32 {
+            assert_eq!(
+                a.sample_logits(&logits).unwrap(),
+                b.sample_logits(&logits).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let logits = [0.5f32, 0.4, 0.45, 0.49];
+        let mut s = Sampler::new(params(2.0, 1, 1.0, 11));
+        assert!((0..200).all(|_| s.sample_logits(&logits).unwrap().id == 0));
+    }
+
+    #[test]
+    fn tiny_top_p_is_greedy() {
+        let logits = [0.5f32, 0.4, 0.6, 0.49];
+        let mut s = Sampler::new(params(1.5, 0, 1e-9, 5));
+        assert!((0..200).all(|_| s.sample_logits(&logits).unwrap().id == 2));
+        let mut s = Sampler::new(params(1.5, 0, 0.0, 5));
+        assert!((0..200).all(|_| s.sample_logits(&logits).unwrap().id == 2));
+    }
+
+    #[test]
+    fn temperature_sampling_matches_the_scaled_softmax() {
+        let logits = [2.0f32, 1.0, 0.5, -1.0, 0.0];
+        let draws = 40_000;
+        let mut s = Sampler::new(params(0.8, 0, 1.0, 1234));
+        let observed = counts(&mut s, &logits, draws);
+        let chi = chi_square(&observed, &softmax(&logits, 0.8));
+        // 4 degrees of freedom: P(chi2 > 18.47) = 0.001.
+        assert!(chi < 18.47, "chi-square {chi}, counts {observed:?}");
+        // And it is not the unscaled softmax (T = 1): the test can tell temperatures apart.
+        let chi_t1 = chi_square(&observed, &softmax(&logits, 1.0));
+        assert!(chi_t1 > 100.0, "chi-square vs T=1: {chi_t1}");
+    }
+
+    #[test]
+    fn top_k_restricts_and_renormalises() {
+        let logits = [1.0f32, 3.0, 2.0, 0.0, 2.5];
+        let mut s = Sampler::new(params(1.0, 3, 1.0, 99));
+        let observed = counts(&mut s, &logits, 30_000);
+        assert_eq!(observed[0] + observed[3], 0, "{observed:?}");
+        let kept = softmax(&[3.0, 2.0, 2.5], 1.0);
+        let expected = [0.0, kept[0], kept[1], 0.0, kept[2]];
+        let chi = chi_square(&observed, &expected);
+        // 2 degrees of freedom: P(chi2 > 13.82) = 0.001.
+        assert!(chi < 13.82, "chi-square {chi}, counts {observed:?}");
+    }
+
+    #[test]
+    fn top_k_keeps_ties_at_the_boundary() {
+        let logits = [1.0f32, 2.0, 1.0, 0.0];
+        let mut s = Sampler::new(params(1.0, 2, 1.0, 4));
+        let observed = counts(&mut s, &logits, 3_000);
+        assert!(
+            observed[0] > 0 && observed[1] > 0 && observed[2] > 0,
+            "{observed:?}"
+        );
+        assert_eq!(observed[3], 0);
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_prefix_reaching_the_mass() {
+        // Probabilities 0.5, 0.3, 0.2: p = 0.75 keeps {0, 1} (0.5 < 0.75 <= 0.8).
+        let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
+        let mut s = Sampler::new(params(1.0, 0, 0.75, 21));
+        let observed = counts(&mut s, &logits, 20_000);
+        assert_eq!(observed[2], 0, "{observed:?}");
+        let chi = chi_square(&observed, &[0.625, 0.375, 0.0]);
+        // 1 degree of freedom: P(chi2 > 10.83) = 0.001.
+        assert!(chi < 10.83, "chi-square {chi}, counts {observed:?}");
+    }
+
+    #[test]
+    fn temperature_applies_before_top_p() {
+        // At T = 0.5 the probabilities 0.5, 0.3, 0.2 become 0.658, 0.237, 0.105: top_p 0.6 keeps
+        // token 0 alone. Top-p before temperature would have kept tokens 0 and 1.
+        let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
+        let mut s = Sampler::new(params(0.5, 0, 0.6, 8));
+        assert!((0..500).all(|_| s.sample_logits(&logits).unwrap().id == 0));
+    }
+
+    #[test]
+    fn logprobs_come_from_the_unmodified_distribution_and_sum_to_one() {
+        let logits: Vec<f32> = (0..40).map(|i| (i as f32 * 0.77).sin() * 3.0).collect();
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.3,
+            top_k: 5,
+            logprobs: true,
+            top_logprobs: 40,
+            seed: Some(1),
+            ..SamplingParams::default()
+        });
+        let t = s.sample_logits(&logits).unwrap();
+        let raw = softmax(&logits, 1.0);
+        assert!((t.logprob as f64 - raw[t.id as usize].ln()).abs() < 1e-5);
+        let total: f64 = t
+            .top_logprobs
+            .iter()
+            .map(|&(_, lp)| (lp as f64).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-5, "sum {total}");
+        assert!(t.top_logprobs.windows(2).all(|w| w[0].1 >= w[1].1));
+        assert_eq!(t.top_logprobs[0].0 as usize, argmax(&logits));
+        for &(id, lp) in &t.top_logprobs {
+            assert!((lp as f64 - raw[id as usize].ln()).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn top_logprobs_returns_exactly_n_most_likely() {
+        let logits = [0.0f32, 4.0, 1.0, 3.0, 2.0];
+        let mut s = Sampler::new(SamplingParams {
+            logprobs: true,
+            top_logprobs: 3,
+            ..SamplingParams::greedy()
+        });
+        let t = s.sample_logits(&logits).unwrap();
+        let ids: Vec<u32> = t.top_logprobs.iter().map(|x| x.0).collect();
+        assert_eq!(ids, [1, 3, 4]);
+        assert_eq!(t.top_logprobs[0].1, t.logprob);
+    }
+
+    #[test]
+    fn masked_logits_are_never_drawn_and_nan_is_an_error() {
+        let logits = [f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY, 0.0];
+        let mut s = Sampler::new(params(1.0, 0, 0.9, 2));
+        let observed = counts(&mut s, &logits, 1_000);
+        assert_eq!(observed[0] + observed[2], 0);
+        assert!(s.sample_logits(&[0.0, f32::NAN]).is_err());
+        assert!(s
+            .sample_logits(&[f32::NEG_INFINITY, f32::NEG_INFINITY])
+            .is_err());
+    }
+
+    #[test]
+    fn tensor_and_batch_sampling_match_slice_sampling() {
+        let rows = [[0.1f32, 0.7, 0.2, 0.4], [1.0, -1.0, 0.5, 0.0]];
+        let logits = Tensor::new(&rows, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let mut a = [
+            Sampler::new(params(1.0, 0, 1.0, 1)),
+            Sampler::new(params(0.7, 0, 1.0, 2)),
+        ];
+        let mut b = a.clone();
+        let batched = sample_batch(&logits, a.iter_mut()).unwrap();
+        let row0 = b[0].sample(&logits.get(0).unwrap()).unwrap();
+        let row1 = b[1].sample(&logits.get(1).unwrap()).unwrap();
+        assert_eq!(batched, [row0, row1]);
+        assert!(sample_batch(&logits, b.iter_mut().take(1)).is_err());
+    }
+
+    #[test]
+    fn validate_refuses_out_of_range_settings() {
+        assert!(SamplingParams::default().validate().is_ok());
+        let bad = [
+            SamplingParams {
+                temperature: -0.1,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 2.5,
+                ..Default::default()
+            },
+            SamplingParams {
+                top_p: 1.1,
+                ..Default::default()
+            },
+            SamplingParams {
+                logprobs: true,
+                top_logprobs: 21,
+                ..Default::default()
+            },
+            SamplingParams {
+                top_logprobs: 2,
+                ..Default::default()
+            },
+            SamplingParams {
+                stop: vec![String::new()],
+                ..Default::default()
+            },
+            SamplingParams {
+                max_tokens: Some(0),
+                ..Default::default()
+            },
+        ];
+        for p in bad {
+            assert!(
+                matches!(p.validate(), Err(ModelError::InvalidInput(_))),
+                "{p:?}"
+            );
+        }
+    }
+
+    fn stream(stops: &[&str], chunks: &[&str]) -> (String, bool) {
+        let mut m = StopMatcher::new(stops.iter().map(|s| s.to_string()));
+        let mut out = String::new();
+        for c in chunks {
+            let o = m.push(c);
+            out.push_str(&o.text);
+            if o.stopped {
+                return (out, true);
+            }
+        }
+        out.push_str(&m.finish());
+        (out, false)
+    }
+
+    #[test]
+    fn stop_string_split_across_chunks_is_cut_and_not_emitted() {
+        assert_eq!(
+            stream(&["###"], &["Hello #", "#", "# world"]),
+            ("Hello ".into(), true)
+        );
+        assert_eq!(
+            stream(&["</s>", "STOP"], &["a", "b S", "TO", "P c"]),
+            ("ab ".into(), true)
+        );
+    }
+
+    #[test]
+    fn partial_match_is_held_back_then_released() {
+        let mut m = StopMatcher::new(["abc".to_string()]);
+        let o = m.push("xxab");
+        assert_eq!(o.text, "xx");
+        assert_eq!(m.held_back(), "ab");
+        let o = m.push("d");
+        assert_eq!((o.text.as_str(), o.stopped), ("abd", false));
+        assert_eq!(m.held_back(), "");
+        // A held tail is released at the end of the sequence.
+        m.push("a");
+        assert_eq!(m.finish(), "a");
+        assert_eq!(
+            stream(&["abc"], &["ab", "ab", "x"]),
+            ("ababx".into(), false)
+        );
+    }
+
+    #[test]
+    fn earliest_stop_wins_and_nothing_follows_a_stop() {
+        assert_eq!(
+            stream(&["world", "lo"], &["hello world"]),
+            ("hel".into(), true)
+        );
+        let mut m = StopMatcher::new(["x".to_string()]);
+        assert!(m.push("axb").stopped);
+        assert_eq!(
+            m.push("more"),
+            StopOutput {
+                text: String::new(),
+                stopped: true
+            }
+        );
+    }
+
+    #[test]
+    fn stop_matching_respects_utf8_boundaries() {
+        assert_eq!(
+            stream(&["é!"], &["caf", "é", "!", " ok"]),
+            ("caf".into(), true)
+        );
+        assert_eq!(stream(&["éa"], &["ééb"]), ("ééb".into(), false));
+    }
+
+    #[test]
+    fn finish_reason_serialises_as_openai_names() {
+        assert_eq!(
+            serde_json::to_string(&FinishReason::Stop).unwrap(),
+            "\"stop\""
+        );
+        assert_eq!(FinishReason::Length.as_str(), "length");
+    }
+}

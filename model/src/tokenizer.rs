@@ -1,0 +1,829 @@
+//! The checkpoint's tokenizer: `tokenizer.json` or a SentencePiece `tokenizer.model`, with the
+//! special tokens and added tokens of `tokenizer_config.json` / `special_tokens_map.json`, set up
+//! the way transformers 5.23 (the version the reference outputs come from) sets it up.
+//!
+//! transformers 5.x no longer uses `tokenizer.json` verbatim for `LlamaTokenizer(Fast)` (the
+//! class Mistral / LLaVA checkpoints name): `LlamaTokenizer.__init__` rebuilds the backend from
+//! the file's vocabulary and merges with no normalizer, a `Metaspace` pre-tokenizer whose
+//! prepend scheme is `"always"` when the config says `legacy: true` and `"first"` otherwise, the
+//! Llama decoder chain, and only the added tokens listed in the config. [`Tokenizer::from_dir`]
+//! reproduces that, so prompts tokenize to the ids transformers feeds the model. Other classes
+//! (or no `tokenizer_config.json`) use `tokenizer.json` as it is, and a `tokenizer.model` on its
+//! own is converted to the exact sentencepiece behaviour (see [`crate::sentencepiece`]).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tokenizers::models::bpe::{Merges, Vocab, BPE};
+use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+use tokenizers::{AddedToken, ModelWrapper, PostProcessorWrapper};
+
+use crate::error::{ModelError, Result};
+use crate::sentencepiece::{self, SpmModel};
+
+fn tok_err(msg: impl std::fmt::Display) -> ModelError {
+    ModelError::Tokenizer(msg.to_string())
+}
+
+fn read_json(path: &Path) -> Result<Option<Value>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| ModelError::config(path, e))
+}
+
+/// A token as `tokenizer_config.json` / `tokenizer.json` describe it (`AddedToken` fields).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AddedTokenSpec {
+    pub content: String,
+    pub single_word: bool,
+    pub lstrip: bool,
+    pub rstrip: bool,
+    pub normalized: bool,
+    pub special: bool,
+}
+
+impl AddedTokenSpec {
+    /// A plain string or an `AddedToken` dict; `special` is the default for the flag when the
+    /// dict does not say (transformers treats named special tokens as special).
+    fn from_value(v: &Value, special_default: bool) -> Option<Self> {
+        match v {
+            Value::String(s) => Some(Self {
+                content: s.clone(),
+                single_word: false,
+                lstrip: false,
+                rstrip: false,
+                normalized: !special_default,
+                special: special_default,
+            }),
+            Value::Object(o) => {
+                let content = o.get("content")?.as_str()?.to_string();
+                let flag = |k: &str, d: bool| o.get(k).and_then(Value::as_bool).unwrap_or(d);
+                let special = flag("special", special_default);
+                Some(Self {
+                    content,
+                    single_word: flag("single_word", false),
+                    lstrip: flag("lstrip", false),
+                    rstrip: flag("rstrip", false),
+                    normalized: flag("normalized", !special),
+                    special,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    fn to_added_token(&self) -> AddedToken {
+        AddedToken::from(self.content.clone(), self.special)
+            .single_word(self.single_word)
+            .lstrip(self.lstrip)
+            .rstrip(self.rstrip)
+            .normalized(self.normalized)
+    }
+}
+
+/// What `tokenizer_config.json` (+ `special_tokens_map.json`, `added_tokens.json`) say.
+#[derive(Debug, Clone, Default)]
+pub struct TokenizerConfig {
+    pub tokenizer_class: Option<String>,
+    pub legacy: Option<bool>,
+    pub add_prefix_space: Option<bool>,
+    pub add_bos_token: Option<bool>,
+    pub add_eos_token: Option<bool>,
+    pub clean_up_tokenization_spaces: bool,
+    /// `bos_token`, `eos_token`, `unk_token`, `pad_token` and model-specific `*_token` entries
+    /// such as `image_token`, by key.
+    pub special_tokens: BTreeMap<String, AddedTokenSpec>,
+    /// `additional_special_tokens` / `extra_special_tokens` (list form).
+    pub extra_special_tokens: Vec<AddedTokenSpec>,
+    /// `added_tokens_decoder` (id → token); `None` when the config has none (old checkpoints).
+    pub added_tokens_decoder: Option<BTreeMap<u32, AddedTokenSpec>>,
+    /// `added_tokens.json` (legacy), content → id.
+    pub added_tokens_file: BTreeMap<String, u32>,
+}
+
+const NAMED_SPECIAL: [&str; 7] = [
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+];
+
+impl TokenizerConfig {
+    /// Reads the config files of `dir`; missing files give defaults.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let mut cfg = Self::default();
+        let main = read_json(&dir.join("tokenizer_config.json"))?;
+        let map = read_json(&dir.join("special_tokens_map.json"))?;
+        if let Some(Value::Object(added)) = read_json(&dir.join("added_tokens.json"))? {
+            for (k, v) in added {
+                if let Some(id) = v.as_u64() {
+                    cfg.added_tokens_file.insert(k, id as u32);
+                }
+            }
+        }
+        // special_tokens_map.json first, tokenizer_config.json overrides it.
+        for v in [map.as_ref(), main.as_ref()].into_iter().flatten() {
+            let Value::Object(o) = v else { continue };
+            for (k, val) in o {
+                if k.ends_with("_token") && (NAMED_SPECIAL.contains(&k.as_str()) || val.is_string() || val.is_object()) {
+                    match AddedTokenSpec::from_value(val, true) {
+                        Some(t) => {
+                            cfg.special_tokens.insert(k.clone(), t);
+                        }
+                        None if val.is_null() => {
+                            cfg.special_tokens.remove(k);
+                        }
+                        None => {}
+                    }
+                }
+                if k == "additional_special_tokens" || k == "extra_special_tokens" {
+                    match val {
+                        Value::Array(items) => {
+                            for it in items {
+                                if let Some(t) = AddedTokenSpec::from_value(it, true) {
+                                    if !cfg.extra_special_tokens.iter().any(|e| e.content == t.content) {
+                                        cfg.extra_special_tokens.push(t);
+                                    }
+                                }
+                            }
+                        }
+                        // transformers 5 writes model-specific tokens as a dict ({"image_token": "<image>"}).
+                        Value::Object(named) => {
+                            for (nk, nv) in named {
+                                if let Some(t) = AddedTokenSpec::from_value(nv, true) {
+                                    cfg.special_tokens.insert(nk.clone(), t);
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        if let Some(Value::Object(o)) = main.as_ref() {
+            let b = |k: &str| o.get(k).and_then(Value::as_bool);
+            cfg.tokenizer_class = o.get("tokenizer_class").and_then(Value::as_str).map(str::to_string);
+            cfg.legacy = b("legacy");
+            cfg.add_prefix_space = b("add_prefix_space");
+            cfg.add_bos_token = b("add_bos_token");
+            cfg.add_eos_token = b("add_eos_token");
+            cfg.clean_up_tokenization_spaces = b("clean_up_tokenization_spaces").unwrap_or(false);
+            if let Some(Value::Object(dec)) = o.get("added_tokens_decoder") {
+                let mut m = BTreeMap::new();
+                for (id, v) in dec {
+                    let id: u32 = id.parse().map_err(|_| {
+                        ModelError::config(dir.join("tokenizer_config.json"), format!("added_tokens_decoder key {id:?} is not an id"))
+                    })?;
+                    if let Some(t) = AddedTokenSpec::from_value(v, false) {
+                        m.insert(id, t);
+                    }
+                }
+                cfg.added_tokens_decoder = Some(m);
+            }
+        }
+        Ok(cfg)
+    }
+
+    fn is_llama_class(&self) -> bool {
+        matches!(
+            self.tokenizer_class.as_deref(),
+            Some("LlamaTokenizer" | "LlamaTokenizerFast")
+        )
+    }
+
+    /// The token string of a named special token (`"bos_token"` …).
+    pub fn token(&self, key: &str) -> Option<&str> {
+        self.special_tokens.get(key).map(|t| t.content.as_str())
+    }
+}
+
+/// Where the tokenizer came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenizerSource {
+    Json(PathBuf),
+    SentencePiece(PathBuf),
+}
+
+/// Ids plus, per token, its `[start, end)` range in characters (not bytes) of the input.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    pub offsets: Vec<(usize, usize)>,
+}
+
+/// The checkpoint tokenizer. See the module docs for how it is assembled.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    config: TokenizerConfig,
+    source: TokenizerSource,
+    bos: Option<(String, u32)>,
+    eos: Option<(String, u32)>,
+    pad: Option<(String, u32)>,
+    add_bos_token: bool,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("source", &self.source)
+            .field("vocab_size", &self.vocab_size())
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .field("add_bos_token", &self.add_bos_token)
+            .finish()
+    }
+}
+
+impl Tokenizer {
+    /// Loads `dir/tokenizer.json`, else `dir/tokenizer.model`, with the dir's config files.
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config = TokenizerConfig::from_dir(dir)?;
+        let json_path = dir.join("tokenizer.json");
+        let spm_path = dir.join("tokenizer.model");
+        let (inner, source) = if json_path.is_file() {
+            (load_json(&json_path, &config)?, TokenizerSource::Json(json_path))
+        } else if spm_path.is_file() {
+            (load_spm(&spm_path, &config)?, TokenizerSource::SentencePiece(spm_path))
+        } else {
+            return Err(tok_err(format!(
+                "{} holds neither tokenizer.json nor tokenizer.model; copy the tokenizer files of \
+                 the base model (e.g. mistralai/Mistral-7B-Instruct-v0.2) into it",
+                dir.display()
+            )));
+        };
+        let tok = Self::from_parts(inner, config, source)?;
+        tracing::debug!(?tok, "loaded tokenizer");
+        Ok(tok)
+    }
+
+    /// Wraps an already built `tokenizers::Tokenizer` (special tokens looked up from `config`,
+    /// falling back to `<s>` / `</s>` when they are in the vocabulary).
+    pub fn from_parts(
+        inner: tokenizers::Tokenizer,
+        config: TokenizerConfig,
+        source: TokenizerSource,
+    ) -> Result<Self> {
+        let lookup = |key: &str, default: Option<&str>| -> Option<(String, u32)> {
+            let s = config.token(key).or(default)?;
+            inner.token_to_id(s).map(|id| (s.to_string(), id))
+        };
+        let bos = lookup("bos_token", Some("<s>"));
+        let eos = lookup("eos_token", Some("</s>"));
+        let pad = lookup("pad_token", None);
+        // Whether plain `encode` adds BOS, as the post-processor (set up like transformers) does.
+        let add_bos_token = match &bos {
+            Some((_, id)) => inner
+                .encode("a", true)
+                .map_err(|e| tok_err(e))?
+                .get_ids()
+                .first()
+                == Some(id),
+            None => false,
+        };
+        Ok(Self {
+            inner,
+            config,
+            source,
+            bos,
+            eos,
+            pad,
+            add_bos_token,
+        })
+    }
+
+    /// The underlying `tokenizers` tokenizer.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+    pub fn config(&self) -> &TokenizerConfig {
+        &self.config
+    }
+    pub fn source(&self) -> &TokenizerSource {
+        &self.source
+    }
+
+    /// Ids of `text`; with `add_bos`, the BOS id first. No other special tokens are added, but
+    /// special tokens written in the text (`</s>`, `<image>`) are recognised.
+    pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
+        let enc = self.inner.encode_fast(text, false).map_err(tok_err)?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if add_bos {
+            ids.push(self.bos_id().ok_or_else(|| tok_err("the tokenizer has no BOS token"))?);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// [`Tokenizer::encode`] with per-token character offsets (BOS gets `(0, 0)`).
+    pub fn encode_with_offsets(&self, text: &str, add_bos: bool) -> Result<Encoded> {
+        let enc = self.inner.encode_char_offsets(text, false).map_err(tok_err)?;
+        let mut out = Encoded::default();
+        if add_bos {
+            out.ids.push(self.bos_id().ok_or_else(|| tok_err("the tokenizer has no BOS token"))?);
+            out.offsets.push((0, 0));
+        }
+        out.ids.extend_from_slice(enc.get_ids());
+        out.offsets.extend_from_slice(enc.get_offsets());
+        Ok(out)
+    }
+
+    /// Encodes as transformers' `tokenizer(text, add_special_tokens=...)` does: the
+    /// post-processor decides what is added (BOS for Llama when `add_bos_token`).
+    pub fn encode_hf(&self, text: &str, add_special_tokens: bool) -> Result<Encoded> {
+        let enc = self
+            .inner
+            .encode_char_offsets(text, add_special_tokens)
+            .map_err(tok_err)?;
+        Ok(Encoded {
+            ids: enc.get_ids().to_vec(),
+            offsets: enc.get_offsets().to_vec(),
+        })
+    }
+
+    /// Text of `ids`, as transformers' `decode` (including `clean_up_tokenization_spaces` when
+    /// the config asks for it).
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        let text = self.decode_raw(ids, skip_special_tokens)?;
+        Ok(if self.config.clean_up_tokenization_spaces {
+            clean_up_tokenization(&text)
+        } else {
+            text
+        })
+    }
+
+    fn decode_raw(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special_tokens).map_err(tok_err)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+    /// Vocabulary size including added tokens (transformers' `len(tokenizer)`).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos.as_ref().map(|b| b.1)
+    }
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos.as_ref().map(|b| b.1)
+    }
+    pub fn pad_id(&self) -> Option<u32> {
+        self.pad.as_ref().map(|b| b.1)
+    }
+    pub fn bos_token(&self) -> Option<&str> {
+        self.bos.as_ref().map(|b| b.0.as_str())
+    }
+    pub fn eos_token(&self) -> Option<&str> {
+        self.eos.as_ref().map(|b| b.0.as_str())
+    }
+    /// Whether transformers' `tokenizer(text)` (special tokens on) starts with BOS.
+    pub fn add_bos_token(&self) -> bool {
+        self.add_bos_token
+    }
+    /// Whether `id` is a special added token (skipped by `skip_special_tokens`).
+    pub fn is_special(&self, id: u32) -> bool {
+        self.inner
+            .get_added_tokens_decoder()
+            .get(&id)
+            .is_some_and(|t| t.special)
+    }
+
+    /// The variables transformers passes to chat templates from the tokenizer
+    /// (`special_tokens_map`: `bos_token`, `eos_token`, `unk_token`, `pad_token`,
+    /// `image_token` …), as strings.
+    pub fn template_special_tokens(&self) -> BTreeMap<String, String> {
+        let mut m: BTreeMap<String, String> = self
+            .config
+            .special_tokens
+            .iter()
+            .map(|(k, v)| (k.clone(), v.content.clone()))
+            .collect();
+        if let Some(b) = self.bos_token() {
+            m.entry("bos_token".into()).or_insert_with(|| b.to_string());
+        }
+        if let Some(e) = self.eos_token() {
+            m.entry("eos_token".into()).or_insert_with(|| e.to_string());
+        }
+        m
+    }
+}
+
+/// transformers' `clean_up_tokenization`: removes spaces before punctuation and contractions.
+pub fn clean_up_tokenization(text: &str) -> String {
+    text.replace(" .", ".")
+        .replace(" ?", "?")
+        .replace(" !", "!")
+        .replace(" ,", ",")
+        .replace(" ' ", "'")
+        .replace(" n't", "n't")
+        .replace(" 'm", "'m")
+        .replace(" 's", "'s")
+        .replace(" 've", "'ve")
+        .replace(" 're", "'re")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading.
+
+fn load_json(path: &Path, config: &TokenizerConfig) -> Result<tokenizers::Tokenizer> {
+    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let file_err = |e: &dyn std::fmt::Display| tok_err(format!("{}: {e}", path.display()));
+    let json: Value = serde_json::from_str(&text).map_err(|e| file_err(&e))?;
+    let is_bpe = json.pointer("/model/type").and_then(Value::as_str) == Some("BPE");
+    if config.is_llama_class() && is_bpe {
+        let (vocab, merges) = bpe_parts_from_json(&json).map_err(|e| file_err(&e))?;
+        let post = match json.get("post_processor") {
+            Some(Value::Null) | None => None,
+            Some(v) => Some(
+                serde_json::from_value::<PostProcessorWrapper>(v.clone())
+                    .map_err(|e| file_err(&e))?,
+            ),
+        };
+        let file_added: Vec<(u32, AddedTokenSpec)> = match json.get("added_tokens") {
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(|it| {
+                    let id = it.get("id")?.as_u64()? as u32;
+                    Some((id, AddedTokenSpec::from_value(it, false)?))
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        return llama_v5(vocab, merges, post, file_added, Vec::new(), config);
+    }
+    let mut tok: tokenizers::Tokenizer = text.parse().map_err(|e| file_err(&e))?;
+    add_config_tokens(&mut tok, config, &[])?;
+    update_post_processor_if_asked(&mut tok, config)?;
+    Ok(tok)
+}
+
+fn load_spm(path: &Path, config: &TokenizerConfig) -> Result<tokenizers::Tokenizer> {
+    let spm = SpmModel::from_file(path)?;
+    if config.is_llama_class() {
+        // transformers 5.23: `SentencePieceExtractor.extract` gives vocab + merges, the control
+        // and user-defined pieces become extra special tokens, then `LlamaTokenizer.__init__`.
+        let pieces_added: Vec<AddedTokenSpec> = spm
+            .pieces
+            .iter()
+            .filter(|p| {
+                matches!(
+                    p.kind,
+                    sentencepiece::PieceType::Control | sentencepiece::PieceType::UserDefined
+                )
+            })
+            .map(|p| {
+                let special = p.kind == sentencepiece::PieceType::Control;
+                AddedTokenSpec {
+                    content: p.piece.clone(),
+                    single_word: false,
+                    lstrip: false,
+                    rstrip: false,
+                    normalized: false,
+                    special,
+                }
+            })
+            .collect();
+        return llama_v5(
+            spm.vocab(),
+            spm.merges(),
+            None,
+            Vec::new(),
+            pieces_added,
+            config,
+        );
+    }
+    let mut tok = spm.to_tokenizer()?;
+    add_config_tokens(&mut tok, config, &[])?;
+    update_post_processor_if_asked(&mut tok, config)?;
+    Ok(tok)
+}
+
+fn bpe_parts_from_json(json: &Value) -> std::result::Result<(Vocab, Merges), String> {
+    let model = json.get("model").ok_or("no model")?;
+    let vocab_obj = model
+        .get("vocab")
+        .and_then(Value::as_object)
+        .ok_or("BPE model without a vocab object")?;
+    let mut vocab = Vocab::default();
+    for (k, v) in vocab_obj {
+        let id = v.as_u64().ok_or_else(|| format!("vocab entry {k:?} is not an id"))?;
+        vocab.insert(k.clone(), id as u32);
+    }
+    let mut merges = Merges::new();
+    for m in model
+        .get("merges")
+        .and_then(Value::as_array)
+        .ok_or("BPE model without merges")?
+    {
+        match m {
+            Value::String(s) => {
+                let (a, b) = s
+                    .split_once(' ')
+                    .ok_or_else(|| format!("merge {s:?} is not `a b`"))?;
+                merges.push((a.to_string(), b.to_string()));
+            }
+            Value::Array(p) if p.len() == 2 => {
+                let a = p[0].as_str().ok_or("merge part is not a string")?;
+                let b = p[1].as_str().ok_or("merge part is not a string")?;
+                merges.push((a.to_string(), b.to_string()));
+            }
+            other => return Err(format!("bad merge {other}")),
+        }
+    }
+    Ok((vocab, merges))
+}
+
+/// The backend transformers 5.23's `LlamaTokenizer.__init__` builds, plus the added tokens and
+/// post-processor `TokenizersBackend.__init__` sets afterwards.
+///
+/// `file_added`: the `tokenizer.json` added tokens, used only when the config has no
+/// `added_tokens_decoder` (transformers' legacy path); `extra_special`: sentencepiece control /
+/// user-defined pieces (the extractor's `additional_special_tokens`).
+fn llama_v5(
+    vocab: Vocab,
+    merges: Merges,
+    file_post_processor: Option<PostProcessorWrapper>,
+    file_added: Vec<(u32, AddedTokenSpec)>,
+    extra_special: Vec<AddedTokenSpec>,
+    config: &TokenizerConfig,
+) -> Result<tokenizers::Tokenizer> {
+    let add_prefix_space = config.add_prefix_space.unwrap_or(true);
+    let scheme = match (add_prefix_space, config.legacy.unwrap_or(false)) {
+        (false, _) => PrependScheme::Never,
+        (true, true) => PrependScheme::Always,
+        (true, false) => PrependScheme::First,
+    };
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .fuse_unk(true)
+        .byte_fallback(true)
+        .build()
+        .map_err(|e| tok_err(format!("building BPE: {e}")))?;
+    let mut tok = tokenizers::Tokenizer::new(ModelWrapper::BPE(bpe));
+    tok.with_pre_tokenizer(Some(Metaspace::new('\u{2581}', scheme, false)));
+    tok.with_decoder(Some(sentencepiece::llama_decoder(add_prefix_space)));
+    tok.with_post_processor(file_post_processor);
+
+    // Added tokens: `added_tokens_decoder` (or, without it, added_tokens.json and the
+    // tokenizer.json list), in id order.
+    let ordered: Vec<(u32, AddedTokenSpec)> = match &config.added_tokens_decoder {
+        Some(d) => d.iter().map(|(id, t)| (*id, t.clone())).collect(),
+        None => {
+            let named: Vec<&str> = config
+                .special_tokens
+                .values()
+                .map(|t| t.content.as_str())
+                .chain(config.extra_special_tokens.iter().map(|t| t.content.as_str()))
+                .collect();
+            let mut d = BTreeMap::new();
+            for (content, id) in &config.added_tokens_file {
+                let special = named.contains(&content.as_str());
+                d.insert(
+                    *id,
+                    AddedTokenSpec {
+                        content: content.clone(),
+                        single_word: false,
+                        lstrip: false,
+                        rstrip: false,
+                        normalized: !special,
+                        special,
+                    },
+                );
+            }
+            d.extend(file_added);
+            d.into_iter().collect()
+        }
+    };
+    add_tokens_checked(&mut tok, &ordered)?;
+    // `LlamaTokenizer`'s defaults for the named tokens it is constructed with.
+    let mut config = config.clone();
+    for (key, default) in [("unk_token", "<unk>"), ("bos_token", "<s>"), ("eos_token", "</s>")] {
+        config
+            .special_tokens
+            .entry(key.to_string())
+            .or_insert_with(|| AddedTokenSpec {
+                content: default.to_string(),
+                single_word: false,
+                lstrip: false,
+                rstrip: false,
+                normalized: false,
+                special: true,
+            });
+    }
+    add_config_tokens(&mut tok, &config, &extra_special)?;
+    update_post_processor_if_asked(&mut tok, &config)?;
+    Ok(tok)
+}
+
+/// Adds `(id, token)` in order and checks each landed on its id (a gap would shift them).
+fn add_tokens_checked(tok: &mut tokenizers::Tokenizer, tokens: &[(u32, AddedTokenSpec)]) -> Result<()> {
+    for (id, t) in tokens {
+        tok.add_tokens([t.to_added_token()]).map_err(tok_err)?;
+        let got = tok.token_to_id(&t.content);
+        if got != Some(*id) {
+            return Err(tok_err(format!(
+                "added token {:?} should have id {id} but got {got:?} (vocabulary size {})",
+                t.content,
+                tok.get_vocab_size(false)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Adds the config's named and extra special tokens that the tokenizer lacks, as special
+/// tokens (transformers `TokenizersBackend.__init__`, "if some of the special tokens are not
+/// already in the tokenizer, add them").
+fn add_config_tokens(
+    tok: &mut tokenizers::Tokenizer,
+    config: &TokenizerConfig,
+    extra: &[AddedTokenSpec],
+) -> Result<()> {
+    if let Some(dec) = &config.added_tokens_decoder {
+        let present = tok.get_added_tokens_decoder();
+        let missing: Vec<(u32, AddedTokenSpec)> = dec
+            .iter()
+            .filter(|(id, t)| present.get(id).map(|p| p.content.as_str()) != Some(t.content.as_str()))
+            .map(|(id, t)| (*id, t.clone()))
+            .collect();
+        add_tokens_checked(tok, &missing)?;
+    }
+    let present: Vec<String> = tok
+        .get_added_tokens_decoder()
+        .values()
+        .map(|t| t.content.clone())
+        .collect();
+    // Named and extra special tokens are special; the extra pieces keep their own flag.
+    let named = config
+        .special_tokens
+        .values()
+        .chain(config.extra_special_tokens.iter())
+        .map(|t| AddedTokenSpec {
+            special: true,
+            ..t.clone()
+        });
+    let mut to_add: Vec<AddedToken> = Vec::new();
+    for t in named.chain(extra.iter().cloned()) {
+        if !present.contains(&t.content) && !to_add.iter().any(|a| a.content == t.content) {
+            to_add.push(t.to_added_token());
+        }
+    }
+    if !to_add.is_empty() {
+        tok.add_tokens(to_add).map_err(tok_err)?;
+    }
+    Ok(())
+}
+
+/// transformers `update_post_processor`, run when the config sets `add_bos_token` /
+/// `add_eos_token` explicitly.
+fn update_post_processor_if_asked(tok: &mut tokenizers::Tokenizer, config: &TokenizerConfig) -> Result<()> {
+    if config.add_bos_token.is_none() && config.add_eos_token.is_none() {
+        return Ok(());
+    }
+    let find = |key: &str| -> Option<(String, u32)> {
+        let s = config.token(key).or(match key {
+            "bos_token" => Some("<s>"),
+            _ => Some("</s>"),
+        })?;
+        tok.token_to_id(s).map(|id| (s.to_string(), id))
+    };
+    let bos = config.add_bos_token.unwrap_or(false).then(|| find("bos_token")).flatten();
+    let eos = config.add_eos_token.unwrap_or(false).then(|| find("eos_token")).flatten();
+    set_template(tok, bos, eos)
+}
+
+fn set_template(
+    tok: &mut tokenizers::Tokenizer,
+    bos: Option<(String, u32)>,
+    eos: Option<(String, u32)>,
+) -> Result<()> {
+    use tokenizers::processors::template::TemplateProcessing;
+    let mut single = String::new();
+    let mut pair = String::new();
+    let mut specials = Vec::new();
+    if let Some((b, id)) = &bos {
+        specials.push((b.clone(), *id));
+    }
+    if let Some((e, id)) = &eos {
+        if !specials.iter().any(|(s, _)| s == e) {
+            specials.push((e.clone(), *id));
+        }
+    }
+    for (seq, type_id) in [("A", 0), ("B", 1)] {
+        let mut part = String::new();
+        if let Some((b, _)) = &bos {
+            part += &format!("{b}:{type_id} ");
+        }
+        part += &format!("${seq}:{type_id}");
+        if let Some((e, _)) = &eos {
+            part += &format!(" {e}:{type_id}");
+        }
+        if seq == "A" {
+            single = part.clone();
+            pair = part;
+        } else {
+            pair = format!("{pair} {part}");
+        }
+    }
+    let tp = TemplateProcessing::builder()
+        .try_single(single)
+        .and_then(|b| b.try_pair(pair))
+        .map_err(tok_err)?
+        .special_tokens(specials)
+        .build()
+        .map_err(tok_err)?;
+    tok.with_post_processor(Some(tp));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming.
+
+/// Turns generated ids into text pieces as they arrive, like TGI's `decode_token`: it decodes a
+/// small window `ids[prefix_offset..]` and emits what the newest ids added to
+/// `ids[prefix_offset..read_offset]`. Decoding a window that starts one token group back keeps
+/// the Llama decoder's first-token `Strip` and `▁` rules consistent, and nothing is emitted while
+/// the decoded window ends in U+FFFD (an incomplete byte-fallback UTF-8 sequence), so no partial
+/// character ever goes out. The pieces concatenate to `decode(all ids)` (without
+/// `clean_up_tokenization_spaces`, which can rewrite earlier text).
+#[derive(Debug, Clone, Default)]
+pub struct IncrementalDecoder {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+    skip_special_tokens: bool,
+}
+
+impl IncrementalDecoder {
+    pub fn new(skip_special_tokens: bool) -> Self {
+        Self {
+            skip_special_tokens,
+            ..Self::default()
+        }
+    }
+
+    /// All ids pushed so far.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// Adds one id; returns the new text, if any is complete.
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        self.emit(tok, false)
+    }
+
+    /// Emits whatever is still held back (an unfinished UTF-8 sequence becomes U+FFFD), e.g.
+    /// when generation stops.
+    pub fn flush(&mut self, tok: &Tokenizer) -> Result<Option<String>> {
+        self.emit(tok, true)
+    }
+
+    fn emit(&mut self, tok: &Tokenizer, force: bool) -> Result<Option<String>> {
+        if self.read_offset >= self.ids.len() {
+            return Ok(None);
+        }
+        let skip = self.skip_special_tokens;
+        let prefix_text = tok.decode_raw(&self.ids[self.prefix_offset..self.read_offset], skip)?;
+        let new_text = tok.decode_raw(&self.ids[self.prefix_offset..], skip)?;
+        let complete = force || !new_text.ends_with('\u{FFFD}');
+        if new_text.len() > prefix_text.len() && complete {
+            let piece = match new_text.strip_prefix(prefix_text.as_str()) {
+                Some(rest) => rest.to_string(),
+                // A decoder that rewrote earlier text: fall back to TGI's length cut, on a
+                // character boundary.
+                None => new_text.chars().skip(prefix_text.chars().count()).collect(),
+            };
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            Ok(Some(piece))
+        } else {
+            if force {
+                // Nothing new to say (e.g. only skipped special tokens): consume them.
+                self.prefix_offset = self.read_offset;
+                self.read_offset = self.ids.len();
+            }
+            Ok(None)
+        }
+    }
+}
