@@ -337,7 +337,9 @@ impl RefusalSet {
     /// `tga` or `apology`; any other name is a client error naming the valid ones.
     pub fn preset(name: &str, vocab: &impl Vocab) -> Result<Self> {
         let words = match name {
-            "tga" => TGA_WORDS,
+            // "Exactly the reference code's set": its ids are the word-initial pieces only
+            // (Mistral v1: 7371 `▁sorry`, 315 `▁I`), not also a bare `I` the rule would add.
+            "tga" => return Self::resolve_words(TGA_WORDS, vocab, false),
             "apology" => APOLOGY_WORDS,
             other => {
                 return Err(ModelError::InvalidInput(format!(
@@ -353,6 +355,11 @@ impl RefusalSet {
     /// encoding has none) and a lone marker token (`▁` alone, which SentencePiece emits before a
     /// word it has no `▁`-piece for).
     pub fn from_words(words: &[impl AsRef<str>], vocab: &impl Vocab) -> Result<Self> {
+        Self::resolve_words(words, vocab, true)
+    }
+
+    /// `bare`: whether the unmarked `w` joins the marked forms.
+    fn resolve_words(words: &[impl AsRef<str>], vocab: &impl Vocab, bare: bool) -> Result<Self> {
         if words.is_empty() {
             return Err(ModelError::InvalidInput(
                 "refusal_tokens must name at least one word".into(),
@@ -369,7 +376,10 @@ impl RefusalSet {
                 format!("{}{word}", WORD_MARKERS[0]),
                 format!("{}{word}", WORD_MARKERS[1]),
                 word.to_string(),
-            ] {
+            ]
+            .into_iter()
+            .take(if bare { 3 } else { 2 })
+            {
                 if let Some(id) = vocab.token_to_id(&candidate) {
                     set.insert(id, candidate);
                     found = true;
@@ -878,10 +888,13 @@ mod tests {
     #[test]
     fn refusal_words_resolve_by_the_marker_rule() {
         let v = fake_vocab();
-        // "sorry": ▁sorry and sorry both exist; "I": ▁I and I.
+        // "sorry": ▁sorry and sorry both exist; "I": ▁I and I. The tga preset keeps only the
+        // word-initial pieces, as the reference code's id set does.
         let tga = RefusalSet::preset("tga", &v).unwrap();
-        assert_eq!(tga.ids, [2, 3, 4, 5]);
-        assert_eq!(tga.strings, ["▁sorry", "sorry", "▁I", "I"]);
+        assert_eq!(tga.ids, [2, 4]);
+        assert_eq!(tga.strings, ["▁sorry", "▁I"]);
+        let both = RefusalSet::from_words(TGA_WORDS, &v).unwrap();
+        assert_eq!(both.ids, [2, 3, 4, 5]);
         let apology = RefusalSet::resolve(&RefusalTokens::default(), &v).unwrap();
         // sorry(2,3) Sorry(12) apologize(13) apologise→skip lone ▁→7 Unfortunately→9
         // cannot→Ġcannot(6) unable(11).
