@@ -393,7 +393,7 @@ fn parse_text(path: &Path, raw: &Value) -> Result<TextConfig> {
     };
     if cfg.num_attention_heads == 0
         || cfg.num_key_value_heads == 0
-        || cfg.num_attention_heads % cfg.num_key_value_heads != 0
+        || !cfg.num_attention_heads.is_multiple_of(cfg.num_key_value_heads)
     {
         return Err(ModelError::config(
             path,
@@ -403,7 +403,7 @@ fn parse_text(path: &Path, raw: &Value) -> Result<TextConfig> {
             ),
         ));
     }
-    if cfg.head_dim % 2 != 0 {
+    if !cfg.head_dim.is_multiple_of(2) {
         return Err(ModelError::config(path, "head_dim must be even for RoPE"));
     }
     Ok(cfg)
@@ -490,7 +490,7 @@ fn parse_vision(path: &Path, raw: &Value, llava_default: bool) -> Result<VisionC
         layer_norm_eps: r.layer_norm_eps.unwrap_or(d.layer_norm_eps),
         hidden_act,
     };
-    if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
+    if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
         return Err(ModelError::config(
             path,
             format!(
@@ -499,7 +499,7 @@ fn parse_vision(path: &Path, raw: &Value, llava_default: bool) -> Result<VisionC
             ),
         ));
     }
-    if v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads != 0 {
+    if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
         return Err(ModelError::config(
             path,
             "vision hidden_size must be a multiple of num_attention_heads",

@@ -474,7 +474,9 @@ impl PreprocessConfig {
         let flag = |k: &str, default: bool| -> Result<bool> {
             match get(k) {
                 None => Ok(default),
-                Some(v) => v.as_bool().ok_or_else(|| bad(format!("`{k}` is not a bool"))),
+                Some(v) => v
+                    .as_bool()
+                    .ok_or_else(|| bad(format!("`{k}` is not a bool"))),
             }
         };
         let kind = get("image_processor_type")
@@ -517,10 +519,11 @@ impl PreprocessConfig {
         };
         let resample = match get("resample") {
             None => Resample::Bicubic,
-            Some(v) => v
-                .as_i64()
-                .and_then(Resample::from_pil)
-                .ok_or_else(|| bad(format!("unsupported `resample` {v} (2 bilinear, 3 bicubic)")))?,
+            Some(v) => v.as_i64().and_then(Resample::from_pil).ok_or_else(|| {
+                bad(format!(
+                    "unsupported `resample` {v} (2 bilinear, 3 bicubic)"
+                ))
+            })?,
         };
         let rescale_factor = match get("rescale_factor") {
             None => 1.0 / 255.0,
@@ -531,7 +534,9 @@ impl PreprocessConfig {
         let aspect = if is_next {
             let pinpoints = match get("image_grid_pinpoints") {
                 None => LLAVA_NEXT_PINPOINTS.to_vec(),
-                Some(v) => parse_pinpoints(v).map_err(|m| bad(format!("`image_grid_pinpoints`: {m}")))?,
+                Some(v) => {
+                    parse_pinpoints(v).map_err(|m| bad(format!("`image_grid_pinpoints`: {m}")))?
+                }
             };
             AspectMode::Anyres {
                 pinpoints,
@@ -596,15 +601,20 @@ impl PreprocessConfig {
                 let v = model_config
                     .get("image_grid_pinpoints")
                     .filter(|v| !v.is_null())
-                    .ok_or_else(|| bad("image_aspect_ratio \"anyres\" needs image_grid_pinpoints".into()))?;
-                let wh = parse_pinpoints(v).map_err(|m| bad(format!("`image_grid_pinpoints`: {m}")))?;
+                    .ok_or_else(|| {
+                        bad("image_aspect_ratio \"anyres\" needs image_grid_pinpoints".into())
+                    })?;
+                let wh =
+                    parse_pinpoints(v).map_err(|m| bad(format!("`image_grid_pinpoints`: {m}")))?;
                 AspectMode::Anyres {
                     pinpoints: wh.into_iter().map(|(w, h)| (h, w)).collect(),
                     unpad: UnpadRounding::Truncate,
                 }
             }
             r if r.starts_with("anyres") => {
-                return Err(bad(format!("image_aspect_ratio {r:?} is not supported (only \"anyres\", \"pad\")")))
+                return Err(bad(format!(
+                    "image_aspect_ratio {r:?} is not supported (only \"anyres\", \"pad\")"
+                )))
             }
             _ => AspectMode::ResizeCrop,
         };
@@ -626,7 +636,9 @@ impl PreprocessConfig {
         }
         if let AspectMode::Anyres { pinpoints, .. } = &self.aspect {
             if pinpoints.is_empty() || pinpoints.iter().any(|&(h, w)| h == 0 || w == 0) {
-                return Err("image_grid_pinpoints must be a non-empty list of positive sizes".into());
+                return Err(
+                    "image_grid_pinpoints must be a non-empty list of positive sizes".into(),
+                );
             }
         }
         if self.image_std.contains(&0.0) {
@@ -739,10 +751,11 @@ fn parse_pinpoints(v: &Value) -> std::result::Result<Vec<(u32, u32)>, String> {
                 .filter(|t| !t.is_empty())
                 .map(|t| t.parse::<u32>().map_err(|e| e.to_string()))
                 .collect::<std::result::Result<_, _>>()?;
-            if nums.len() % 2 != 0 {
+            let pairs = nums.chunks_exact(2);
+            if !pairs.remainder().is_empty() {
                 return Err(format!("{s:?} does not hold pairs"));
             }
-            nums.chunks_exact(2).map(|p| (p[0], p[1])).collect()
+            pairs.map(|p| (p[0], p[1])).collect()
         }
         _ => return Err(format!("unsupported value {v}")),
     };
@@ -786,13 +799,23 @@ pub fn select_best_resolution(orig_h: u32, orig_w: u32, pinpoints: &[(u32, u32)]
             .iter()
             .copied()
             .min_by_key(|&(h, w)| u64::from(h) * u64::from(w));
-        tracing::warn!(orig_h, orig_w, ?smallest, "image too thin for every anyres canvas");
+        tracing::warn!(
+            orig_h,
+            orig_w,
+            ?smallest,
+            "image too thin for every anyres canvas"
+        );
         smallest.unwrap_or((0, 0))
     })
 }
 
 /// `get_anyres_image_grid_shape`: (rows, cols) of `tile`-sized tiles on the best canvas.
-pub fn anyres_grid_shape(orig_h: u32, orig_w: u32, pinpoints: &[(u32, u32)], tile: u32) -> (u32, u32) {
+pub fn anyres_grid_shape(
+    orig_h: u32,
+    orig_w: u32,
+    pinpoints: &[(u32, u32)],
+    tile: u32,
+) -> (u32, u32) {
     let (bh, bw) = select_best_resolution(orig_h, orig_w, pinpoints);
     (bh / tile.max(1), bw / tile.max(1))
 }
@@ -902,9 +925,15 @@ fn patch_output_size(h: u32, w: u32, th: u32, tw: u32) -> (u32, u32) {
     let scale_w = f64::from(tw) / f64::from(w);
     let scale_h = f64::from(th) / f64::from(h);
     if scale_w < scale_h {
-        ((f64::from(h) * scale_w).ceil().min(f64::from(th)) as u32, tw)
+        (
+            (f64::from(h) * scale_w).ceil().min(f64::from(th)) as u32,
+            tw,
+        )
     } else {
-        (th, (f64::from(w) * scale_h).ceil().min(f64::from(tw)) as u32)
+        (
+            th,
+            (f64::from(w) * scale_h).ceil().min(f64::from(tw)) as u32,
+        )
     }
 }
 
@@ -1114,7 +1143,11 @@ mod tests {
         for &b in bytes {
             crc ^= u32::from(b);
             for _ in 0..8 {
-                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
             }
         }
         !crc
@@ -1154,9 +1187,15 @@ mod tests {
             ..PreprocessConfig::clip_defaults(336)
         };
         assert_eq!(image_token_count(480, 640, &pad, 24), 576);
-        assert_eq!(anyres_grid_shape(480, 640, &LLAVA_NEXT_PINPOINTS, 336), (2, 2));
+        assert_eq!(
+            anyres_grid_shape(480, 640, &LLAVA_NEXT_PINPOINTS, 336),
+            (2, 2)
+        );
         // Both sides fit in 336: the first of the tied canvases, 336x672 (h, w) in transformers.
-        assert_eq!(select_best_resolution(20, 20, &LLAVA_NEXT_PINPOINTS), (336, 672));
+        assert_eq!(
+            select_best_resolution(20, 20, &LLAVA_NEXT_PINPOINTS),
+            (336, 672)
+        );
     }
 
     #[test]
@@ -1189,17 +1228,17 @@ mod tests {
         // np.asarray(Image.fromarray(pattern).resize((w, h), Image.BICUBIC)), Pillow 13.0.0.
         let a = resize_pil(&pattern(4, 5), 3, 7, Resample::Bicubic);
         let want_a: [u8; 63] = [
-            12, 0, 6, 73, 2, 2, 134, 7, 0, 16, 15, 10, 77, 20, 22, 138, 25, 35, 23, 50, 16, 84,
-            55, 61, 145, 60, 105, 30, 81, 22, 91, 86, 97, 152, 91, 182, 36, 111, 29, 97, 116,
-            125, 158, 121, 214, 43, 146, 41, 104, 151, 128, 165, 156, 112, 47, 164, 47, 108,
-            169, 127, 169, 174, 47,
+            12, 0, 6, 73, 2, 2, 134, 7, 0, 16, 15, 10, 77, 20, 22, 138, 25, 35, 23, 50, 16, 84, 55,
+            61, 145, 60, 105, 30, 81, 22, 91, 86, 97, 152, 91, 182, 36, 111, 29, 97, 116, 125, 158,
+            121, 214, 43, 146, 41, 104, 151, 128, 165, 156, 112, 47, 164, 47, 108, 169, 127, 169,
+            174, 47,
         ];
         assert_eq!(a.as_raw().as_slice(), want_a.as_slice());
         // 13 rows -> 2 shrinks the height more than twice the width (9 -> 4): vertical first.
         let b = resize_pil(&pattern(13, 9), 4, 2, Resample::Bicubic);
         let want_b: [u8; 24] = [
-            58, 101, 67, 144, 107, 115, 179, 115, 119, 66, 121, 137, 127, 116, 76, 184, 122,
-            113, 80, 130, 125, 107, 136, 132,
+            58, 101, 67, 144, 107, 115, 179, 115, 119, 66, 121, 137, 127, 116, 76, 184, 122, 113,
+            80, 130, 125, 107, 136, 132,
         ];
         assert_eq!(b.as_raw().as_slice(), want_b.as_slice());
         let same = pattern(6, 7);
@@ -1253,9 +1292,15 @@ mod tests {
     fn sniffs_the_five_formats_and_refuses_others() {
         let png = png_bytes(1, 1, &[1, 2, 3], ExtendedColorType::Rgb8);
         assert_eq!(sniff_format(&png).unwrap(), ImageFormat::Png);
-        assert_eq!(sniff_format(&[0xFF, 0xD8, 0xFF, 0xE0]).unwrap(), ImageFormat::Jpeg);
+        assert_eq!(
+            sniff_format(&[0xFF, 0xD8, 0xFF, 0xE0]).unwrap(),
+            ImageFormat::Jpeg
+        );
         assert_eq!(sniff_format(b"GIF89a......").unwrap(), ImageFormat::Gif);
-        assert_eq!(sniff_format(b"RIFF\0\0\0\0WEBPVP8 ").unwrap(), ImageFormat::WebP);
+        assert_eq!(
+            sniff_format(b"RIFF\0\0\0\0WEBPVP8 ").unwrap(),
+            ImageFormat::WebP
+        );
         let mut bmp = b"BM".to_vec();
         bmp.resize(54, 0);
         assert_eq!(sniff_format(&bmp).unwrap(), ImageFormat::Bmp);
@@ -1291,7 +1336,11 @@ mod tests {
         };
         assert!(matches!(
             decode_image(&png, &narrow),
-            Err(ModelError::ImageTooLarge { width: 100, height: 50, .. })
+            Err(ModelError::ImageTooLarge {
+                width: 100,
+                height: 50,
+                ..
+            })
         ));
         let few = ImageLimits {
             max_pixels: 4999,
@@ -1311,7 +1360,10 @@ mod tests {
         ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
         let mut png = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
         png.extend(png_chunk(b"IHDR", &ihdr));
-        png.extend(png_chunk(b"IDAT", &[0x78, 0x9C, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]));
+        png.extend(png_chunk(
+            b"IDAT",
+            &[0x78, 0x9C, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+        ));
         png.extend(png_chunk(b"IEND", &[]));
         let lenient = ImageLimits {
             max_side: u32::MAX,
@@ -1393,7 +1445,8 @@ mod tests {
         assert_eq!(clip.aspect, AspectMode::ResizeCrop);
         assert_eq!(clip, PreprocessConfig::clip_defaults(336));
         // HF llava: pads only with do_pad.
-        let llava = serde_json::json!({"image_processor_type": "LlavaImageProcessor", "do_pad": true});
+        let llava =
+            serde_json::json!({"image_processor_type": "LlavaImageProcessor", "do_pad": true});
         let llava = PreprocessConfig::from_hf_preprocessor(&llava, src).unwrap();
         assert_eq!(llava.aspect, AspectMode::PadToSquare);
         let bad = serde_json::json!({"resample": 0});
@@ -1414,7 +1467,10 @@ mod tests {
         );
         // Small images tie on the first two canvases: LLaVA stacks 2 tiles (672 high) where
         // transformers puts them side by side (counts from fixtures/reference/token_counts.json).
-        assert_eq!(select_best_resolution(300, 200, &[(672, 336), (336, 672)]), (672, 336));
+        assert_eq!(
+            select_best_resolution(300, 200, &[(672, 336), (336, 672)]),
+            (672, 336)
+        );
         assert_eq!(image_token_count(300, 200, &cfg, 24), 1476);
         assert_eq!(image_token_count(300, 200, &hf_next(), 24), 984);
         let pad = serde_json::json!({"image_aspect_ratio": "pad", "image_grid_pinpoints": null});

@@ -1,0 +1,217 @@
+//! The application: its shared state (no globals, so a test process can run several), the
+//! model it serves once loaded, and serving with graceful shutdown.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use crate::engine::backend::{ModelBackend, PromptProcessor};
+use crate::engine::{Engine, EngineConfig};
+use crate::error::{ApiError, ErrorCode};
+use crate::media::{MediaConfig, MediaFetcher};
+use crate::metrics::Metrics;
+use crate::validation::{Limits, Validator};
+
+/// What `/v1/models` and `tga_model_info` say about the served model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelCard {
+    pub id: String,
+    /// Unix seconds (when the checkpoint was loaded).
+    pub created: u64,
+    pub owned_by: String,
+    /// Prompt + completion tokens (the model's limit, lowered by `--max-model-len`).
+    pub max_model_len: usize,
+    pub supports_images: bool,
+    /// The tiny model embedded in the binary.
+    pub builtin: bool,
+    pub arch: String,
+    pub dtype: String,
+    pub device: String,
+}
+
+/// The HTTP layer's settings.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Accepted `Authorization: Bearer` keys; empty means no authentication.
+    pub api_keys: Vec<String>,
+    /// Also require a key for `/health`, `/ready`, `/metrics` and `/openapi.json`.
+    pub protect_public_routes: bool,
+    /// Allowed CORS origins (`*` for any); empty disables CORS.
+    pub cors_origins: Vec<String>,
+    /// Largest request body (413 beyond).
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            api_keys: Vec::new(),
+            protect_public_routes: false,
+            cors_origins: Vec::new(),
+            max_body_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+/// Settings of the model-facing side: scheduling, request limits, image fetching.
+#[derive(Debug, Clone)]
+pub struct ServingConfig {
+    pub engine: EngineConfig,
+    pub media: MediaConfig,
+    /// Lowers the model's own context length.
+    pub max_model_len: Option<usize>,
+    pub max_images_per_request: usize,
+}
+
+impl Default for ServingConfig {
+    fn default() -> Self {
+        Self {
+            engine: EngineConfig::default(),
+            media: MediaConfig::default(),
+            max_model_len: None,
+            max_images_per_request: 8,
+        }
+    }
+}
+
+/// A loaded model, ready to serve: its card, the validator in front of it, and its engine.
+pub struct ServingModel {
+    pub card: ModelCard,
+    pub validator: Validator,
+    pub engine: Engine,
+}
+
+impl ServingModel {
+    /// Starts the engine thread for `backend`, with `processor` validating in front of it.
+    pub fn start<B: ModelBackend>(
+        backend: B,
+        processor: Arc<dyn PromptProcessor>,
+        mut card: ModelCard,
+        config: &ServingConfig,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
+        if let Some(limit) = config.max_model_len {
+            card.max_model_len = card.max_model_len.min(limit);
+        }
+        let mut limits = Limits::new(card.max_model_len);
+        limits.max_images_per_request = config.max_images_per_request;
+        let media = MediaFetcher::new(config.media.clone()).map_err(std::io::Error::other)?;
+        let validator = Validator::new(
+            processor,
+            media,
+            limits,
+            card.id.clone(),
+            card.supports_images,
+        );
+        let engine = Engine::start(backend, config.engine.clone(), metrics)?;
+        Ok(Self {
+            card,
+            validator,
+            engine,
+        })
+    }
+}
+
+pub struct AppState {
+    pub http: HttpConfig,
+    pub metrics: Arc<Metrics>,
+    model: OnceLock<ServingModel>,
+    shutting_down: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(http: HttpConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            http,
+            metrics,
+            model: OnceLock::new(),
+            shutting_down: AtomicBool::new(false),
+        })
+    }
+
+    /// Publishes the loaded model: `/ready` turns 200 and chat requests are accepted.
+    pub fn set_model(&self, model: ServingModel) {
+        let card = &model.card;
+        self.metrics
+            .set_model_info(&card.id, &card.arch, &card.dtype, &card.device);
+        tracing::info!(
+            model = %card.id,
+            builtin = card.builtin,
+            max_model_len = card.max_model_len,
+            "model ready"
+        );
+        if self.model.set(model).is_err() {
+            tracing::warn!("a model was already set; the new one is ignored");
+        }
+    }
+
+    /// The served model, or why there is none to use (503).
+    pub fn model(&self) -> Result<&ServingModel, ApiError> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(ApiError::new(
+                ErrorCode::ShuttingDown,
+                "the server is shutting down",
+            ));
+        }
+        self.model.get().ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::NotReady,
+                "the model is still loading; retry later",
+            )
+        })
+    }
+
+    /// Stops accepting requests (503) and lets running ones finish within `grace`.
+    pub fn begin_shutdown(&self, grace: Duration) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        if let Some(model) = self.model.get() {
+            model.engine.shutdown(grace);
+        }
+    }
+
+    /// Resolves when the engine thread (if any) has exited.
+    pub async fn engine_stopped(&self) {
+        if let Some(model) = self.model.get() {
+            model.engine.stopped().await;
+        }
+    }
+}
+
+/// How long past the grace period open connections may take to drain.
+const DRAIN_MARGIN: Duration = Duration::from_secs(5);
+
+/// Serves `state` on `listener` until `shutdown` resolves, then shuts down gracefully: new
+/// requests get 503, running generations get `grace` to finish (then are cut), open connections
+/// are drained, and the engine thread is joined.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let router = crate::http::router(state.clone());
+    let signal_state = state.clone();
+    let (signalled_tx, signalled) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!(grace_s = grace.as_secs_f64(), "shutting down");
+        signal_state.begin_shutdown(grace);
+        let _ = signalled_tx.send(());
+    });
+    // Connections that outlive the engine (a client that never reads) must not hold the exit.
+    let drain_limit = async move {
+        if signalled.await.is_ok() {
+            tokio::time::sleep(grace + DRAIN_MARGIN).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        result = server => result?,
+        () = drain_limit => tracing::warn!("connections still open after the grace period; closing"),
+    }
+    state.engine_stopped().await;
+    tracing::info!("stopped");
+    Ok(())
+}

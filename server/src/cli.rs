@@ -1,0 +1,239 @@
+//! The `tga-serve` command line. Every flag is also an environment variable (`TGA_…`), as
+//! container deployments of vLLM and TGI expect.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::app::{HttpConfig, ServingConfig};
+use crate::engine::EngineConfig;
+use crate::media::MediaConfig;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tga-serve",
+    version,
+    about = "OpenAI-compatible multimodal chat server for LLaVA-Mistral"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the chat-completions API.
+    Serve(Box<ServeArgs>),
+    /// Print the OpenAPI document that `/openapi.json` serves.
+    Openapi,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Dtype {
+    F32,
+    Bf16,
+}
+
+impl Dtype {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Checkpoint directory (HF llava / llava_next, or original LLaVA). Without it, the tiny
+    /// LLaVA-NeXT-Mistral built into the binary is served.
+    #[arg(long, env = "TGA_MODEL")]
+    pub model: Option<PathBuf>,
+    /// CLIP vision tower directory, for original-LLaVA checkpoints that name one outside.
+    #[arg(long, env = "TGA_VISION_TOWER")]
+    pub vision_tower: Option<PathBuf>,
+    /// Chat template name (default: the checkpoint's own).
+    #[arg(long, env = "TGA_TEMPLATE")]
+    pub template: Option<String>,
+    #[arg(long, env = "TGA_DTYPE", value_enum, default_value_t = Dtype::F32)]
+    pub dtype: Dtype,
+    /// Model id in the API (default: the checkpoint directory's name).
+    #[arg(long, env = "TGA_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+
+    #[arg(long, env = "TGA_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, env = "TGA_PORT", default_value_t = 8000)]
+    pub port: u16,
+
+    /// Sequences decoded together in one step.
+    #[arg(long, env = "TGA_MAX_NUM_SEQS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_num_seqs: u32,
+    /// Accepted requests waiting for a slot; beyond it, 429.
+    #[arg(long, env = "TGA_MAX_WAITING", default_value_t = 64)]
+    pub max_waiting: u32,
+    /// Prompt tokens prefilled between two decode steps.
+    #[arg(long, env = "TGA_MAX_BATCH_TOKENS", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_batch_tokens: u32,
+    /// Lowers the model's context length (prompt + completion tokens).
+    #[arg(long, env = "TGA_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+
+    /// Accepted API key (repeat for several; the variable takes a comma-separated list).
+    #[arg(
+        long = "api-key",
+        env = "TGA_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+    /// Also require the API key for /health, /ready, /metrics and /openapi.json.
+    #[arg(long, env = "TGA_PROTECT_PUBLIC_ROUTES")]
+    pub protect_public_routes: bool,
+    /// Allowed CORS origin (repeat for several; `*` for any).
+    #[arg(long = "cors", env = "TGA_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+    /// Largest request body in bytes.
+    #[arg(long, env = "TGA_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Allow image URLs that resolve to loopback, private or link-local addresses.
+    #[arg(long, env = "TGA_ALLOW_PRIVATE_IMAGE_URLS")]
+    pub allow_private_image_urls: bool,
+    #[arg(long, env = "TGA_MAX_IMAGES_PER_REQUEST", default_value_t = 8)]
+    pub max_images_per_request: usize,
+    /// Largest image in bytes (URL or data URI).
+    #[arg(long, env = "TGA_MAX_IMAGE_BYTES", default_value_t = 20 * 1024 * 1024)]
+    pub max_image_bytes: usize,
+    /// Time limit for fetching one image URL, in seconds.
+    #[arg(long, env = "TGA_IMAGE_FETCH_TIMEOUT", default_value_t = 10.0)]
+    pub image_fetch_timeout: f64,
+
+    /// On SIGTERM, seconds running requests get to finish before they are cut.
+    #[arg(long, env = "TGA_SHUTDOWN_GRACE", default_value_t = 30.0)]
+    pub shutdown_grace: f64,
+}
+
+impl ServeArgs {
+    pub fn address(&self) -> String {
+        // A bare IPv6 host needs brackets to be joined with a port.
+        match self.host.parse::<std::net::IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, self.port).to_string(),
+            Err(_) => format!("{}:{}", self.host, self.port),
+        }
+    }
+
+    pub fn http_config(&self) -> HttpConfig {
+        HttpConfig {
+            api_keys: self
+                .api_keys
+                .iter()
+                .filter(|k| !k.is_empty())
+                .cloned()
+                .collect(),
+            protect_public_routes: self.protect_public_routes,
+            cors_origins: self.cors_origins.clone(),
+            max_body_bytes: self.max_body_bytes,
+        }
+    }
+
+    pub fn serving_config(&self) -> ServingConfig {
+        ServingConfig {
+            engine: EngineConfig {
+                max_num_seqs: self.max_num_seqs as usize,
+                max_batch_tokens: self.max_batch_tokens as usize,
+                max_waiting: self.max_waiting as usize,
+            },
+            media: MediaConfig {
+                max_image_bytes: self.max_image_bytes,
+                fetch_timeout: seconds(self.image_fetch_timeout),
+                allow_private: self.allow_private_image_urls,
+            },
+            max_model_len: self.max_model_len,
+            max_images_per_request: self.max_images_per_request,
+        }
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        seconds(self.shutdown_grace)
+    }
+}
+
+fn seconds(value: f64) -> Duration {
+    Duration::try_from_secs_f64(value.max(0.0)).unwrap_or(Duration::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_serve_flag_has_an_environment_variable() {
+        let cli = Cli::command();
+        let serve = cli.find_subcommand("serve").unwrap();
+        for arg in serve.get_arguments() {
+            if arg.get_long().is_some() && !["help", "version"].contains(&arg.get_id().as_str()) {
+                let env = arg
+                    .get_env()
+                    .unwrap_or_else(|| panic!("--{} has no env", arg.get_id()));
+                assert!(env.to_string_lossy().starts_with("TGA_"));
+            }
+        }
+    }
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        let cli = Cli::try_parse_from(["tga-serve", "serve"].iter().chain(args)).unwrap();
+        match cli.command {
+            Command::Serve(args) => *args,
+            Command::Openapi => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn flags_map_to_settings() {
+        let args = serve(&[
+            "--port",
+            "9000",
+            "--max-num-seqs",
+            "4",
+            "--api-key",
+            "a",
+            "--api-key",
+            "b",
+            "--cors",
+            "*",
+            "--allow-private-image-urls",
+            "--max-model-len",
+            "512",
+            "--dtype",
+            "bf16",
+            "--host",
+            "::1",
+        ]);
+        assert_eq!(args.address(), "[::1]:9000");
+        assert_eq!(args.dtype, Dtype::Bf16);
+        assert_eq!(args.http_config().api_keys, vec!["a", "b"]);
+        let serving = args.serving_config();
+        assert_eq!(serving.engine.max_num_seqs, 4);
+        assert!(serving.media.allow_private);
+        assert_eq!(serving.max_model_len, Some(512));
+        assert!(Cli::try_parse_from(["tga-serve", "serve", "--max-num-seqs", "0"]).is_err());
+    }
+
+    #[test]
+    fn defaults_serve_on_loopback_without_auth() {
+        let args = serve(&[]);
+        assert_eq!(args.address(), "127.0.0.1:8000");
+        assert!(args.model.is_none());
+        assert!(args.http_config().api_keys.is_empty());
+        assert!(!args.serving_config().media.allow_private);
+    }
+}

@@ -1,0 +1,230 @@
+//! The engine: one OS thread owns the model and runs continuous batching over it; the async side
+//! talks to it only through channels, so no request handler ever waits on model work.
+//!
+//! Scheduling follows vLLM / TGI: between two decode steps the engine admits waiting requests
+//! (each is prefilled alone, then joins the running batch) up to `max_num_seqs` sequences and
+//! `max_batch_tokens` prefilled tokens per step; a sequence that finishes, fails or whose client
+//! went away leaves the batch before the next step.
+
+pub mod backend;
+pub mod text;
+mod worker;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+
+use crate::metrics::Metrics;
+use crate::validation::ValidRequest;
+pub use backend::ModelBackend;
+
+/// Scheduler limits (SERVING.md's `max_num_seqs`, `max_batch_tokens`, `max_waiting`).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Sequences decoded together in one step.
+    pub max_num_seqs: usize,
+    /// Prompt tokens prefilled between two decode steps (one request is always admitted, however
+    /// long, so a long prompt cannot starve).
+    pub max_batch_tokens: usize,
+    /// Accepted requests waiting for a slot; beyond it, submissions are refused (429).
+    pub max_waiting: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_num_seqs: 16,
+            max_batch_tokens: 8192,
+            max_waiting: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// EOS, an end-of-turn token or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+/// Token counts of one finished request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Prompt positions taken by images (part of `prompt_tokens`).
+    pub image_tokens: usize,
+}
+
+/// The log-probability of one generated token and of its most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+/// Why a request failed once accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GenerationError {
+    /// A fault in the model; the request is lost, other requests are not.
+    #[error("internal model error: {0}")]
+    Internal(String),
+    /// The server shut down before the request finished.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+/// What the engine reports about one request, in order: deltas, then exactly one of `Finished`
+/// or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// New text (never splitting a character; may be empty while a stop string is undecided)
+    /// and the logprobs of the tokens that produced it, if they were asked for.
+    Delta {
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+    },
+    Failed(GenerationError),
+}
+
+/// Why a request was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the waiting queue is full")]
+    QueueFull,
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+/// The events of one request. Dropping it cancels the request: the engine frees its slot before
+/// the next step and counts a client disconnect.
+#[derive(Debug)]
+pub struct GenerationStream {
+    events: mpsc::UnboundedReceiver<Event>,
+}
+
+impl GenerationStream {
+    pub async fn next(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+}
+
+impl futures_util::Stream for GenerationStream {
+    type Item = Event;
+
+    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        self.events.poll_recv(cx)
+    }
+}
+
+/// An accepted request on its way to the engine thread. It holds its admission permit until the
+/// engine lets go of it (finished, failed or cancelled), which bounds running + waiting.
+struct Job {
+    request: ValidRequest,
+    events: mpsc::UnboundedSender<Event>,
+    permit: OwnedSemaphorePermit,
+}
+
+enum Command {
+    Submit(Box<Job>),
+    Shutdown { deadline: Instant },
+}
+
+/// Handle to the engine thread. Cheap to share behind an `Arc`; dropping the last handle lets an
+/// idle engine thread exit.
+pub struct Engine {
+    commands: mpsc::UnboundedSender<Command>,
+    permits: Arc<Semaphore>,
+    accepting: AtomicBool,
+    stopped: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+}
+
+impl Engine {
+    /// Moves `backend` onto a new OS thread named `tga-engine` and starts scheduling.
+    pub fn start<B: ModelBackend>(
+        backend: B,
+        config: EngineConfig,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let (stopped_tx, stopped) = watch::channel(false);
+        let permits = Arc::new(Semaphore::new(config.max_num_seqs + config.max_waiting));
+        let worker = worker::Worker::new(backend, config, receiver, metrics.clone());
+        std::thread::Builder::new()
+            .name("tga-engine".into())
+            .spawn(move || {
+                worker.run();
+                // Also sent when the thread unwinds: the sender is dropped then, which
+                // `stopped()` treats the same.
+                let _ = stopped_tx.send(true);
+            })?;
+        Ok(Self {
+            commands,
+            permits,
+            accepting: AtomicBool::new(true),
+            stopped,
+            metrics,
+        })
+    }
+
+    /// Queues a validated request. Never blocks: it either takes a slot (running or waiting) or
+    /// fails at once.
+    pub fn submit(&self, request: ValidRequest) -> Result<GenerationStream, SubmitError> {
+        if !self.accepting.load(Ordering::SeqCst) {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let permit = self
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| SubmitError::QueueFull)?;
+        let (events, receiver) = mpsc::unbounded_channel();
+        self.metrics.waiting.inc();
+        let job = Box::new(Job {
+            request,
+            events,
+            permit,
+        });
+        if self.commands.send(Command::Submit(job)).is_err() {
+            self.metrics.waiting.dec();
+            return Err(SubmitError::ShuttingDown);
+        }
+        Ok(GenerationStream { events: receiver })
+    }
+
+    pub fn is_accepting(&self) -> bool {
+        self.accepting.load(Ordering::SeqCst)
+    }
+
+    /// Stops admitting (new submissions get `ShuttingDown`, waiting ones fail with it); running
+    /// sequences may finish until `grace` has passed, then they are cut.
+    pub fn shutdown(&self, grace: Duration) {
+        self.accepting.store(false, Ordering::SeqCst);
+        let _ = self.commands.send(Command::Shutdown {
+            deadline: Instant::now() + grace,
+        });
+    }
+
+    /// Resolves once the engine thread has exited.
+    pub async fn stopped(&self) {
+        let mut stopped = self.stopped.clone();
+        // An error means the sender is gone: the thread exited (or unwound).
+        let _ = stopped.wait_for(|done| *done).await;
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.accepting.store(false, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,275 @@
+//! `POST /v1/chat/completions`: validate, submit to the engine, and map its event stream to one
+//! JSON response or to SSE frames. Nothing here touches the model.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream::{self, Stream, StreamExt};
+
+use super::{ApiJson, REQUEST_ID};
+use crate::app::AppState;
+use crate::engine::{self, Event, GenerationStream};
+use crate::error::ApiError;
+use crate::openai::{
+    AssistantMessage, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice,
+    ChoiceLogprobs, ChunkChoice, Delta, ErrorResponse, FinishReason, Role, TokenLogprob,
+    TopLogprob, Usage,
+};
+use crate::validation::ResponseOptions;
+
+/// Creates a chat completion (streamed as server-sent events with `stream: true`).
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "chat",
+    request_body = ChatCompletionRequest,
+    responses(
+        (status = 200, description = "The completion. With `stream: true`, `text/event-stream` of \
+            `data: {chat.completion.chunk}` frames: the first carries `delta.role`, the last choice \
+            frame `finish_reason`, an optional usage frame follows, then `data: [DONE]`.",
+            content(
+                (ChatCompletionResponse = "application/json"),
+                (ChatCompletionChunk = "text/event-stream")
+            )
+        ),
+        (status = 400, description = "Malformed JSON, schema violation, bad image, too many images, or prompt + max_tokens over the context", body = ErrorResponse),
+        (status = 401, description = "Missing or bad API key", body = ErrorResponse),
+        (status = 404, description = "Unknown model", body = ErrorResponse),
+        (status = 413, description = "Body over the limit", body = ErrorResponse),
+        (status = 415, description = "Content-Type is not application/json", body = ErrorResponse),
+        (status = 429, description = "Waiting queue full", body = ErrorResponse,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+        (status = 500, description = "Internal fault", body = ErrorResponse),
+        (status = 503, description = "Not ready, or shutting down", body = ErrorResponse),
+    ),
+    security(("api_key" = []))
+)]
+pub(super) async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    ApiJson(request): ApiJson<ChatCompletionRequest>,
+) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let model = state.model()?;
+    let request_id = headers
+        .get(REQUEST_ID)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let (valid, options) = model
+        .validator
+        .validate(request, request_id, arrived)
+        .await?;
+    let events = model.engine.submit(valid)?;
+    let completion = Completion {
+        id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+        created: unix_now(),
+        options,
+    };
+    if completion.options.stream {
+        Ok(stream_response(events, completion).into_response())
+    } else {
+        Ok(Json(completion.collect(events).await?).into_response())
+    }
+}
+
+/// What every response of one completion shares.
+struct Completion {
+    id: String,
+    created: u64,
+    options: ResponseOptions,
+}
+
+impl Completion {
+    async fn collect(
+        &self,
+        mut events: GenerationStream,
+    ) -> Result<ChatCompletionResponse, ApiError> {
+        let mut content = String::new();
+        let mut logprobs = Vec::new();
+        while let Some(event) = events.next().await {
+            match event {
+                Event::Delta {
+                    text,
+                    logprobs: token_logprobs,
+                } => {
+                    content.push_str(&text);
+                    logprobs.extend(token_logprobs.into_iter().map(wire_logprob));
+                }
+                Event::Finished { reason, usage } => {
+                    return Ok(ChatCompletionResponse {
+                        id: self.id.clone(),
+                        object: "chat.completion".into(),
+                        created: self.created,
+                        model: self.options.model.clone(),
+                        choices: vec![Choice {
+                            index: 0,
+                            message: AssistantMessage {
+                                role: Role::Assistant,
+                                content,
+                            },
+                            logprobs: self
+                                .options
+                                .logprobs
+                                .then_some(ChoiceLogprobs { content: logprobs }),
+                            finish_reason: wire_finish(reason),
+                        }],
+                        usage: wire_usage(usage),
+                    })
+                }
+                Event::Failed(err) => return Err(err.into()),
+            }
+        }
+        Err(engine_vanished())
+    }
+
+    fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<Usage>) -> SseEvent {
+        json_frame(&ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: self.created,
+            model: self.options.model.clone(),
+            choices,
+            usage,
+        })
+    }
+
+    fn delta(
+        &self,
+        delta: Delta,
+        logprobs: Option<ChoiceLogprobs>,
+        finish: Option<FinishReason>,
+    ) -> SseEvent {
+        self.chunk(
+            vec![ChunkChoice {
+                index: 0,
+                delta,
+                logprobs,
+                finish_reason: finish,
+            }],
+            None,
+        )
+    }
+
+    /// The SSE frames for one engine event, and whether it was the last.
+    fn frames(&self, event: Option<Event>) -> (Vec<SseEvent>, bool) {
+        match event {
+            Some(Event::Delta { text, logprobs }) => {
+                let logprobs = self.options.logprobs.then(|| ChoiceLogprobs {
+                    content: logprobs.into_iter().map(wire_logprob).collect(),
+                });
+                let delta = Delta {
+                    role: None,
+                    content: Some(text),
+                };
+                (vec![self.delta(delta, logprobs, None)], false)
+            }
+            Some(Event::Finished { reason, usage }) => {
+                let mut frames =
+                    vec![self.delta(Delta::default(), None, Some(wire_finish(reason)))];
+                if self.options.include_usage {
+                    frames.push(self.chunk(Vec::new(), Some(wire_usage(usage))));
+                }
+                frames.push(done_frame());
+                (frames, true)
+            }
+            Some(Event::Failed(err)) => {
+                let err: ApiError = err.into();
+                (vec![error_frame(&err), done_frame()], true)
+            }
+            None => (vec![error_frame(&engine_vanished()), done_frame()], true),
+        }
+    }
+}
+
+/// SSE: the role frame at once (so the client sees the stream open while the prompt is
+/// prefilled), then the engine's events as frames. Dropping the response body (the client went
+/// away) drops `events`, which cancels the request in the engine.
+fn stream_response(
+    events: GenerationStream,
+    completion: Completion,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let role = completion.delta(
+        Delta {
+            role: Some(Role::Assistant),
+            content: Some(String::new()),
+        },
+        None,
+        None,
+    );
+    let body = stream::unfold(Some((events, completion)), |state| async move {
+        let (mut events, completion) = state?;
+        let (frames, last) = completion.frames(events.next().await);
+        let next = (!last).then_some((events, completion));
+        Some((stream::iter(frames), next))
+    })
+    .flatten();
+    let frames = stream::once(async move { role })
+        .chain(body)
+        .map(Ok::<_, Infallible>);
+    Sse::new(frames).keep_alive(KeepAlive::default())
+}
+
+fn json_frame<T: serde::Serialize>(value: &T) -> SseEvent {
+    SseEvent::default().data(serde_json::to_string(value).expect("wire types serialise"))
+}
+
+fn done_frame() -> SseEvent {
+    SseEvent::default().data("[DONE]")
+}
+
+/// An error after the stream started: OpenAI's error object as a data frame (vLLM does this).
+fn error_frame(err: &ApiError) -> SseEvent {
+    if err.status().is_server_error() {
+        tracing::error!(code = err.code.as_str(), message = %err.message, "generation failed mid-stream");
+    }
+    json_frame(&err.body())
+}
+
+fn engine_vanished() -> ApiError {
+    ApiError::internal("the engine stopped without finishing the request")
+}
+
+fn wire_finish(reason: engine::FinishReason) -> FinishReason {
+    match reason {
+        engine::FinishReason::Stop => FinishReason::Stop,
+        engine::FinishReason::Length => FinishReason::Length,
+    }
+}
+
+fn wire_usage(usage: engine::Usage) -> Usage {
+    Usage {
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+        total_tokens: usage.prompt_tokens + usage.completion_tokens,
+    }
+}
+
+fn wire_logprob(logprob: engine::TokenLogprob) -> TokenLogprob {
+    TokenLogprob {
+        bytes: logprob.token.as_bytes().to_vec(),
+        token: logprob.token,
+        logprob: logprob.logprob,
+        top_logprobs: logprob
+            .top
+            .into_iter()
+            .map(|(token, logprob)| TopLogprob {
+                bytes: token.as_bytes().to_vec(),
+                token,
+                logprob,
+            })
+            .collect(),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,116 @@
+//! A JSON body extractor whose every failure is an [`ApiError`]: 415 for another content type,
+//! 413 past the body limit, 400 with the offending field's path for schema violations.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, StatusCode};
+use serde::de::DeserializeOwned;
+
+use crate::error::{ApiError, ErrorCode};
+
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let content_type = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default();
+        if !is_json(content_type) {
+            let shown = if content_type.is_empty() {
+                "none"
+            } else {
+                content_type
+            };
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedMediaType,
+                format!("Content-Type must be application/json, got {shown}"),
+            ));
+        }
+        let body = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        ErrorCode::RequestTooLarge,
+                        "the request body is larger than the server's limit",
+                    )
+                } else {
+                    ApiError::new(ErrorCode::InvalidJson, rejection.body_text())
+                }
+            })?;
+        parse_json(&body).map(ApiJson)
+    }
+}
+
+/// `application/json`, with parameters, or any `+json` type.
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// Syntax errors are `invalid_json`; well-formed JSON that does not fit the schema is
+/// `invalid_value` with the path of the field (`messages[0].content[1].image_url`).
+pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let deserializer = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data => {
+                let error =
+                    ApiError::new(ErrorCode::InvalidValue, format!("invalid request: {inner}"));
+                if path == "." {
+                    error
+                } else {
+                    error.with_param(path)
+                }
+            }
+            _ => ApiError::new(ErrorCode::InvalidJson, format!("malformed JSON: {inner}")),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::openai::ChatCompletionRequest;
+
+    #[test]
+    fn content_types() {
+        assert!(is_json("application/json"));
+        assert!(is_json("Application/JSON; charset=utf-8"));
+        assert!(is_json("application/vnd.api+json"));
+        assert!(!is_json("text/plain"));
+        assert!(!is_json(""));
+        assert!(!is_json("multipart/form-data; boundary=x"));
+    }
+
+    #[test]
+    fn syntax_and_schema_errors_are_told_apart() {
+        let err = parse_json::<ChatCompletionRequest>(b"{\"messages\": [").unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidJson);
+        assert_eq!(err.param, None);
+        let err = parse_json::<ChatCompletionRequest>(br#"{"messages": [{"role": "user"}]}"#)
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidValue);
+        assert_eq!(err.param.as_deref(), Some("messages[0]"));
+        let err = parse_json::<ChatCompletionRequest>(br#"{"messages": "hi"}"#).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("messages"));
+        let err = parse_json::<ChatCompletionRequest>(b"{}").unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidValue);
+    }
+}

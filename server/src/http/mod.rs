@@ -1,0 +1,296 @@
+//! The HTTP surface of SERVING.md: routes, middleware (request ids, tracing, CORS, body limit,
+//! API keys, request metrics) and the OpenAPI document generated from the handlers' own types.
+
+mod chat;
+mod extract;
+mod system;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, HeaderName, HeaderValue, Method, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tower::ServiceBuilder;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+pub use extract::ApiJson;
+
+use crate::app::AppState;
+use crate::error::{ApiError, ErrorCode};
+use crate::metrics::UNMATCHED_ROUTE;
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const CHAT_COMPLETIONS_ROUTE: &str = "/v1/chat/completions";
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "tga-serve",
+        description = "OpenAI-compatible multimodal chat completions for LLaVA-Mistral."
+    ),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "chat", description = "Chat completions"),
+        (name = "models", description = "The served model"),
+        (name = "operations", description = "Health, readiness and metrics")
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("An API key given to the server with --api-key"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The routes with their documentation; `protect_public` puts the operational routes behind the
+/// API key too.
+fn api_routes(state: &Arc<AppState>) -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
+    let protected = OpenApiRouter::new()
+        .routes(routes!(chat::chat_completions))
+        .routes(routes!(system::list_models))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    let mut public = OpenApiRouter::new()
+        .routes(routes!(system::health))
+        .routes(routes!(system::ready))
+        .routes(routes!(system::metrics));
+    if state.http.protect_public_routes {
+        public = public.route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    }
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(protected)
+        .merge(public)
+        .split_for_parts()
+}
+
+/// The OpenAPI document, exactly as `/openapi.json` serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let state = AppState::new(Default::default(), Default::default());
+    api_routes(&state).1
+}
+
+/// The whole application router.
+pub fn router(state: Arc<AppState>) -> Router {
+    let (routes, doc) = api_routes(&state);
+    let doc = Arc::new(
+        doc.to_pretty_json()
+            .expect("the OpenAPI document serialises"),
+    );
+    let mut openapi_route = Router::new().route(
+        "/openapi.json",
+        get(move || async move {
+            (
+                [(header::CONTENT_TYPE, "application/json")],
+                doc.as_str().to_owned(),
+            )
+        }),
+    );
+    if state.http.protect_public_routes {
+        openapi_route = openapi_route.route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    }
+    let routes = routes.merge(openapi_route);
+
+    let outer = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
+            let id = request
+                .headers()
+                .get(REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)
+        }).on_response(DefaultOnResponse::new().level(tracing::Level::INFO)))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(cors(&state.http.cors_origins))
+        .layer(middleware::from_fn_with_state(state.clone(), track_requests))
+        .layer(DefaultBodyLimit::max(state.http.max_body_bytes));
+
+    routes
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(outer)
+        .with_state(state)
+}
+
+fn cors(origins: &[String]) -> CorsLayer {
+    if origins.is_empty() {
+        return CorsLayer::new();
+    }
+    let allow_origin = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|origin| HeaderValue::from_str(origin).ok()),
+        )
+    };
+    CorsLayer::new()
+        .allow_origin(allow_origin)
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, REQUEST_ID])
+        .expose_headers([REQUEST_ID, header::RETRY_AFTER])
+}
+
+/// `tga_requests_total{route,status}` for every response, and
+/// `tga_requests_rejected_total{reason}` for generation requests refused with an error code.
+async fn track_requests(
+    State(state): State<Arc<AppState>>,
+    matched: Option<MatchedPath>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = matched
+        .as_ref()
+        .map_or(UNMATCHED_ROUTE, |path| path.as_str())
+        .to_owned();
+    let generation = route == CHAT_COMPLETIONS_ROUTE && request.method() == Method::POST;
+    let response = next.run(request).await;
+    state
+        .metrics
+        .requests
+        .with_label_values(&[route.as_str(), response.status().as_str()])
+        .inc();
+    if generation {
+        if let Some(code) = response.extensions().get::<ErrorCode>() {
+            if *code != ErrorCode::InternalError {
+                state
+                    .metrics
+                    .rejected
+                    .with_label_values(&[code.as_str()])
+                    .inc();
+            }
+        }
+    }
+    response
+}
+
+/// `Authorization: Bearer <key>` against the configured keys, in constant time.
+async fn require_api_key(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let keys = &state.http.api_keys;
+    if keys.is_empty() {
+        return Ok(next.run(request).await);
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(presented) = presented else {
+        return Err(ApiError::new(
+            ErrorCode::InvalidApiKey,
+            "Missing API key: send it as `Authorization: Bearer <key>`.",
+        ));
+    };
+    // Every key is compared, so the time does not tell which one (if any) was close.
+    let accepted = keys.iter().fold(false, |found, key| {
+        found | constant_time_eq(presented.as_bytes(), key.as_bytes())
+    });
+    if !accepted {
+        return Err(ApiError::new(
+            ErrorCode::InvalidApiKey,
+            "Incorrect API key provided.",
+        ));
+    }
+    Ok(next.run(request).await)
+}
+
+/// Equality whose time depends only on the lengths, not on where the bytes differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() != b.len()) as u8;
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= std::hint::black_box(x ^ y);
+    }
+    diff == 0
+}
+
+async fn unknown_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        ErrorCode::UnknownUrl,
+        format!("Unknown route: {method} {}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> impl IntoResponse {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        format!("Method {method} is not allowed on {}", uri.path()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_is_equality() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn openapi_documents_every_route_and_the_wire_types() {
+        let doc = serde_json::to_value(openapi()).unwrap();
+        for path in [
+            "/v1/chat/completions",
+            "/v1/models",
+            "/health",
+            "/ready",
+            "/metrics",
+        ] {
+            assert!(doc["paths"][path].is_object(), "{path} undocumented");
+        }
+        for schema in [
+            "ChatCompletionRequest",
+            "ChatCompletionResponse",
+            "ChatCompletionChunk",
+            "ErrorResponse",
+            "ModelList",
+        ] {
+            assert!(
+                doc["components"]["schemas"][schema].is_object(),
+                "{schema} missing"
+            );
+        }
+        assert!(doc["components"]["securitySchemes"]["api_key"].is_object());
+    }
+}

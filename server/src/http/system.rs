@@ -1,0 +1,88 @@
+//! `/v1/models`, `/health`, `/ready`, `/metrics`.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::Json;
+
+use crate::app::AppState;
+use crate::error::ApiError;
+use crate::openai::{ErrorResponse, HealthStatus, ModelList, ModelObject};
+
+/// The served model.
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "models",
+    responses(
+        (status = 200, description = "The served model", body = ModelList),
+        (status = 401, description = "Missing or bad API key", body = ErrorResponse),
+        (status = 503, description = "The model is not loaded yet, or the server is shutting down", body = ErrorResponse),
+    ),
+    security(("api_key" = []))
+)]
+pub(super) async fn list_models(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<ModelList>, ApiError> {
+    let card = &state.model()?.card;
+    Ok(Json(ModelList {
+        object: "list".into(),
+        data: vec![ModelObject {
+            id: card.id.clone(),
+            object: "model".into(),
+            created: card.created,
+            owned_by: card.owned_by.clone(),
+            max_model_len: card.max_model_len,
+            supports_images: card.supports_images,
+            builtin: card.builtin,
+        }],
+    }))
+}
+
+/// Liveness: 200 while the process serves.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "operations",
+    responses((status = 200, description = "The process is serving", body = HealthStatus))
+)]
+pub(super) async fn health() -> Json<HealthStatus> {
+    Json(HealthStatus {
+        status: "ok".into(),
+    })
+}
+
+/// Readiness: 503 until the model is loaded and warmed, and again while shutting down.
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready to serve", body = HealthStatus),
+        (status = 503, description = "Loading or shutting down", body = ErrorResponse),
+    )
+)]
+pub(super) async fn ready(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<HealthStatus>, ApiError> {
+    state.model()?;
+    Ok(Json(HealthStatus {
+        status: "ready".into(),
+    }))
+}
+
+/// Prometheus text exposition of the serving metrics.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain"))
+)]
+pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
+        state.metrics.render(),
+    )
+}

@@ -1,0 +1,182 @@
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use server::app::{self, AppState, ModelCard, ServingModel};
+use server::cli::{Cli, Command, Dtype, ServeArgs};
+use server::metrics::Metrics;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Openapi => {
+            let doc = server::http::openapi()
+                .to_pretty_json()
+                .expect("the OpenAPI document serialises");
+            println!("{doc}");
+            ExitCode::SUCCESS
+        }
+        Command::Serve(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+                )
+                .init();
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot start the async runtime");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(serve(*args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    tracing::error!(error = %err, "tga-serve failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let metrics = Arc::new(Metrics::new());
+    let state = AppState::new(args.http_config(), metrics.clone());
+    let listener = tokio::net::TcpListener::bind(args.address()).await?;
+    tracing::info!(address = %listener.local_addr()?, "listening (/ready answers 503 until the model is loaded)");
+
+    // Loading runs beside the server, so /health answers and /ready says 503 meanwhile.
+    let (failed_tx, failed) = tokio::sync::oneshot::channel::<String>();
+    let loader_state = state.clone();
+    let grace = args.shutdown_grace();
+    tokio::task::spawn_blocking(move || match load_model(&args, metrics) {
+        Ok(model) => loader_state.set_model(model),
+        Err(err) => {
+            let _ = failed_tx.send(err.to_string());
+        }
+    });
+    let (load_error_tx, load_error) = tokio::sync::oneshot::channel::<String>();
+    let shutdown = async move {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            Ok(err) = failed => {
+                tracing::error!(error = %err, "loading the model failed");
+                let _ = load_error_tx.send(err);
+            }
+        }
+    };
+    app::serve(listener, state, shutdown, grace).await?;
+    match load_error.await {
+        Ok(err) => Err(format!("loading the model failed: {err}").into()),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Loads the checkpoint (or the built-in tiny model), warms it up and starts its engine.
+fn load_model(
+    args: &ServeArgs,
+    metrics: Arc<Metrics>,
+) -> Result<ServingModel, Box<dyn std::error::Error + Send + Sync>> {
+    let device = candle_core::Device::Cpu;
+    let (dir, builtin) = match &args.model {
+        Some(dir) => (dir.clone(), false),
+        None => {
+            let dir = server::builtin::materialize()?;
+            tracing::warn!(
+                "no --model given: serving the built-in tiny random-weight model `{}` (for trying the API; its answers are noise)",
+                server::builtin::BUILTIN_MODEL_ID
+            );
+            (dir, true)
+        }
+    };
+    let dtype = match args.dtype {
+        Dtype::F32 => candle_core::DType::F32,
+        Dtype::Bf16 => candle_core::DType::BF16,
+    };
+    if dtype == candle_core::DType::BF16 && device.is_cpu() {
+        tracing::warn!("bf16 on CPU is slow in candle (weights are widened on every matmul); f32 is recommended");
+    }
+    let started = std::time::Instant::now();
+    let loaded = server::llava::load(
+        &dir,
+        args.vision_tower.clone(),
+        Some(dtype),
+        args.template.as_deref(),
+        &device,
+    )?;
+    let cfg = loaded.model.config();
+    let card = ModelCard {
+        id: args.served_model_name.clone().unwrap_or_else(|| {
+            if builtin {
+                server::builtin::BUILTIN_MODEL_ID.to_string()
+            } else {
+                dir.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| dir.display().to_string())
+            }
+        }),
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        owned_by: "tga-serve".into(),
+        max_model_len: cfg.text.max_position_embeddings,
+        supports_images: true,
+        builtin,
+        arch: match cfg.format {
+            model::config::CheckpointFormat::HfLlava => "llava",
+            model::config::CheckpointFormat::HfLlavaNext => "llava_next",
+            model::config::CheckpointFormat::Original => "llava_mistral",
+        }
+        .into(),
+        dtype: args.dtype.as_str().into(),
+        device: "cpu".into(),
+    };
+    let limits = model::image::ImageLimits {
+        max_bytes: args.max_image_bytes,
+        ..Default::default()
+    };
+    let processor = Arc::new(server::llava::LlavaProcessor::new(&loaded, limits));
+    let mut backend = server::llava::LlavaBackend::new(&loaded);
+    backend.warm_up()?;
+    tracing::info!(
+        model = %card.id,
+        layers = cfg.text.num_hidden_layers,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "model loaded and warmed up"
+    );
+    Ok(ServingModel::start(
+        backend,
+        processor,
+        card,
+        &args.serving_config(),
+        metrics,
+    )?)
+}
+
+/// SIGTERM (what orchestrators send) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("received Ctrl-C"),
+        () = terminate => tracing::info!("received SIGTERM"),
+    }
+}

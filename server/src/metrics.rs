@@ -1,0 +1,255 @@
+//! The serving metrics of SERVING.md (vLLM's set with our `tga_` prefix), in a registry owned by
+//! the app so that several servers can live in one process (tests do).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Metric names, the one definition that code and tests share.
+pub mod names {
+    pub const REQUESTS_TOTAL: &str = "tga_requests_total";
+    pub const REQUEST_DURATION_SECONDS: &str = "tga_request_duration_seconds";
+    pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "tga_time_to_first_token_seconds";
+    pub const INTER_TOKEN_LATENCY_SECONDS: &str = "tga_inter_token_latency_seconds";
+    pub const REQUEST_QUEUE_TIME_SECONDS: &str = "tga_request_queue_time_seconds";
+    pub const REQUESTS_RUNNING: &str = "tga_requests_running";
+    pub const REQUESTS_WAITING: &str = "tga_requests_waiting";
+    pub const PROMPT_TOKENS_TOTAL: &str = "tga_prompt_tokens_total";
+    pub const GENERATION_TOKENS_TOTAL: &str = "tga_generation_tokens_total";
+    pub const IMAGE_TOKENS_TOTAL: &str = "tga_image_tokens_total";
+    pub const IMAGES_TOTAL: &str = "tga_images_total";
+    pub const BATCH_SIZE: &str = "tga_batch_size";
+    pub const REQUESTS_REJECTED_TOTAL: &str = "tga_requests_rejected_total";
+    pub const CLIENT_DISCONNECTS_TOTAL: &str = "tga_client_disconnects_total";
+    pub const MODEL_INFO: &str = "tga_model_info";
+}
+
+/// vLLM's `time_to_first_token_seconds` buckets: up to 2560 s, because an image prefill of
+/// thousands of tokens on a CPU takes minutes.
+pub const TTFT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+];
+
+/// vLLM's `inter_token_latency_seconds` buckets (a CPU decode step of a full batch can take
+/// seconds).
+pub const ITL_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0,
+];
+
+/// vLLM's `e2e_request_latency_seconds` buckets, reaching two hours.
+pub const REQUEST_BUCKETS: &[f64] = &[
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+    480.0, 960.0, 1920.0, 7680.0,
+];
+
+/// Sequences per decode step.
+pub const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+/// The `route` label of requests that matched no route (keeps the label set bounded).
+pub const UNMATCHED_ROUTE: &str = "unmatched";
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: Histogram,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+    pub queue_time: Histogram,
+    pub running: IntGauge,
+    pub waiting: IntGauge,
+    pub prompt_tokens: IntCounter,
+    pub generation_tokens: IntCounter,
+    pub image_tokens: IntCounter,
+    pub images: IntCounter,
+    pub batch_size: Histogram,
+    pub rejected: IntCounterVec,
+    pub client_disconnects: IntCounter,
+    pub model_info: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| {
+            let metric = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let gauge = |name: &str, help: &str| {
+            let metric = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+            let metric = Histogram::with_opts(opts).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let model_info = IntGaugeVec::new(
+            Opts::new(names::MODEL_INFO, "The served model (value is always 1)."),
+            &["model", "arch", "dtype", "device"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(model_info.clone()))
+            .expect("unique metric");
+
+        Self {
+            requests: counter_vec(
+                names::REQUESTS_TOTAL,
+                "HTTP requests by route and status code.",
+                &["route", "status"],
+            ),
+            request_duration: histogram(
+                names::REQUEST_DURATION_SECONDS,
+                "End-to-end time of finished generation requests, from arrival to the last token.",
+                REQUEST_BUCKETS,
+            ),
+            time_to_first_token: histogram(
+                names::TIME_TO_FIRST_TOKEN_SECONDS,
+                "Time from arrival to the first generated token.",
+                TTFT_BUCKETS,
+            ),
+            inter_token_latency: histogram(
+                names::INTER_TOKEN_LATENCY_SECONDS,
+                "Time between consecutive generated tokens of one request.",
+                ITL_BUCKETS,
+            ),
+            queue_time: histogram(
+                names::REQUEST_QUEUE_TIME_SECONDS,
+                "Time from arrival to the start of prefill.",
+                TTFT_BUCKETS,
+            ),
+            running: gauge(names::REQUESTS_RUNNING, "Sequences in the running batch."),
+            waiting: gauge(
+                names::REQUESTS_WAITING,
+                "Accepted requests waiting to be prefilled.",
+            ),
+            prompt_tokens: counter(
+                names::PROMPT_TOKENS_TOTAL,
+                "Prefilled prompt tokens (image positions included).",
+            ),
+            generation_tokens: counter(names::GENERATION_TOKENS_TOTAL, "Generated tokens."),
+            image_tokens: counter(
+                names::IMAGE_TOKENS_TOTAL,
+                "Prompt positions taken by images.",
+            ),
+            images: counter(names::IMAGES_TOTAL, "Images prefilled."),
+            batch_size: histogram(
+                names::BATCH_SIZE,
+                "Sequences per decode step.",
+                BATCH_SIZE_BUCKETS,
+            ),
+            rejected: counter_vec(
+                names::REQUESTS_REJECTED_TOTAL,
+                "Generation requests refused before generating, by error code.",
+                &["reason"],
+            ),
+            client_disconnects: counter(
+                names::CLIENT_DISCONNECTS_TOTAL,
+                "Requests whose client went away before the end.",
+            ),
+            model_info,
+            registry,
+        }
+    }
+
+    /// Publishes `tga_model_info{model,arch,dtype,device} 1`.
+    pub fn set_model_info(&self, model: &str, arch: &str, dtype: &str, device: &str) {
+        self.model_info
+            .with_label_values(&[model, arch, dtype, device])
+            .set(1);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_serving_metric_is_exposed_once_touched() {
+        let metrics = Metrics::new();
+        metrics
+            .requests
+            .with_label_values(&["/health", "200"])
+            .inc();
+        metrics.rejected.with_label_values(&["queue_full"]).inc();
+        metrics.set_model_info("m", "llava_next", "f32", "cpu");
+        let text = metrics.render();
+        for name in [
+            names::REQUESTS_TOTAL,
+            names::REQUEST_DURATION_SECONDS,
+            names::TIME_TO_FIRST_TOKEN_SECONDS,
+            names::INTER_TOKEN_LATENCY_SECONDS,
+            names::REQUEST_QUEUE_TIME_SECONDS,
+            names::REQUESTS_RUNNING,
+            names::REQUESTS_WAITING,
+            names::PROMPT_TOKENS_TOTAL,
+            names::GENERATION_TOKENS_TOTAL,
+            names::IMAGE_TOKENS_TOTAL,
+            names::IMAGES_TOTAL,
+            names::BATCH_SIZE,
+            names::REQUESTS_REJECTED_TOTAL,
+            names::CLIENT_DISCONNECTS_TOTAL,
+            names::MODEL_INFO,
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+        }
+        assert!(text
+            .contains(r#"tga_model_info{arch="llava_next",device="cpu",dtype="f32",model="m"} 1"#));
+    }
+
+    #[test]
+    fn latency_buckets_reach_minutes() {
+        for buckets in [TTFT_BUCKETS, ITL_BUCKETS, REQUEST_BUCKETS] {
+            assert!(buckets.windows(2).all(|w| w[0] < w[1]));
+            assert!(*buckets.last().unwrap() >= 60.0);
+        }
+        let metrics = Metrics::new();
+        metrics.time_to_first_token.observe(300.0);
+        assert!(metrics
+            .render()
+            .contains(r#"tga_time_to_first_token_seconds_bucket{le="640"} 1"#));
+    }
+
+    #[test]
+    fn two_apps_have_independent_registries() {
+        let a = Metrics::new();
+        let b = Metrics::new();
+        a.generation_tokens.inc_by(5);
+        assert_eq!(a.generation_tokens.get(), 5);
+        assert_eq!(b.generation_tokens.get(), 0);
+    }
+}

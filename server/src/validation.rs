@@ -1,0 +1,386 @@
+//! One step from a raw request to a [`ValidRequest`], as TGI's `validation.rs` does it: every
+//! limit is checked, images are fetched, decoded and preprocessed, and the prompt is tokenized
+//! before anything is queued, so the engine only ever sees requests it can run.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::future::try_join_all;
+
+use crate::engine::backend::{
+    ChatTurn, ImageInput, Prompt, PromptProcessor, Role, SamplingParams, TurnPart,
+};
+use crate::error::{ApiError, ErrorCode};
+use crate::media::MediaFetcher;
+use crate::openai::{self, ChatCompletionRequest, ContentPart, MessageContent};
+
+/// Request limits (besides the body size, which the HTTP layer enforces).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Prompt + completion tokens.
+    pub max_model_len: usize,
+    pub max_images_per_request: usize,
+    pub max_stop_sequences: usize,
+    /// OpenAI's maximum for `top_logprobs`.
+    pub max_top_logprobs: usize,
+}
+
+impl Limits {
+    pub fn new(max_model_len: usize) -> Self {
+        Self {
+            max_model_len,
+            max_images_per_request: 8,
+            max_stop_sequences: 16,
+            max_top_logprobs: 20,
+        }
+    }
+}
+
+/// When generation ends besides the model's stop tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoppingCriteria {
+    pub max_new_tokens: usize,
+    /// Stop strings (not part of the output).
+    pub stop: Vec<String>,
+}
+
+/// A request the engine can run as it is.
+#[derive(Debug, Clone)]
+pub struct ValidRequest {
+    pub request_id: String,
+    pub prompt: Prompt,
+    pub sampling: SamplingParams,
+    pub stopping: StoppingCriteria,
+    /// When the request arrived (start of its TTFT and queue time).
+    pub arrived: Instant,
+}
+
+/// How the HTTP layer should shape the answer; the engine does not need these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseOptions {
+    pub model: String,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub logprobs: bool,
+}
+
+pub struct Validator {
+    processor: Arc<dyn PromptProcessor>,
+    media: MediaFetcher,
+    limits: Limits,
+    model_id: String,
+    supports_images: bool,
+}
+
+/// An image part found in the messages, with where it was.
+struct ImageRef {
+    url: String,
+    param: String,
+}
+
+impl Validator {
+    pub fn new(
+        processor: Arc<dyn PromptProcessor>,
+        media: MediaFetcher,
+        limits: Limits,
+        model_id: String,
+        supports_images: bool,
+    ) -> Self {
+        Self {
+            processor,
+            media,
+            limits,
+            model_id,
+            supports_images,
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub async fn validate(
+        &self,
+        request: ChatCompletionRequest,
+        request_id: String,
+        arrived: Instant,
+    ) -> Result<(ValidRequest, ResponseOptions), ApiError> {
+        if let Some(model) = &request.model {
+            if model != &self.model_id {
+                return Err(ApiError::new(
+                    ErrorCode::ModelNotFound,
+                    format!(
+                        "The model `{model}` does not exist; this server serves `{}`.",
+                        self.model_id
+                    ),
+                )
+                .with_param("model"));
+            }
+        }
+        if let Some(n) = request.n {
+            if n != 1 {
+                return Err(ApiError::invalid(
+                    "n",
+                    format!("n must be 1 (several choices per request are not supported), got {n}"),
+                ));
+            }
+        }
+        let stream = request.stream.unwrap_or(false);
+        if request.stream_options.is_some() && !stream {
+            return Err(ApiError::invalid(
+                "stream_options",
+                "stream_options is only allowed when stream is true",
+            ));
+        }
+        let sampling = self.sampling_params(&request)?;
+        let stop = self.stop_sequences(request.stop.clone())?;
+        let max_tokens = match request.max_completion_tokens.or(request.max_tokens) {
+            None => None,
+            Some(n) if n >= 1 => Some(n as usize),
+            Some(n) => {
+                let param = if request.max_completion_tokens.is_some() {
+                    "max_completion_tokens"
+                } else {
+                    "max_tokens"
+                };
+                return Err(ApiError::invalid(
+                    param,
+                    format!("{param} must be at least 1, got {n}"),
+                ));
+            }
+        };
+
+        let (turns, image_refs) = self.conversation(&request.messages)?;
+        let images = try_join_all(image_refs.iter().map(|image| async move {
+            self.media
+                .load(&image.url)
+                .await
+                .map_err(|err| ApiError::from_media(err, image.param.clone()))
+        }))
+        .await?;
+        let prompt = self.build_prompt(turns, images, image_refs).await?;
+        let max_new_tokens = self.check_context(prompt.len(), max_tokens)?;
+
+        let options = ResponseOptions {
+            model: self.model_id.clone(),
+            stream,
+            include_usage: request
+                .stream_options
+                .as_ref()
+                .is_some_and(|options| options.include_usage),
+            logprobs: sampling.logprobs.is_some(),
+        };
+        if let Some(user) = &request.user {
+            tracing::debug!(user = %user, "request user");
+        }
+        let valid = ValidRequest {
+            request_id,
+            prompt,
+            sampling,
+            stopping: StoppingCriteria {
+                max_new_tokens,
+                stop,
+            },
+            arrived,
+        };
+        Ok((valid, options))
+    }
+
+    fn sampling_params(&self, request: &ChatCompletionRequest) -> Result<SamplingParams, ApiError> {
+        let temperature = request.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::invalid(
+                "temperature",
+                format!("temperature must be between 0 and 2, got {temperature}"),
+            ));
+        }
+        let top_p = request.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::invalid(
+                "top_p",
+                format!("top_p must be in (0, 1], got {top_p}"),
+            ));
+        }
+        // vLLM's convention: -1 (or 0) means no top-k.
+        let top_k = match request.top_k {
+            None | Some(-1) | Some(0) => None,
+            Some(k) if k > 0 => Some(k as usize),
+            Some(k) => {
+                return Err(ApiError::invalid(
+                    "top_k",
+                    format!("top_k must be -1, 0 or positive, got {k}"),
+                ))
+            }
+        };
+        let logprobs = match (request.logprobs.unwrap_or(false), request.top_logprobs) {
+            (_, Some(n)) if n < 0 || n as usize > self.limits.max_top_logprobs => {
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    format!(
+                        "top_logprobs must be between 0 and {}, got {n}",
+                        self.limits.max_top_logprobs
+                    ),
+                ))
+            }
+            (false, Some(_)) => {
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    "top_logprobs requires logprobs to be true",
+                ))
+            }
+            (false, None) => None,
+            (true, n) => Some(n.unwrap_or(0) as usize),
+        };
+        Ok(SamplingParams {
+            temperature: temperature as f32,
+            top_p: top_p as f32,
+            top_k,
+            // Any 64-bit pattern is a valid seed; negative ones just reinterpret.
+            seed: request.seed.map(|seed| seed as u64),
+            logprobs,
+        })
+    }
+
+    fn stop_sequences(&self, stop: Option<openai::StopSequences>) -> Result<Vec<String>, ApiError> {
+        let stop = stop
+            .map(openai::StopSequences::into_vec)
+            .unwrap_or_default();
+        if stop.len() > self.limits.max_stop_sequences {
+            return Err(ApiError::invalid(
+                "stop",
+                format!(
+                    "at most {} stop sequences are allowed, got {}",
+                    self.limits.max_stop_sequences,
+                    stop.len()
+                ),
+            ));
+        }
+        if stop.iter().any(String::is_empty) {
+            return Err(ApiError::invalid(
+                "stop",
+                "stop sequences must not be empty",
+            ));
+        }
+        Ok(stop)
+    }
+
+    /// The messages as turns for the processor, and the image parts to fetch.
+    fn conversation(
+        &self,
+        messages: &[openai::ChatMessage],
+    ) -> Result<(Vec<ChatTurn>, Vec<ImageRef>), ApiError> {
+        if messages.is_empty() {
+            return Err(ApiError::invalid("messages", "messages must not be empty"));
+        }
+        let mut turns = Vec::with_capacity(messages.len());
+        let mut images = Vec::new();
+        for (i, message) in messages.iter().enumerate() {
+            let role = match message.role {
+                openai::Role::System => Role::System,
+                openai::Role::User => Role::User,
+                openai::Role::Assistant => Role::Assistant,
+            };
+            let parts = match &message.content {
+                MessageContent::Text(text) => vec![TurnPart::Text(text.clone())],
+                MessageContent::Parts(parts) => {
+                    let mut out = Vec::with_capacity(parts.len());
+                    for (j, part) in parts.iter().enumerate() {
+                        match part {
+                            ContentPart::Text { text } => out.push(TurnPart::Text(text.clone())),
+                            ContentPart::ImageUrl { image_url } => {
+                                let param = format!("messages[{i}].content[{j}].image_url");
+                                if !self.supports_images {
+                                    return Err(ApiError::invalid(
+                                        param,
+                                        "this model does not accept images",
+                                    ));
+                                }
+                                if role != Role::User {
+                                    return Err(ApiError::invalid(
+                                        param,
+                                        "images are only accepted in user messages",
+                                    ));
+                                }
+                                out.push(TurnPart::Image(images.len()));
+                                images.push(ImageRef {
+                                    url: image_url.url.clone(),
+                                    param,
+                                });
+                            }
+                        }
+                    }
+                    out
+                }
+            };
+            turns.push(ChatTurn { role, parts });
+        }
+        if images.len() > self.limits.max_images_per_request {
+            return Err(ApiError::new(
+                ErrorCode::TooManyImages,
+                format!(
+                    "at most {} images per request are allowed, got {}",
+                    self.limits.max_images_per_request,
+                    images.len()
+                ),
+            )
+            .with_param("messages"));
+        }
+        Ok((turns, images))
+    }
+
+    /// Decoding, preprocessing and tokenizing are CPU work: they run on the blocking pool.
+    async fn build_prompt(
+        &self,
+        turns: Vec<ChatTurn>,
+        images: Vec<Vec<u8>>,
+        refs: Vec<ImageRef>,
+    ) -> Result<Prompt, ApiError> {
+        let processor = self.processor.clone();
+        let prompt = tokio::task::spawn_blocking(move || {
+            let inputs = images
+                .iter()
+                .zip(&refs)
+                .map(|(bytes, image)| {
+                    processor
+                        .prepare_image(bytes)
+                        .map_err(|err| ApiError::from_process(err, image.param.clone()))
+                })
+                .collect::<Result<Vec<ImageInput>, ApiError>>()?;
+            processor
+                .build_prompt(&turns, inputs)
+                .map_err(|err| ApiError::from_process(err, "messages".into()))
+        })
+        .await
+        .map_err(|err| ApiError::internal(format!("prompt processing failed: {err}")))??;
+        if prompt.is_empty() {
+            return Err(ApiError::invalid("messages", "the prompt is empty"));
+        }
+        Ok(prompt)
+    }
+
+    /// OpenAI's context check and message; without `max_tokens`, the rest of the context (vLLM).
+    fn check_context(
+        &self,
+        prompt_tokens: usize,
+        max_tokens: Option<usize>,
+    ) -> Result<usize, ApiError> {
+        let max = self.limits.max_model_len;
+        let overflow = |message: String| {
+            ApiError::new(ErrorCode::ContextLengthExceeded, message).with_param("messages")
+        };
+        match max_tokens {
+            Some(completion) if prompt_tokens + completion > max => Err(overflow(format!(
+                "This model's maximum context length is {max} tokens. However, you requested {} \
+                 tokens ({prompt_tokens} in the messages, {completion} in the completion). \
+                 Please reduce the length of the messages or completion.",
+                prompt_tokens + completion
+            ))),
+            Some(completion) => Ok(completion),
+            None if prompt_tokens >= max => Err(overflow(format!(
+                "This model's maximum context length is {max} tokens. However, your messages \
+                 resulted in {prompt_tokens} tokens. Please reduce the length of the messages."
+            ))),
+            None => Ok(max - prompt_tokens),
+        }
+    }
+}
