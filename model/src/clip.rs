@@ -96,7 +96,11 @@ pub struct VisionTower {
 impl VisionTower {
     /// `vb` points at `vision_model`; `layers_needed` is how many encoder layers the feature layer
     /// reads (HF hidden_states index: 0 = embeddings, k = after layer k).
-    pub fn new(cfg: &VisionConfig, layers_needed: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub fn new(
+        cfg: &VisionConfig,
+        layers_needed: usize,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
         let h = cfg.hidden_size;
         let emb = vb.pp("embeddings");
         let layers = (0..layers_needed)
@@ -127,7 +131,9 @@ impl VisionTower {
             .reshape((b, c, gh, p, gw, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .reshape((b, gh * gw, c * p * p))?;
-        let w = self.patch_embedding.reshape((hidden, self.channels * p * p))?;
+        let w = self
+            .patch_embedding
+            .reshape((hidden, self.channels * p * p))?;
         let patch_embeds = patches.broadcast_matmul(&w.t()?)?;
         let cls = self
             .class_embedding
@@ -150,7 +156,11 @@ pub struct Projector {
 }
 
 impl Projector {
-    pub fn new(vision_hidden: usize, text_hidden: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub fn new(
+        vision_hidden: usize,
+        text_hidden: usize,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
         Ok(Self {
             linear_1: linear(vision_hidden, text_hidden, vb.pp("linear_1"))?,
             linear_2: linear(text_hidden, text_hidden, vb.pp("linear_2"))?,
@@ -159,6 +169,7 @@ impl Projector {
 
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         // projector_hidden_act "gelu" is the exact erf GELU.
-        self.linear_2.forward(&self.linear_1.forward(xs)?.gelu_erf()?)
+        self.linear_2
+            .forward(&self.linear_1.forward(xs)?.gelu_erf()?)
     }
 }

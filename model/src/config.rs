@@ -213,7 +213,8 @@ impl LlavaConfig {
             .or_else(|| raw.get("vision_tower"))
             .and_then(Value::as_str)
             .map(str::to_owned);
-        let (vision, source) = original_vision_config(dir, path, mm_vision_tower.as_deref(), vision_tower)?;
+        let (vision, source) =
+            original_vision_config(dir, path, mm_vision_tower.as_deref(), vision_tower)?;
         let select = raw
             .get("mm_vision_select_feature")
             .and_then(Value::as_str)
@@ -269,7 +270,10 @@ fn original_vision_config(
         let raw = read_json(&cpath)?;
         // A full CLIPModel config nests the tower under vision_config.
         let vraw = raw.get("vision_config").cloned().unwrap_or(raw);
-        return Ok((parse_vision(&cpath, &vraw, false)?, cpath.display().to_string()));
+        return Ok((
+            parse_vision(&cpath, &vraw, false)?,
+            cpath.display().to_string(),
+        ));
     }
     match mm_vision_tower {
         Some(id) if id.ends_with("clip-vit-large-patch14-336") => {
@@ -368,7 +372,9 @@ fn parse_text(path: &Path, raw: &Value) -> Result<TextConfig> {
     let hidden_size = r.hidden_size.unwrap_or(4096);
     let num_attention_heads = r.num_attention_heads.unwrap_or(32);
     let num_key_value_heads = r.num_key_value_heads.unwrap_or(8);
-    let head_dim = r.head_dim.unwrap_or(hidden_size / num_attention_heads.max(1));
+    let head_dim = r
+        .head_dim
+        .unwrap_or(hidden_size / num_attention_heads.max(1));
     let cfg = TextConfig {
         vocab_size: r.vocab_size.unwrap_or(32000),
         hidden_size,
@@ -393,7 +399,9 @@ fn parse_text(path: &Path, raw: &Value) -> Result<TextConfig> {
     };
     if cfg.num_attention_heads == 0
         || cfg.num_key_value_heads == 0
-        || !cfg.num_attention_heads.is_multiple_of(cfg.num_key_value_heads)
+        || !cfg
+            .num_attention_heads
+            .is_multiple_of(cfg.num_key_value_heads)
     {
         return Err(ModelError::config(
             path,
@@ -575,7 +583,11 @@ mod tests {
     #[test]
     fn bad_configs_say_what_is_wrong() {
         let d = tmp("bad");
-        write(&d, "config.json", &serde_json::json!({"model_type": "gpt2"}));
+        write(
+            &d,
+            "config.json",
+            &serde_json::json!({"model_type": "gpt2"}),
+        );
         let e = LlavaConfig::from_dir(&d, None).unwrap_err().to_string();
         assert!(e.contains("unsupported model_type \"gpt2\""), "{e}");
         write(

@@ -10,9 +10,11 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::clip::{Projector, VisionTower};
-use crate::config::{read_json, resolve_vision_tower_dir, CheckpointFormat, FeatureSelect, LlavaConfig};
-use crate::image::{AspectMode, PreprocessConfig, UnpadRounding};
+use crate::config::{
+    read_json, resolve_vision_tower_dir, CheckpointFormat, FeatureSelect, LlavaConfig,
+};
 use crate::error::{ModelError, Result};
+use crate::image::{AspectMode, PreprocessConfig, UnpadRounding};
 use crate::mistral::{Decoder, KvCache, LayerTaps, PrefillOutput};
 use crate::weights::Checkpoint;
 
@@ -157,7 +159,10 @@ impl LlavaModel {
 
     /// Image tokens for one image: projector output, anyres-packed with newlines [T, hidden].
     pub fn encode_image(&self, image: &ImageInput) -> Result<Tensor> {
-        let pv = image.pixel_values.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let pv = image
+            .pixel_values
+            .to_device(&self.device)?
+            .to_dtype(self.dtype)?;
         let (views, _, _, _) = pv.dims4()?;
         let feats = self.vision.forward(&pv)?;
         let feats = match self.config.feature_select {
@@ -213,12 +218,17 @@ impl LlavaModel {
             .permute((4, 0, 2, 1, 3))? // [C, rows, side, cols, side]
             .reshape((c, rows * side, cols * side))?;
         let (cur_h, cur_w) = (rows * side, cols * side);
-        let (new_h, new_w) =
-            crate::image::unpadded_feature_shape_with(orig_h, orig_w, cur_h as u32, cur_w as u32, unpad);
+        let (new_h, new_w) = crate::image::unpadded_feature_shape_with(
+            orig_h,
+            orig_w,
+            cur_h as u32,
+            cur_w as u32,
+            unpad,
+        );
         let (new_h, new_w) = (new_h as usize, new_w as usize);
-        let grid = grid
-            .narrow(1, (cur_h - new_h) / 2, new_h)?
-            .narrow(2, (cur_w - new_w) / 2, new_w)?;
+        let grid =
+            grid.narrow(1, (cur_h - new_h) / 2, new_h)?
+                .narrow(2, (cur_w - new_w) / 2, new_w)?;
         let newline = self
             .image_newline
             .as_ref()

@@ -217,9 +217,18 @@ impl Attention {
     /// Projects [rows, hidden] to rotated q [rows, heads, hd] and k, v [rows, kv_heads, hd].
     fn qkv(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let rows = xs.dim(0)?;
-        let q = self.q_proj.forward(xs)?.reshape((rows, self.heads, self.head_dim))?;
-        let k = self.k_proj.forward(xs)?.reshape((rows, self.kv_heads, self.head_dim))?;
-        let v = self.v_proj.forward(xs)?.reshape((rows, self.kv_heads, self.head_dim))?;
+        let q = self
+            .q_proj
+            .forward(xs)?
+            .reshape((rows, self.heads, self.head_dim))?;
+        let k = self
+            .k_proj
+            .forward(xs)?
+            .reshape((rows, self.kv_heads, self.head_dim))?;
+        let v = self
+            .v_proj
+            .forward(xs)?
+            .reshape((rows, self.kv_heads, self.head_dim))?;
         // rope() wants [b, h, t, d] with cos [b, t, d/2]: treat each row as its own batch entry
         // so that rows may sit at unrelated positions (batched decode).
         let rope = |t: Tensor| -> candle_core::Result<Tensor> {
@@ -243,9 +252,18 @@ impl Attention {
         let n = xs.dim(0)?;
         let (q, k, v) = self.qkv(xs, cos, sin)?;
         let (keys, values) = kv.append(start, &k.transpose(0, 1)?, &v.transpose(0, 1)?)?;
-        let out = self.attend(&q.transpose(0, 1)?.contiguous()?, start, &keys, &values, taps, recorded)?;
+        let out = self.attend(
+            &q.transpose(0, 1)?.contiguous()?,
+            start,
+            &keys,
+            &values,
+            taps,
+            recorded,
+        )?;
         // [heads, n, hd] → [n, heads*hd]
-        let out = out.transpose(0, 1)?.reshape((n, self.heads * self.head_dim))?;
+        let out = out
+            .transpose(0, 1)?
+            .reshape((n, self.heads * self.head_dim))?;
         Ok(self.o_proj.forward(&out)?)
     }
 
@@ -397,7 +415,9 @@ impl DecoderLayer {
     }
 
     fn mlp_residual(&self, xs: Tensor) -> candle_core::Result<Tensor> {
-        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&xs)?)?;
+        let h = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&xs)?)?;
         xs + h
     }
 }
@@ -487,7 +507,12 @@ impl Decoder {
 
     /// Runs `embeds` [n, hidden] (positions cache.len()..) through the decoder, appending to the
     /// cache. Returns f32 logits of the chosen positions and the recorded taps.
-    pub fn prefill(&self, embeds: &Tensor, cache: &mut KvCache, taps: &LayerTaps) -> Result<PrefillOutput> {
+    pub fn prefill(
+        &self,
+        embeds: &Tensor,
+        cache: &mut KvCache,
+        taps: &LayerTaps,
+    ) -> Result<PrefillOutput> {
         let n = embeds.dim(0)?;
         if n == 0 {
             return Err(ModelError::InvalidInput("empty prompt".into()));
@@ -518,12 +543,19 @@ impl Decoder {
         let hidden_idx = if taps.hidden_positions.is_empty() {
             None
         } else {
-            let idx: Vec<u32> = taps.hidden_positions.iter().map(|&p| (p - start) as u32).collect();
+            let idx: Vec<u32> = taps
+                .hidden_positions
+                .iter()
+                .map(|&p| (p - start) as u32)
+                .collect();
             Some(Tensor::new(idx.as_slice(), &self.device)?)
         };
         let mut hidden_rec = Vec::new();
         let mut pooled_rec = Vec::new();
-        let record = |xs: &Tensor, hidden_rec: &mut Vec<Tensor>, pooled_rec: &mut Vec<Tensor>| -> Result<()> {
+        let record = |xs: &Tensor,
+                      hidden_rec: &mut Vec<Tensor>,
+                      pooled_rec: &mut Vec<Tensor>|
+         -> Result<()> {
             if let Some(idx) = &hidden_idx {
                 hidden_rec.push(xs.index_select(idx, 0)?.to_dtype(DType::F32)?);
             }
@@ -531,7 +563,11 @@ impl Decoder {
                 let means = taps
                     .pooled_spans
                     .iter()
-                    .map(|s| xs.narrow(0, s.start - start, s.len())?.to_dtype(DType::F32)?.mean_keepdim(0))
+                    .map(|s| {
+                        xs.narrow(0, s.start - start, s.len())?
+                            .to_dtype(DType::F32)?
+                            .mean_keepdim(0)
+                    })
                     .collect::<candle_core::Result<Vec<_>>>()?;
                 pooled_rec.push(Tensor::cat(&means, 0)?);
             }
@@ -583,7 +619,10 @@ impl Decoder {
             }
             None => xs.narrow(0, n - 1, 1)?,
         };
-        let logits = self.lm_head.forward(&self.norm.forward(&logit_rows)?)?.to_dtype(DType::F32)?;
+        let logits = self
+            .lm_head
+            .forward(&self.norm.forward(&logit_rows)?)?
+            .to_dtype(DType::F32)?;
         Ok(PrefillOutput {
             logits,
             taps: TapOutput {
@@ -641,7 +680,10 @@ impl Decoder {
         for c in caches.iter_mut() {
             c.len += 1;
         }
-        Ok(self.lm_head.forward(&self.norm.forward(&xs)?)?.to_dtype(DType::F32)?)
+        Ok(self
+            .lm_head
+            .forward(&self.norm.forward(&xs)?)?
+            .to_dtype(DType::F32)?)
     }
 }
 

@@ -326,7 +326,9 @@ impl SpmModel {
             source,
         })?;
         Self::from_bytes(&bytes).map_err(|e| match e {
-            ModelError::Tokenizer(msg) => ModelError::Tokenizer(format!("{}: {msg}", path.display())),
+            ModelError::Tokenizer(msg) => {
+                ModelError::Tokenizer(format!("{}: {msg}", path.display()))
+            }
             other => other,
         })
     }
@@ -387,7 +389,14 @@ impl SpmModel {
             for (split, _) in s.char_indices().skip(1) {
                 let (l, r) = s.split_at(split);
                 if mergeable.contains_key(l) && mergeable.contains_key(r) {
-                    merges.push((p.score, id as u32, l.chars().count(), r.chars().count(), l, r));
+                    merges.push((
+                        p.score,
+                        id as u32,
+                        l.chars().count(),
+                        r.chars().count(),
+                        l,
+                        r,
+                    ));
                 }
             }
         }
@@ -431,9 +440,12 @@ impl SpmModel {
             // sentencepiece drops leading/trailing spaces and squeezes runs of spaces (only ' ',
             // so not `Strip`, which would also eat newlines).
             let re = |p: &str, c: &str| -> Result<NormalizerWrapper> {
-                Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(p.into()), c)
-                    .map(Into::into)
-                    .map_err(|e| spm_err(e.to_string()))
+                Replace::new(
+                    tokenizers::normalizers::replace::ReplacePattern::Regex(p.into()),
+                    c,
+                )
+                .map(Into::into)
+                .map_err(|e| spm_err(e.to_string()))
             };
             seq.push(re("^ +", "")?);
             seq.push(re(" +$", "")?);
@@ -559,4 +571,167 @@ pub(crate) fn bos_post_processor(
 /// Loads `tokenizer.model` and converts it (see the module docs).
 pub fn load_tokenizer(path: impl AsRef<Path>) -> Result<Tokenizer> {
     SpmModel::from_file(path)?.to_tokenizer()
+}
+
+/// A tiny hand-built `ModelProto` for unit tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    fn varint(mut v: u64, out: &mut Vec<u8>) {
+        loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(b);
+                return;
+            }
+            out.push(b | 0x80);
+        }
+    }
+    fn key(field: u64, wire: u64, out: &mut Vec<u8>) {
+        varint(field << 3 | wire, out);
+    }
+    fn bytes(field: u64, b: &[u8], out: &mut Vec<u8>) {
+        key(field, 2, out);
+        varint(b.len() as u64, out);
+        out.extend_from_slice(b);
+    }
+    fn int(field: u64, v: i64, out: &mut Vec<u8>) {
+        key(field, 0, out);
+        varint(v as u64, out);
+    }
+
+    /// A BPE model: `<unk> <s> </s>`, the 256 byte pieces, then `normal` pieces with scores
+    /// 0, -1, -2, … (sentencepiece BPE order). `model_type`: 1 unigram, 2 BPE.
+    pub(crate) fn model_bytes(
+        normal: &[&str],
+        model_type: i64,
+        extra_normalizer: &[u8],
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
+        let piece = |p: &str, score: f32, kind: i64, out: &mut Vec<u8>| {
+            let mut m = Vec::new();
+            bytes(1, p.as_bytes(), &mut m);
+            key(2, 5, &mut m);
+            m.extend_from_slice(&score.to_le_bytes());
+            if kind != 1 {
+                int(3, kind, &mut m);
+            }
+            bytes(1, &m, out);
+        };
+        piece("<unk>", 0.0, 2, &mut out);
+        piece("<s>", 0.0, 3, &mut out);
+        piece("</s>", 0.0, 3, &mut out);
+        for b in 0..=255u8 {
+            piece(&format!("<0x{b:02X}>"), 0.0, 6, &mut out);
+        }
+        for (i, p) in normal.iter().enumerate() {
+            piece(p, -(i as f32), 1, &mut out);
+        }
+        let mut t = Vec::new();
+        bytes(2, b"tiny", &mut t); // model_prefix: ignored
+        int(3, model_type, &mut t);
+        int(35, 1, &mut t); // byte_fallback
+        int(43, -1, &mut t); // pad_id: a negative int32 is a 10-byte varint
+        bytes(2, &t, &mut out);
+        let mut n = Vec::new();
+        bytes(1, b"identity", &mut n);
+        int(4, 0, &mut n); // remove_extra_whitespaces: false (Llama)
+        n.extend_from_slice(extra_normalizer);
+        bytes(3, &n, &mut out);
+        out
+    }
+
+    /// Pieces that make "a", "ab", "▁ab", "▁a", "▁b", "b", "▁".
+    pub(crate) const PIECES: &[&str] = &["▁", "a", "b", "▁a", "ab", "▁ab", "▁b", "c"];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::*;
+    use super::*;
+
+    fn tiny() -> SpmModel {
+        SpmModel::from_bytes(&model_bytes(PIECES, 2, &[])).unwrap()
+    }
+
+    #[test]
+    fn parses_the_proto_fields() {
+        let m = tiny();
+        assert_eq!(m.pieces.len(), 3 + 256 + PIECES.len());
+        assert_eq!(m.pieces[0].kind, PieceType::Unknown);
+        assert_eq!(m.pieces[1].kind, PieceType::Control);
+        assert_eq!(m.pieces[3].piece, "<0x00>");
+        assert_eq!(m.pieces[3].kind, PieceType::Byte);
+        assert_eq!(m.pieces[259 + 4].piece, "ab");
+        assert_eq!(m.pieces[259 + 4].score, -4.0);
+        assert_eq!(m.trainer.model_type, SpmModelType::Bpe);
+        assert!(m.trainer.byte_fallback);
+        assert_eq!(m.trainer.pad_id, -1);
+        assert_eq!(
+            (m.trainer.unk_id, m.trainer.bos_id, m.trainer.eos_id),
+            (0, 1, 2)
+        );
+        assert_eq!(m.normalizer.name, "identity");
+        assert!(m.normalizer.add_dummy_prefix);
+        assert!(!m.normalizer.remove_extra_whitespaces);
+        assert_eq!(m.bos_piece(), Some("<s>"));
+    }
+
+    #[test]
+    fn merges_follow_piece_scores() {
+        let m = tiny();
+        let merges = m.merges();
+        // "▁a" (score -3) before "ab" (-4) before "▁ab" (-5, two splits, shorter left first).
+        assert_eq!(
+            merges,
+            vec![
+                ("▁".to_string(), "a".to_string()),
+                ("a".into(), "b".into()),
+                ("▁".into(), "ab".into()),
+                ("▁a".into(), "b".into()),
+                ("▁".into(), "b".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn encodes_like_sentencepiece() {
+        let tok = tiny().to_tokenizer().unwrap();
+        let ids = |s: &str| tok.encode(s, false).unwrap().get_ids().to_vec();
+        let id = |p: &str| tok.token_to_id(p).unwrap();
+        // Dummy prefix, whitespace escaping, BPE by score.
+        assert_eq!(ids("ab ab"), vec![id("▁ab"), id("▁ab")]);
+        assert_eq!(ids(" a"), vec![id("▁"), id("▁a")]);
+        assert_eq!(ids("ba"), vec![id("▁b"), id("a")]);
+        // Byte fallback: 'é' = C3 A9.
+        assert_eq!(ids("é"), vec![id("▁"), 3 + 0xC3, 3 + 0xA9]);
+        // Control pieces are special tokens; BOS is added by the post-processor.
+        assert_eq!(ids("a</s>"), vec![id("▁a"), 2]);
+        assert_eq!(tok.encode("a", true).unwrap().get_ids(), &[1, id("▁a")]);
+        // The decoder undoes it all, dropping the dummy prefix.
+        assert_eq!(tok.decode(&ids(" ab é c"), false).unwrap(), " ab é c");
+        assert_eq!(tok.decode(&[1, id("▁a")], true).unwrap(), "a");
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_convert() {
+        let unigram = SpmModel::from_bytes(&model_bytes(PIECES, 1, &[])).unwrap();
+        let err = unigram.to_tokenizer().unwrap_err().to_string();
+        assert!(err.contains("Unigram"), "{err}");
+        let bytes = model_bytes(PIECES, 2, &[]);
+        assert!(SpmModel::from_bytes(&bytes[..bytes.len() - 3]).is_err());
+        assert!(SpmModel::from_bytes(b"{\"model\": 1}").is_err());
+        assert!(SpmModel::from_bytes(&[]).is_err());
+    }
+
+    #[test]
+    fn remove_extra_whitespaces_squeezes_spaces_only() {
+        // normalizer field 4 = true (appended after the false: the last value wins).
+        let m = SpmModel::from_bytes(&model_bytes(PIECES, 2, &[4 << 3, 1])).unwrap();
+        assert!(m.normalizer.remove_extra_whitespaces);
+        let tok = m.to_tokenizer().unwrap();
+        let ids = |s: &str| tok.encode(s, false).unwrap().get_ids().to_vec();
+        assert_eq!(ids("  ab   ab  "), ids("ab ab"));
+        assert_eq!(ids("\nab").len(), 3); // ▁, <0x0A>, ab: newlines are kept
+    }
 }

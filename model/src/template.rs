@@ -87,8 +87,9 @@ impl ChatMessage {
 #[derive(Debug, Clone)]
 pub enum ChatTemplate {
     Jinja(JinjaTemplate),
-    /// LLaVA `conv_mistral_instruct`: `[INST] {system }{<image>\n}{question} [/INST]`, answers
-    /// ` {answer} </s>`.
+    /// LLaVA `conv_mistral_instruct`: `[INST] {<image>\n}{question} [/INST]`, answers
+    /// ` {answer} </s>`, later turns `[INST] …` (no system unless one is given, then as
+    /// `llava_llama_2`'s `<<SYS>>` block).
     MistralInstruct,
     /// LLaVA `conv_llava_llama_2`: `[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{<image>\n}{question}
     /// [/INST]`, answers ` {answer} </s>`, later turns `<s>[INST] …`.
@@ -139,6 +140,16 @@ impl ChatTemplate {
         Ok(Some(Self::Jinja(t)))
     }
 
+    /// Replaces a Jinja template's special-token variables, e.g. with
+    /// [`Tokenizer::template_special_tokens`] (which also knows the tokenizer's own BOS/EOS when
+    /// the config does not name them). Built-ins need none and are returned as they are.
+    pub fn with_special_tokens(self, tokens: BTreeMap<String, String>) -> Self {
+        match self {
+            Self::Jinja(t) => Self::Jinja(t.with_special_tokens(tokens)),
+            other => other,
+        }
+    }
+
     /// A short name for logs (`jinja`, `mistral_instruct`, `llava_llama_2`).
     pub fn name(&self) -> &'static str {
         match self {
@@ -181,14 +192,18 @@ fn find_template_source(dir: &Path) -> Result<Option<(String, String)>> {
                 .map_err(|e| ModelError::config(dir.join(name), e)),
         }
     };
-    if let Some(Json::String(s)) = json("processor_config.json")?.and_then(|v| v.get("chat_template").cloned()) {
+    if let Some(Json::String(s)) =
+        json("processor_config.json")?.and_then(|v| v.get("chat_template").cloned())
+    {
         return Ok(Some((s, "processor_config.json".into())));
     }
     if let Some(v) = json("chat_template.json")? {
         let s = v
             .get("chat_template")
             .and_then(Json::as_str)
-            .ok_or_else(|| ModelError::config(dir.join("chat_template.json"), "no `chat_template` string"))?;
+            .ok_or_else(|| {
+                ModelError::config(dir.join("chat_template.json"), "no `chat_template` string")
+            })?;
         return Ok(Some((s.to_string(), "chat_template.json".into())));
     }
     if let Some(s) = read("chat_template.jinja")? {
@@ -202,15 +217,24 @@ fn find_template_source(dir: &Path) -> Result<Option<(String, String)>> {
                 let name = item.get("name").and_then(Json::as_str).unwrap_or("");
                 if name == "default" {
                     let s = item.get("template").and_then(Json::as_str).ok_or_else(|| {
-                        ModelError::config(dir.join("tokenizer_config.json"), "chat template `default` has no `template`")
+                        ModelError::config(
+                            dir.join("tokenizer_config.json"),
+                            "chat template `default` has no `template`",
+                        )
                     })?;
-                    return Ok(Some((s.to_string(), "tokenizer_config.json (default)".into())));
+                    return Ok(Some((
+                        s.to_string(),
+                        "tokenizer_config.json (default)".into(),
+                    )));
                 }
                 names.push(name.to_string());
             }
             Err(ModelError::config(
                 dir.join("tokenizer_config.json"),
-                format!("several chat templates ({}) and none named `default`", names.join(", ")),
+                format!(
+                    "several chat templates ({}) and none named `default`",
+                    names.join(", ")
+                ),
             ))
         }
         _ => Ok(None),
@@ -230,8 +254,9 @@ enum Builtin {
 /// `wrap_sys(msg) = "<<SYS>>\n{msg}\n<</SYS>>\n\n"` (or nothing for an empty system),
 /// user turns `sep + "[INST] {msg} [/INST]"`, assistant turns `" {msg} " + sep2`, the first
 /// user message prefixed with the system part, and the result `lstrip`ped of `sep`'s
-/// characters. `mistral_instruct` (`sep = ""`) writes a system message as `"{system} "` instead
-/// of the `<<SYS>>` block (FORMATS.md; LLaVA's `conv_mistral_instruct` has no system).
+/// characters. Both templates use that style, so a system message given to `mistral_instruct`
+/// (whose default system is empty) is wrapped in `<<SYS>>` too, as LLaVA does when
+/// `conv.system` is set (and as the fixtures' `orig_anyres/text_system` pins).
 fn render_llama2_style(messages: &[ChatMessage], style: Builtin) -> Result<String> {
     let (sep, sep2) = match style {
         Builtin::MistralInstruct => ("", "</s>"),
@@ -243,7 +268,9 @@ fn render_llama2_style(messages: &[ChatMessage], style: Builtin) -> Result<Strin
         match m.role.as_str() {
             "system" => {
                 if !turns.is_empty() {
-                    return Err(tpl_err("a system message must come before the conversation"));
+                    return Err(tpl_err(
+                        "a system message must come before the conversation",
+                    ));
                 }
                 if m.image_count() > 0 {
                     return Err(tpl_err("images are not allowed in system messages"));
@@ -290,10 +317,7 @@ fn render_llama2_style(messages: &[ChatMessage], style: Builtin) -> Result<Strin
             continue;
         }
         if i == 0 && !system.is_empty() {
-            msg = match style {
-                Builtin::LlavaLlama2 => format!("<<SYS>>\n{system}\n<</SYS>>\n\n{msg}"),
-                Builtin::MistralInstruct => format!("{system} {msg}"),
-            };
+            msg = format!("<<SYS>>\n{system}\n<</SYS>>\n\n{msg}");
         }
         if i % 2 == 0 {
             ret += sep;
@@ -402,10 +426,13 @@ impl JinjaTemplate {
             .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
             .collect();
         ctx.insert("messages".into(), Value::from(msgs));
-        ctx.insert("add_generation_prompt".into(), Value::from(add_generation_prompt));
+        ctx.insert(
+            "add_generation_prompt".into(),
+            Value::from(add_generation_prompt),
+        );
         ctx.insert("tools".into(), Value::from(()));
         ctx.insert("documents".into(), Value::from(()));
-        let tmpl = self.env.get_template(TEMPLATE_NAME).map_err(|e| tpl_err(e))?;
+        let tmpl = self.env.get_template(TEMPLATE_NAME).map_err(tpl_err)?;
         tmpl.render(Value::from_iter(ctx)).map_err(|e| {
             // `raise_exception` messages are the template author's words: pass them on as is.
             if e.kind() == ErrorKind::InvalidOperation {
@@ -449,12 +476,19 @@ fn strip_generation_tags(source: &str) -> String {
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
     while let Some(start) = rest.find("{%") {
-        let Some(len) = rest[start..].find("%}") else { break };
+        let Some(len) = rest[start..].find("%}") else {
+            break;
+        };
         let tag = &rest[start..start + len + 2];
-        let inner = tag[2..tag.len() - 2].trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
+        let inner =
+            tag[2..tag.len() - 2].trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
         out += &rest[..start];
         let ws_l = if tag[2..].starts_with('-') { "-" } else { "" };
-        let ws_r = if tag[..tag.len() - 2].ends_with('-') { "-" } else { "" };
+        let ws_r = if tag[..tag.len() - 2].ends_with('-') {
+            "-"
+        } else {
+            ""
+        };
         match inner {
             "generation" => out += &format!("{{%{ws_l} if true {ws_r}%}}"),
             "endgeneration" => out += &format!("{{%{ws_l} endif {ws_r}%}}"),
@@ -482,11 +516,27 @@ fn strftime_now(format: String) -> String {
 /// A `strftime` for the specifiers chat templates use (`%d %b %Y`, `%Y-%m-%d`, …).
 pub(crate) fn strftime_utc(format: &str, unix_secs: i64) -> String {
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September",
-        "October", "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     const DAYS: [&str; 7] = [
-        "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
     ];
     let days = unix_secs.div_euclid(86_400);
     let sod = unix_secs.rem_euclid(86_400);
@@ -517,7 +567,13 @@ pub(crate) fn strftime_utc(format: &str, unix_secs: i64) -> String {
         if no_pad {
             spec = chars.next();
         }
-        let num = |v: i64, w: usize| if no_pad { v.to_string() } else { format!("{v:0w$}") };
+        let num = |v: i64, w: usize| {
+            if no_pad {
+                v.to_string()
+            } else {
+                format!("{v:0w$}")
+            }
+        };
         match spec {
             Some('Y') => out += &y.to_string(),
             Some('y') => out += &num(y % 100, 2),
@@ -552,7 +608,11 @@ pub(crate) fn strftime_utc(format: &str, unix_secs: i64) -> String {
 
 /// transformers' `tojson`: `json.dumps(x, ensure_ascii=False, indent=None, separators=None,
 /// sort_keys=False)`, i.e. Python's formatting (`", "` / `": "`), no HTML escaping.
-fn tojson(value: &Value, args: minijinja::value::Rest<Value>, kwargs: Kwargs) -> std::result::Result<Value, JinjaError> {
+fn tojson(
+    value: &Value,
+    args: minijinja::value::Rest<Value>,
+    kwargs: Kwargs,
+) -> std::result::Result<Value, JinjaError> {
     let mut ensure_ascii = args.first().map(|v| v.is_true()).unwrap_or(false);
     if let Some(v) = kwargs.get::<Option<bool>>("ensure_ascii")? {
         ensure_ascii = v;
@@ -572,7 +632,10 @@ fn tojson(value: &Value, args: minijinja::value::Rest<Value>, kwargs: Kwargs) ->
     let (item_sep, key_sep) = match &separators {
         Some(s) if s.len() == 2 => (s[0].clone(), s[1].clone()),
         Some(_) => {
-            return Err(JinjaError::new(ErrorKind::InvalidOperation, "separators must be a pair"))
+            return Err(JinjaError::new(
+                ErrorKind::InvalidOperation,
+                "separators must be a pair",
+            ))
         }
         None if indent.is_some() => (",".to_string(), ": ".to_string()),
         None => (", ".to_string(), ": ".to_string()),
@@ -630,7 +693,12 @@ impl PyJson {
         out.push('"');
     }
 
-    fn write(&self, v: &Value, level: usize, out: &mut String) -> std::result::Result<(), JinjaError> {
+    fn write(
+        &self,
+        v: &Value,
+        level: usize,
+        out: &mut String,
+    ) -> std::result::Result<(), JinjaError> {
         match v.kind() {
             ValueKind::Undefined | ValueKind::None => out.push_str("null"),
             ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
@@ -798,13 +866,17 @@ pub fn build_prompt(
                     )))
                 }
             };
-            let starts_with_bos = tokenizer.bos_token().is_some_and(|b| rendered.starts_with(b));
+            let starts_with_bos = tokenizer
+                .bos_token()
+                .is_some_and(|b| rendered.starts_with(b));
             let enc = tokenizer.encode_hf(rendered, !starts_with_bos)?;
             let mut k = 0;
             for (&id, &off) in enc.ids.iter().zip(&enc.offsets) {
                 if id == image_id {
                     let n = *image_token_counts.get(k).ok_or_else(|| {
-                        tpl_err(format!("more {IMAGE_PLACEHOLDER} tokens than placeholders in the prompt"))
+                        tpl_err(format!(
+                            "more {IMAGE_PLACEHOLDER} tokens than placeholders in the prompt"
+                        ))
                     })?;
                     let start = out.ids.len();
                     out.ids.extend(std::iter::repeat_n(id, n));
@@ -827,7 +899,9 @@ pub fn build_prompt(
             let image_id = image_id.unwrap_or(0);
             // LLaVA adds BOS through the tokenizer on the first chunk; a prompt that already
             // starts with the BOS text does not get a second one.
-            let starts_with_bos = tokenizer.bos_token().is_some_and(|b| rendered.starts_with(b));
+            let starts_with_bos = tokenizer
+                .bos_token()
+                .is_some_and(|b| rendered.starts_with(b));
             if let (Some(bos), false) = (tokenizer.bos_id(), starts_with_bos) {
                 out.ids.push(bos);
                 out.offsets.push((0, 0));
@@ -838,8 +912,11 @@ pub fn build_prompt(
             for (k, chunk) in chunks.iter().enumerate() {
                 let enc = tokenizer.encode_with_offsets(chunk, false)?;
                 out.ids.extend_from_slice(&enc.ids);
-                out.offsets
-                    .extend(enc.offsets.iter().map(|&(s, e)| (s + char_pos, e + char_pos)));
+                out.offsets.extend(
+                    enc.offsets
+                        .iter()
+                        .map(|&(s, e)| (s + char_pos, e + char_pos)),
+                );
                 char_pos += chunk.chars().count();
                 if k + 1 < chunks.len() {
                     let n = image_token_counts[k];
@@ -899,23 +976,27 @@ mod tests {
 
     #[test]
     fn mistral_instruct_turns_and_system() {
-        let msgs = [user("Q1", 1), ChatMessage::text("assistant", "A1"), user("Q2", 0)];
+        let msgs = [
+            user("Q1", 1),
+            ChatMessage::text("assistant", "A1"),
+            user("Q2", 0),
+        ];
         let p = ChatTemplate::MistralInstruct.render(&msgs, true).unwrap();
         assert_eq!(p, "[INST] <image>\nQ1 [/INST] A1 </s>[INST] Q2 [/INST]");
         let p = ChatTemplate::MistralInstruct
             .render(&[ChatMessage::text("system", "Sys."), user("Q", 1)], true)
             .unwrap();
-        assert_eq!(p, "[INST] Sys. <image>\nQ [/INST]");
+        assert_eq!(p, "[INST] <<SYS>>\nSys.\n<</SYS>>\n\n<image>\nQ [/INST]");
     }
 
     #[test]
     fn builtins_reject_bad_conversations() {
         let t = ChatTemplate::MistralInstruct;
         assert!(t.render(&[], true).is_err());
-        assert!(t.render(&[ChatMessage::text("assistant", "x")], true).is_err());
         assert!(t
-            .render(&[user("a", 0), user("b", 0)], true)
+            .render(&[ChatMessage::text("assistant", "x")], true)
             .is_err());
+        assert!(t.render(&[user("a", 0), user("b", 0)], true).is_err());
         assert!(t.render(&[ChatMessage::text("tool", "x")], true).is_err());
         assert!(ChatTemplate::by_name("vicuna_v1").is_err());
         assert!(matches!(
@@ -933,7 +1014,10 @@ mod tests {
         let msgs = [
             ChatMessage::new(
                 "user",
-                vec![ContentPart::Text("What is shown?".into()), ContentPart::Image],
+                vec![
+                    ContentPart::Text("What is shown?".into()),
+                    ContentPart::Image,
+                ],
             ),
             ChatMessage::text("assistant", "A cat."),
             user("And?", 0),
@@ -946,7 +1030,10 @@ mod tests {
             .render(&[ChatMessage::text("tool", "x")], true)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("Only user and assistant roles are supported!"), "{err}");
+        assert!(
+            err.contains("Only user and assistant roles are supported!"),
+            "{err}"
+        );
     }
 
     /// Mistral-7B-Instruct-v0.2's tokenizer template (string content, bos_token variable).
@@ -963,10 +1050,23 @@ mod tests {
         };
         let t = t.with_special_tokens(tokens);
         let out = t
-            .render(&[user("Hi", 1), ChatMessage::text("assistant", "Hello"), user("Bye", 0)], true)
+            .render(
+                &[
+                    user("Hi", 1),
+                    ChatMessage::text("assistant", "Hello"),
+                    user("Bye", 0),
+                ],
+                true,
+            )
             .unwrap();
-        assert_eq!(out, "<s>[INST] <image>\nHi [/INST]Hello</s>[INST] Bye [/INST]");
-        let err = t.render(&[user("a", 0), user("b", 0)], true).unwrap_err().to_string();
+        assert_eq!(
+            out,
+            "<s>[INST] <image>\nHi [/INST]Hello</s>[INST] Bye [/INST]"
+        );
+        let err = t
+            .render(&[user("a", 0), user("b", 0)], true)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("must alternate"), "{err}");
     }
 
@@ -978,8 +1078,48 @@ mod tests {
         let out = t
             .render(&[user("  hi  ", 0), user("second", 0)], false)
             .unwrap();
-        assert_eq!(out, "HI|{\"b\": 1, \"a\": [1.5, \"é\\\"\"]}|[\n  1,\n  2\n]\nG");
+        assert_eq!(
+            out,
+            "HI|{\"b\": 1, \"a\": [1.5, \"é\\\"\"]}|[\n  1,\n  2\n]\nG"
+        );
         assert!(ChatTemplate::jinja("{% if %}").is_err());
+    }
+
+    #[test]
+    fn from_dir_finds_the_template_like_transformers() {
+        let dir = std::env::temp_dir().join(format!("tga-tpl-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let msgs = [user("q", 0)];
+        assert!(ChatTemplate::from_dir(&dir).unwrap().is_none());
+        // tokenizer_config.json list form: the one named `default`; bos_token from the config.
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            r#"{"bos_token": {"content": "<s>", "special": true}, "chat_template": [
+                {"name": "tool_use", "template": "T"}, {"name": "default", "template": "{{ bos_token }}D"}]}"#,
+        )
+        .unwrap();
+        let t = ChatTemplate::from_dir(&dir).unwrap().unwrap();
+        assert_eq!(t.render(&msgs, true).unwrap(), "<s>D");
+        // chat_template.jinja beats tokenizer_config.json, chat_template.json beats both.
+        std::fs::write(dir.join("chat_template.jinja"), "J").unwrap();
+        let t = ChatTemplate::from_dir(&dir).unwrap().unwrap();
+        assert_eq!(t.render(&msgs, true).unwrap(), "J");
+        std::fs::write(dir.join("chat_template.json"), r#"{"chat_template": "C"}"#).unwrap();
+        let t = ChatTemplate::from_dir(&dir).unwrap().unwrap();
+        assert_eq!(t.render(&msgs, true).unwrap(), "C");
+        // Several templates and no default: an error naming them.
+        for f in ["chat_template.jinja", "chat_template.json"] {
+            std::fs::remove_file(dir.join(f)).unwrap();
+        }
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            r#"{"chat_template": [{"name": "a", "template": "A"}, {"name": "b", "template": "B"}]}"#,
+        )
+        .unwrap();
+        let err = ChatTemplate::from_dir(&dir).unwrap_err().to_string();
+        assert!(err.contains("a, b"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -988,7 +1128,10 @@ mod tests {
         let t = 1_709_211_909;
         assert_eq!(strftime_utc("%d %b %Y", t), "29 Feb 2024");
         assert_eq!(strftime_utc("%Y-%m-%d %H:%M:%S", t), "2024-02-29 13:05:09");
-        assert_eq!(strftime_utc("%A %B %-d %j %I%p %%", t), "Thursday February 29 060 01PM %");
+        assert_eq!(
+            strftime_utc("%A %B %-d %j %I%p %%", t),
+            "Thursday February 29 060 01PM %"
+        );
         assert_eq!(strftime_utc("%d/%m/%y", 0), "01/01/70");
     }
 

@@ -1,15 +1,22 @@
 //! The checkpoint's tokenizer: `tokenizer.json` or a SentencePiece `tokenizer.model`, with the
 //! special tokens and added tokens of `tokenizer_config.json` / `special_tokens_map.json`, set up
-//! the way transformers 5.23 (the version the reference outputs come from) sets it up.
+//! the way transformers 5.23 (the version the reference outputs come from) sets it up:
 //!
-//! transformers 5.x no longer uses `tokenizer.json` verbatim for `LlamaTokenizer(Fast)` (the
-//! class Mistral / LLaVA checkpoints name): `LlamaTokenizer.__init__` rebuilds the backend from
-//! the file's vocabulary and merges with no normalizer, a `Metaspace` pre-tokenizer whose
-//! prepend scheme is `"always"` when the config says `legacy: true` and `"first"` otherwise, the
-//! Llama decoder chain, and only the added tokens listed in the config. [`Tokenizer::from_dir`]
-//! reproduces that, so prompts tokenize to the ids transformers feeds the model. Other classes
-//! (or no `tokenizer_config.json`) use `tokenizer.json` as it is, and a `tokenizer.model` on its
-//! own is converted to the exact sentencepiece behaviour (see [`crate::sentencepiece`]).
+//! - `AutoTokenizer` picks the class from `config.json`'s `model_type` before the config's
+//!   `tokenizer_class`: `llava`, `llava_next` (and `mistral` without mistral-common) load
+//!   `TokenizersBackend`, i.e. `tokenizer.json` as it is. Model types transformers does not know
+//!   (`llava_mistral`, a directory without config.json) keep `tokenizer_class`.
+//! - `LlamaTokenizer(Fast)` no longer uses `tokenizer.json` verbatim: `LlamaTokenizer.__init__`
+//!   rebuilds the backend from the file's vocabulary and merges (or the `.model`'s) with no
+//!   normalizer, a `Metaspace` pre-tokenizer whose prepend scheme is `"always"` with
+//!   `legacy: true` and `"first"` otherwise (no `▁` after a special token), the Llama decoder
+//!   chain, and the added tokens of the config's `added_tokens_decoder`.
+//! - With a `tokenizer.json`, `add_bos_token` / `add_eos_token` are ignored (`from_pretrained`
+//!   pops them) and the file's post-processor decides whether BOS is added; without one they
+//!   set the post-processor (default: nothing added).
+//!
+//! A `tokenizer.model` without a Llama `tokenizer_class` is converted to the exact
+//! sentencepiece behaviour (see [`crate::sentencepiece`]), BOS included.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -93,6 +100,8 @@ impl AddedTokenSpec {
 #[derive(Debug, Clone, Default)]
 pub struct TokenizerConfig {
     pub tokenizer_class: Option<String>,
+    /// `config.json`'s `model_type` (transformers picks the tokenizer class with it).
+    pub model_type: Option<String>,
     pub legacy: Option<bool>,
     pub add_prefix_space: Option<bool>,
     pub add_bos_token: Option<bool>,
@@ -136,7 +145,9 @@ impl TokenizerConfig {
         for v in [map.as_ref(), main.as_ref()].into_iter().flatten() {
             let Value::Object(o) = v else { continue };
             for (k, val) in o {
-                if k.ends_with("_token") && (NAMED_SPECIAL.contains(&k.as_str()) || val.is_string() || val.is_object()) {
+                if k.ends_with("_token")
+                    && (NAMED_SPECIAL.contains(&k.as_str()) || val.is_string() || val.is_object())
+                {
                     match AddedTokenSpec::from_value(val, true) {
                         Some(t) => {
                             cfg.special_tokens.insert(k.clone(), t);
@@ -152,7 +163,11 @@ impl TokenizerConfig {
                         Value::Array(items) => {
                             for it in items {
                                 if let Some(t) = AddedTokenSpec::from_value(it, true) {
-                                    if !cfg.extra_special_tokens.iter().any(|e| e.content == t.content) {
+                                    if !cfg
+                                        .extra_special_tokens
+                                        .iter()
+                                        .any(|e| e.content == t.content)
+                                    {
                                         cfg.extra_special_tokens.push(t);
                                     }
                                 }
@@ -171,9 +186,19 @@ impl TokenizerConfig {
                 }
             }
         }
+        // A config.json that is not JSON is the model loader's problem to report.
+        if let Ok(Some(model_cfg)) = read_json(&dir.join("config.json")) {
+            cfg.model_type = model_cfg
+                .get("model_type")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+        }
         if let Some(Value::Object(o)) = main.as_ref() {
             let b = |k: &str| o.get(k).and_then(Value::as_bool);
-            cfg.tokenizer_class = o.get("tokenizer_class").and_then(Value::as_str).map(str::to_string);
+            cfg.tokenizer_class = o
+                .get("tokenizer_class")
+                .and_then(Value::as_str)
+                .map(str::to_string);
             cfg.legacy = b("legacy");
             cfg.add_prefix_space = b("add_prefix_space");
             cfg.add_bos_token = b("add_bos_token");
@@ -183,7 +208,10 @@ impl TokenizerConfig {
                 let mut m = BTreeMap::new();
                 for (id, v) in dec {
                     let id: u32 = id.parse().map_err(|_| {
-                        ModelError::config(dir.join("tokenizer_config.json"), format!("added_tokens_decoder key {id:?} is not an id"))
+                        ModelError::config(
+                            dir.join("tokenizer_config.json"),
+                            format!("added_tokens_decoder key {id:?} is not an id"),
+                        )
                     })?;
                     if let Some(t) = AddedTokenSpec::from_value(v, false) {
                         m.insert(id, t);
@@ -195,11 +223,30 @@ impl TokenizerConfig {
         Ok(cfg)
     }
 
-    fn is_llama_class(&self) -> bool {
-        matches!(
+    /// Whether transformers 5.23's `AutoTokenizer` ends up in `LlamaTokenizer` (which rebuilds
+    /// the backend) rather than `TokenizersBackend` (which uses `tokenizer.json` as it is).
+    /// `tokenizer_class` alone does not decide it: for model types whose registered tokenizer
+    /// is `TokenizersBackend` (`llava`, `llava_next` are in `MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS`;
+    /// `mistral` maps to it without mistral-common) the hub class is overridden. Model types
+    /// transformers does not know (`llava_mistral`, or no config.json) and `llama` keep it.
+    pub fn uses_llama_tokenizer_class(&self) -> bool {
+        let llama_class = matches!(
             self.tokenizer_class.as_deref(),
             Some("LlamaTokenizer" | "LlamaTokenizerFast")
-        )
+        );
+        let backend_model_type = matches!(
+            self.model_type.as_deref(),
+            Some(
+                "llava"
+                    | "llava_next"
+                    | "vipllava"
+                    | "mistral"
+                    | "mixtral"
+                    | "mistral3"
+                    | "ministral"
+            )
+        );
+        llama_class && !backend_model_type
     }
 
     /// The token string of a named special token (`"bos_token"` …).
@@ -254,9 +301,15 @@ impl Tokenizer {
         let json_path = dir.join("tokenizer.json");
         let spm_path = dir.join("tokenizer.model");
         let (inner, source) = if json_path.is_file() {
-            (load_json(&json_path, &config)?, TokenizerSource::Json(json_path))
+            (
+                load_json(&json_path, &config)?,
+                TokenizerSource::Json(json_path),
+            )
         } else if spm_path.is_file() {
-            (load_spm(&spm_path, &config)?, TokenizerSource::SentencePiece(spm_path))
+            (
+                load_spm(&spm_path, &config)?,
+                TokenizerSource::SentencePiece(spm_path),
+            )
         } else {
             return Err(tok_err(format!(
                 "{} holds neither tokenizer.json nor tokenizer.model; copy the tokenizer files of \
@@ -285,12 +338,9 @@ impl Tokenizer {
         let pad = lookup("pad_token", None);
         // Whether plain `encode` adds BOS, as the post-processor (set up like transformers) does.
         let add_bos_token = match &bos {
-            Some((_, id)) => inner
-                .encode("a", true)
-                .map_err(|e| tok_err(e))?
-                .get_ids()
-                .first()
-                == Some(id),
+            Some((_, id)) => {
+                inner.encode("a", true).map_err(tok_err)?.get_ids().first() == Some(id)
+            }
             None => false,
         };
         Ok(Self {
@@ -321,7 +371,10 @@ impl Tokenizer {
         let enc = self.inner.encode_fast(text, false).map_err(tok_err)?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if add_bos {
-            ids.push(self.bos_id().ok_or_else(|| tok_err("the tokenizer has no BOS token"))?);
+            ids.push(
+                self.bos_id()
+                    .ok_or_else(|| tok_err("the tokenizer has no BOS token"))?,
+            );
         }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)
@@ -329,10 +382,16 @@ impl Tokenizer {
 
     /// [`Tokenizer::encode`] with per-token character offsets (BOS gets `(0, 0)`).
     pub fn encode_with_offsets(&self, text: &str, add_bos: bool) -> Result<Encoded> {
-        let enc = self.inner.encode_char_offsets(text, false).map_err(tok_err)?;
+        let enc = self
+            .inner
+            .encode_char_offsets(text, false)
+            .map_err(tok_err)?;
         let mut out = Encoded::default();
         if add_bos {
-            out.ids.push(self.bos_id().ok_or_else(|| tok_err("the tokenizer has no BOS token"))?);
+            out.ids.push(
+                self.bos_id()
+                    .ok_or_else(|| tok_err("the tokenizer has no BOS token"))?,
+            );
             out.offsets.push((0, 0));
         }
         out.ids.extend_from_slice(enc.get_ids());
@@ -450,7 +509,7 @@ fn load_json(path: &Path, config: &TokenizerConfig) -> Result<tokenizers::Tokeni
     let file_err = |e: &dyn std::fmt::Display| tok_err(format!("{}: {e}", path.display()));
     let json: Value = serde_json::from_str(&text).map_err(|e| file_err(&e))?;
     let is_bpe = json.pointer("/model/type").and_then(Value::as_str) == Some("BPE");
-    if config.is_llama_class() && is_bpe {
+    if config.uses_llama_tokenizer_class() && is_bpe {
         let (vocab, merges) = bpe_parts_from_json(&json).map_err(|e| file_err(&e))?;
         let post = match json.get("post_processor") {
             Some(Value::Null) | None => None,
@@ -469,17 +528,18 @@ fn load_json(path: &Path, config: &TokenizerConfig) -> Result<tokenizers::Tokeni
                 .collect(),
             _ => Vec::new(),
         };
-        return llama_v5(vocab, merges, post, file_added, Vec::new(), config);
+        return llama_v5(vocab, merges, post, file_added, Vec::new(), config, false);
     }
     let mut tok: tokenizers::Tokenizer = text.parse().map_err(|e| file_err(&e))?;
     add_config_tokens(&mut tok, config, &[])?;
-    update_post_processor_if_asked(&mut tok, config)?;
+    // transformers ignores `add_bos_token` / `add_eos_token` when a tokenizer.json exists
+    // (`from_pretrained` pops them): the file's post-processor decides.
     Ok(tok)
 }
 
 fn load_spm(path: &Path, config: &TokenizerConfig) -> Result<tokenizers::Tokenizer> {
     let spm = SpmModel::from_file(path)?;
-    if config.is_llama_class() {
+    if config.uses_llama_tokenizer_class() {
         // transformers 5.23: `SentencePieceExtractor.extract` gives vocab + merges, the control
         // and user-defined pieces become extra special tokens, then `LlamaTokenizer.__init__`.
         let pieces_added: Vec<AddedTokenSpec> = spm
@@ -510,6 +570,7 @@ fn load_spm(path: &Path, config: &TokenizerConfig) -> Result<tokenizers::Tokeniz
             Vec::new(),
             pieces_added,
             config,
+            true,
         );
     }
     let mut tok = spm.to_tokenizer()?;
@@ -526,7 +587,9 @@ fn bpe_parts_from_json(json: &Value) -> std::result::Result<(Vocab, Merges), Str
         .ok_or("BPE model without a vocab object")?;
     let mut vocab = Vocab::default();
     for (k, v) in vocab_obj {
-        let id = v.as_u64().ok_or_else(|| format!("vocab entry {k:?} is not an id"))?;
+        let id = v
+            .as_u64()
+            .ok_or_else(|| format!("vocab entry {k:?} is not an id"))?;
         vocab.insert(k.clone(), id as u32);
     }
     let mut merges = Merges::new();
@@ -556,7 +619,9 @@ fn bpe_parts_from_json(json: &Value) -> std::result::Result<(Vocab, Merges), Str
 /// The backend transformers 5.23's `LlamaTokenizer.__init__` builds, plus the added tokens and
 /// post-processor `TokenizersBackend.__init__` sets afterwards.
 ///
-/// `file_added`: the `tokenizer.json` added tokens, used only when the config has no
+/// `bos_eos_from_config`: whether `add_bos_token` / `add_eos_token` are honoured (only without
+/// a tokenizer.json; with one, its post-processor is kept). `file_added`: the `tokenizer.json`
+/// added tokens, used only when the config has no
 /// `added_tokens_decoder` (transformers' legacy path); `extra_special`: sentencepiece control /
 /// user-defined pieces (the extractor's `additional_special_tokens`).
 fn llama_v5(
@@ -566,6 +631,7 @@ fn llama_v5(
     file_added: Vec<(u32, AddedTokenSpec)>,
     extra_special: Vec<AddedTokenSpec>,
     config: &TokenizerConfig,
+    bos_eos_from_config: bool,
 ) -> Result<tokenizers::Tokenizer> {
     let add_prefix_space = config.add_prefix_space.unwrap_or(true);
     let scheme = match (add_prefix_space, config.legacy.unwrap_or(false)) {
@@ -593,7 +659,12 @@ fn llama_v5(
                 .special_tokens
                 .values()
                 .map(|t| t.content.as_str())
-                .chain(config.extra_special_tokens.iter().map(|t| t.content.as_str()))
+                .chain(
+                    config
+                        .extra_special_tokens
+                        .iter()
+                        .map(|t| t.content.as_str()),
+                )
                 .collect();
             let mut d = BTreeMap::new();
             for (content, id) in &config.added_tokens_file {
@@ -617,7 +688,11 @@ fn llama_v5(
     add_tokens_checked(&mut tok, &ordered)?;
     // `LlamaTokenizer`'s defaults for the named tokens it is constructed with.
     let mut config = config.clone();
-    for (key, default) in [("unk_token", "<unk>"), ("bos_token", "<s>"), ("eos_token", "</s>")] {
+    for (key, default) in [
+        ("unk_token", "<unk>"),
+        ("bos_token", "<s>"),
+        ("eos_token", "</s>"),
+    ] {
         config
             .special_tokens
             .entry(key.to_string())
@@ -631,12 +706,17 @@ fn llama_v5(
             });
     }
     add_config_tokens(&mut tok, &config, &extra_special)?;
-    update_post_processor_if_asked(&mut tok, &config)?;
+    if bos_eos_from_config {
+        update_post_processor_if_asked(&mut tok, &config)?;
+    }
     Ok(tok)
 }
 
 /// Adds `(id, token)` in order and checks each landed on its id (a gap would shift them).
-fn add_tokens_checked(tok: &mut tokenizers::Tokenizer, tokens: &[(u32, AddedTokenSpec)]) -> Result<()> {
+fn add_tokens_checked(
+    tok: &mut tokenizers::Tokenizer,
+    tokens: &[(u32, AddedTokenSpec)],
+) -> Result<()> {
     for (id, t) in tokens {
         tok.add_tokens([t.to_added_token()]).map_err(tok_err)?;
         let got = tok.token_to_id(&t.content);
@@ -663,7 +743,9 @@ fn add_config_tokens(
         let present = tok.get_added_tokens_decoder();
         let missing: Vec<(u32, AddedTokenSpec)> = dec
             .iter()
-            .filter(|(id, t)| present.get(id).map(|p| p.content.as_str()) != Some(t.content.as_str()))
+            .filter(|(id, t)| {
+                present.get(id).map(|p| p.content.as_str()) != Some(t.content.as_str())
+            })
             .map(|(id, t)| (*id, t.clone()))
             .collect();
         add_tokens_checked(tok, &missing)?;
@@ -695,8 +777,11 @@ fn add_config_tokens(
 }
 
 /// transformers `update_post_processor`, run when the config sets `add_bos_token` /
-/// `add_eos_token` explicitly.
-fn update_post_processor_if_asked(tok: &mut tokenizers::Tokenizer, config: &TokenizerConfig) -> Result<()> {
+/// `add_eos_token` explicitly (and there is no tokenizer.json).
+fn update_post_processor_if_asked(
+    tok: &mut tokenizers::Tokenizer,
+    config: &TokenizerConfig,
+) -> Result<()> {
     if config.add_bos_token.is_none() && config.add_eos_token.is_none() {
         return Ok(());
     }
@@ -707,8 +792,16 @@ fn update_post_processor_if_asked(tok: &mut tokenizers::Tokenizer, config: &Toke
         })?;
         tok.token_to_id(s).map(|id| (s.to_string(), id))
     };
-    let bos = config.add_bos_token.unwrap_or(false).then(|| find("bos_token")).flatten();
-    let eos = config.add_eos_token.unwrap_or(false).then(|| find("eos_token")).flatten();
+    let bos = config
+        .add_bos_token
+        .unwrap_or(false)
+        .then(|| find("bos_token"))
+        .flatten();
+    let eos = config
+        .add_eos_token
+        .unwrap_or(false)
+        .then(|| find("eos_token"))
+        .flatten();
     set_template(tok, bos, eos)
 }
 
@@ -825,5 +918,160 @@ impl IncrementalDecoder {
             }
             Ok(None)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sentencepiece::test_support::{model_bytes, PIECES};
+
+    fn tiny_dir(name: &str, config: Option<&str>) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tga-tok-unit-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("tokenizer.model"), model_bytes(PIECES, 2, &[])).unwrap();
+        if let Some(c) = config {
+            std::fs::write(dir.join("tokenizer_config.json"), c).unwrap();
+        }
+        dir
+    }
+
+    fn tiny(name: &str, config: Option<&str>) -> Tokenizer {
+        let dir = tiny_dir(name, config);
+        let t = Tokenizer::from_dir(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        t
+    }
+
+    fn stream(tok: &Tokenizer, ids: &[u32], skip: bool) -> Vec<Option<String>> {
+        let mut d = IncrementalDecoder::new(skip);
+        let mut out: Vec<Option<String>> = ids.iter().map(|&id| d.push(tok, id).unwrap()).collect();
+        out.push(d.flush(tok).unwrap());
+        out
+    }
+
+    #[test]
+    fn incremental_decoding_holds_back_partial_utf8() {
+        let tok = tiny("utf8", None);
+        // "a😀" → ▁a, then the four byte-fallback pieces of F0 9F 98 80.
+        let ids = tok.encode("a😀", false).unwrap();
+        assert_eq!(ids.len(), 5);
+        assert_eq!(
+            stream(&tok, &ids, false),
+            vec![Some("a".into()), None, None, None, Some("😀".into()), None]
+        );
+        // Cut off inside the character: flush gives the replacement character, once.
+        assert_eq!(
+            stream(&tok, &ids[..3], false),
+            vec![
+                Some("a".into()),
+                None,
+                None,
+                Some("\u{FFFD}\u{FFFD}".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn incremental_decoding_keeps_spaces_between_words() {
+        let tok = tiny("spaces", None);
+        let ids = tok.encode("ab ab c", false).unwrap();
+        let pieces: Vec<String> = stream(&tok, &ids, false).into_iter().flatten().collect();
+        // The first word loses its dummy-prefix space (as `decode` does), later ones keep it.
+        assert_eq!(pieces[0], "ab");
+        assert_eq!(pieces.concat(), "ab ab c");
+        assert_eq!(pieces.concat(), tok.decode(&ids, false).unwrap());
+    }
+
+    #[test]
+    fn incremental_decoding_skips_special_tokens() {
+        let tok = tiny("special", None);
+        let eos = tok.eos_id().unwrap();
+        let mut ids = tok.encode("ab", false).unwrap();
+        ids.push(eos);
+        assert_eq!(
+            stream(&tok, &ids, true),
+            vec![Some("ab".into()), None, None]
+        );
+        assert_eq!(
+            stream(&tok, &ids, false),
+            vec![Some("ab".into()), Some("</s>".into()), None]
+        );
+    }
+
+    #[test]
+    fn special_tokens_and_bos_from_config() {
+        // No config: sentencepiece behaviour, BOS added by default.
+        let t = tiny("noconf", None);
+        assert_eq!((t.bos_id(), t.eos_id()), (Some(1), Some(2)));
+        assert!(t.add_bos_token());
+        assert_eq!(t.encode("a", true).unwrap()[0], 1);
+        assert_eq!(t.encode_hf("a", true).unwrap().ids[0], 1);
+        // transformers 5.23 LlamaTokenizer without add_bos_token: nothing is added.
+        let t = tiny("llama", Some(r#"{"tokenizer_class": "LlamaTokenizer"}"#));
+        assert!(!t.add_bos_token());
+        assert_eq!(
+            t.encode_hf("a", true).unwrap().ids,
+            t.encode_hf("a", false).unwrap().ids
+        );
+        // ... and with it, BOS; an image token from added_tokens_decoder lands on its id.
+        let cfg = r#"{"tokenizer_class": "LlamaTokenizer", "add_bos_token": true, "legacy": true,
+            "pad_token": "<pad>",
+            "added_tokens_decoder": {"267": {"content": "<image>", "special": true, "normalized": false},
+                                     "268": {"content": "<pad>", "special": true, "normalized": false}}}"#;
+        let t = tiny("image", Some(cfg));
+        assert!(t.add_bos_token());
+        assert_eq!(t.token_to_id("<image>"), Some(267));
+        assert_eq!(t.pad_id(), Some(268));
+        assert_eq!(t.vocab_size(), 269);
+        let enc = t.encode_hf("a<image>b", true).unwrap();
+        assert_eq!(enc.ids[0], 1);
+        assert!(enc.ids.contains(&267));
+        assert!(t.is_special(267));
+        assert_eq!(
+            t.template_special_tokens()
+                .get("pad_token")
+                .map(String::as_str),
+            Some("<pad>")
+        );
+        // A gap in added ids is an error, not a silent shift.
+        let bad = r#"{"tokenizer_class": "LlamaTokenizer",
+            "added_tokens_decoder": {"300": {"content": "<image>", "special": true}}}"#;
+        let dir = tiny_dir("gap", Some(bad));
+        let err = Tokenizer::from_dir(&dir).unwrap_err().to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(err.contains("should have id 300"), "{err}");
+    }
+
+    #[test]
+    fn offsets_are_in_characters() {
+        let t = tiny("offsets", None);
+        let enc = t.encode_with_offsets("é ab", true).unwrap();
+        assert_eq!(enc.offsets[0], (0, 0)); // BOS
+        let ab = t.token_to_id("▁ab").unwrap();
+        let i = enc.ids.iter().position(|&id| id == ab).unwrap();
+        // "▁ab" covers " ab": characters 1..4 (bytes would be 2..5).
+        assert_eq!(enc.offsets[i], (1, 4));
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let dir = std::env::temp_dir().join(format!("tga-tok-unit-{}-empty", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = Tokenizer::from_dir(&dir).unwrap_err().to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            err.contains("tokenizer.json") && err.contains("tokenizer.model"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn clean_up_matches_transformers() {
+        assert_eq!(
+            clean_up_tokenization("Hi , I 'm here . Do n't !"),
+            "Hi, I'm here. Don't!"
+        );
     }
 }

@@ -51,7 +51,13 @@ impl Checkpoint {
         let mut files = Vec::new();
         let mut entries = HashMap::new();
         for path in shard_paths(dir)? {
-            add_file(&mut files, &mut entries, path, |n| canonical_name(format, n), true)?;
+            add_file(
+                &mut files,
+                &mut entries,
+                path,
+                |n| canonical_name(format, n),
+                true,
+            )?;
         }
         if let Some(vd) = vision_dir {
             for path in shard_paths(vd)? {
@@ -74,7 +80,10 @@ impl Checkpoint {
     }
 
     pub fn shape(&self, canonical: &str) -> Option<&[usize]> {
-        self.inner.entries.get(canonical).map(|e| e.shape.as_slice())
+        self.inner
+            .entries
+            .get(canonical)
+            .map(|e| e.shape.as_slice())
     }
 
     /// Number of distinct tensors found.
@@ -223,7 +232,9 @@ fn add_file(
     })?;
     let idx = files.len();
     for (real, view) in st.tensors() {
-        let Some(canonical) = map(&real) else { continue };
+        let Some(canonical) = map(&real) else {
+            continue;
+        };
         if !wins && entries.contains_key(&canonical) {
             continue;
         }
@@ -395,14 +406,26 @@ mod tests {
             "multi_modal_projector.linear_2.bias"
         );
         assert_eq!(
-            canonical_name(orig, "model.vision_tower.vision_tower.vision_model.pre_layrnorm.weight")
-                .unwrap(),
+            canonical_name(
+                orig,
+                "model.vision_tower.vision_tower.vision_model.pre_layrnorm.weight"
+            )
+            .unwrap(),
             "vision_tower.vision_model.pre_layrnorm.weight"
         );
-        assert_eq!(canonical_name(orig, "model.image_newline").unwrap(), "image_newline");
-        assert_eq!(canonical_name(hf, "model.image_newline").unwrap(), "image_newline");
+        assert_eq!(
+            canonical_name(orig, "model.image_newline").unwrap(),
+            "image_newline"
+        );
+        assert_eq!(
+            canonical_name(hf, "model.image_newline").unwrap(),
+            "image_newline"
+        );
         assert!(canonical_name(orig, "model.layers.0.self_attn.rotary_emb.inv_freq").is_none());
-        assert_eq!(clip_dir_name("text_model.embeddings.token_embedding.weight"), None);
+        assert_eq!(
+            clip_dir_name("text_model.embeddings.token_embedding.weight"),
+            None
+        );
         assert_eq!(
             clip_dir_name("embeddings.class_embedding").unwrap(),
             "vision_tower.vision_model.embeddings.class_embedding"

@@ -54,11 +54,18 @@ fn missing_tensor_is_named_with_its_expected_shape() {
 #[test]
 fn mis_shaped_tensor_reports_expected_and_found_shapes() {
     let dir = broken_copy("shape", |t| {
-        t.insert(Q0.into(), Tensor::zeros((32, 16), DType::F32, &Device::Cpu).unwrap());
+        t.insert(
+            Q0.into(),
+            Tensor::zeros((32, 16), DType::F32, &Device::Cpu).unwrap(),
+        );
     });
     let err = load(&dir).err().expect("mis-shaped checkpoint loaded");
     match &err {
-        ModelError::ShapeMismatch { name, expected, found } => {
+        ModelError::ShapeMismatch {
+            name,
+            expected,
+            found,
+        } => {
             assert_eq!(name, Q0);
             assert_eq!(expected, &vec![32, 32]);
             assert_eq!(found, &vec![32, 16]);
@@ -66,7 +73,10 @@ fn mis_shaped_tensor_reports_expected_and_found_shapes() {
         other => panic!("wrong error: {other}"),
     }
     let msg = err.to_string();
-    assert!(msg.contains(Q0) && msg.contains("[32, 32]") && msg.contains("[32, 16]"), "{msg}");
+    assert!(
+        msg.contains(Q0) && msg.contains("[32, 32]") && msg.contains("[32, 16]"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -79,7 +89,10 @@ fn extra_tensor_is_reported() {
     });
     match load(&dir) {
         Err(ModelError::UnexpectedTensor { name, found }) => {
-            assert!(name.starts_with("language_model.model.layers.7.mlp.up_proj.weight"), "{name}");
+            assert!(
+                name.starts_with("language_model.model.layers.7.mlp.up_proj.weight"),
+                "{name}"
+            );
             assert_eq!(found, vec![4, 4]);
         }
         Err(other) => panic!("wrong error: {other}"),
@@ -106,7 +119,11 @@ fn truncated_safetensors_names_the_file() {
 #[test]
 fn bad_config_is_a_config_error() {
     let dir = broken_copy("config", |_| {});
-    std::fs::write(dir.join("config.json"), "{\"model_type\": \"llava_next\", \"text_config\": [").unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        "{\"model_type\": \"llava_next\", \"text_config\": [",
+    )
+    .unwrap();
     let err = load(&dir).err().expect("bad config loaded");
     assert!(matches!(err, ModelError::Config { .. }), "{err}");
     assert!(err.to_string().contains("config.json"), "{err}");
@@ -120,13 +137,20 @@ fn missing_shard_named_by_the_index_is_an_io_error() {
     std::fs::create_dir_all(&dst).unwrap();
     for e in std::fs::read_dir(&src).unwrap() {
         let p = e.unwrap().path();
-        if !p.to_string_lossy().ends_with("model-00002-of-00002.safetensors") {
+        if !p
+            .to_string_lossy()
+            .ends_with("model-00002-of-00002.safetensors")
+        {
             std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
         }
     }
     match load(&dst) {
         Err(ModelError::Io { path, .. }) => {
-            assert!(path.ends_with("model-00002-of-00002.safetensors"), "{}", path.display())
+            assert!(
+                path.ends_with("model-00002-of-00002.safetensors"),
+                "{}",
+                path.display()
+            )
         }
         Err(other) => panic!("wrong error: {other}"),
         Ok(_) => panic!("loaded without a shard"),
@@ -135,7 +159,9 @@ fn missing_shard_named_by_the_index_is_an_io_error() {
 
 #[test]
 fn original_checkpoint_without_tower_asks_for_vision_tower() {
-    let err = load(&fixtures().join("tiny-llava-orig-pad")).err().expect("loaded without a tower");
+    let err = load(&fixtures().join("tiny-llava-orig-pad"))
+        .err()
+        .expect("loaded without a tower");
     assert!(matches!(err, ModelError::VisionTowerNeeded(_)), "{err}");
     assert!(err.to_string().contains("--vision-tower"), "{err}");
 }
@@ -144,8 +170,18 @@ fn original_checkpoint_without_tower_asks_for_vision_tower() {
 fn checkpoint_weights_win_over_the_vision_tower_directory() {
     // orig-anyres carries its own (different) tower weights and names ../tiny-clip for the config.
     let f = fixtures();
-    let own = LlavaModel::load(&f.join("tiny-llava-orig-anyres"), &LoadOptions::default(), &Device::Cpu).unwrap();
-    let next = LlavaModel::load(&f.join("tiny-llava-next"), &LoadOptions::default(), &Device::Cpu).unwrap();
+    let own = LlavaModel::load(
+        &f.join("tiny-llava-orig-anyres"),
+        &LoadOptions::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let next = LlavaModel::load(
+        &f.join("tiny-llava-next"),
+        &LoadOptions::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
     let pv = Tensor::rand(-1f32, 1f32, (1, 3, 336, 336), &Device::Cpu).unwrap();
     let img = model::llava::ImageInput {
         pixel_values: Tensor::cat(&[&pv; 3], 0).unwrap(),
@@ -153,6 +189,16 @@ fn checkpoint_weights_win_over_the_vision_tower_directory() {
     };
     let a = own.encode_image(&img).unwrap();
     let b = next.encode_image(&img).unwrap();
-    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    assert_eq!(d, 0.0, "orig-anyres must compute exactly what tiny-llava-next computes");
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(
+        d, 0.0,
+        "orig-anyres must compute exactly what tiny-llava-next computes"
+    );
 }

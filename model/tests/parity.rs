@@ -52,7 +52,8 @@ fn cases(variant: &str) -> Vec<Case> {
         .unwrap()
         .filter_map(|e| {
             let p = e.unwrap().path();
-            (p.extension()? == "json").then(|| p.file_stem().unwrap().to_string_lossy().into_owned())
+            (p.extension()? == "json")
+                .then(|| p.file_stem().unwrap().to_string_lossy().into_owned())
         })
         .collect();
     names.sort();
@@ -60,19 +61,30 @@ fn cases(variant: &str) -> Vec<Case> {
     names
         .into_iter()
         .map(|name| {
-            let json: Value =
-                serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap())
-                    .unwrap();
-            let tensors =
-                candle_core::safetensors::load(dir.join(format!("{name}.safetensors")), &Device::Cpu)
-                    .unwrap();
-            Case { name, json, tensors }
+            let json: Value = serde_json::from_str(
+                &std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap(),
+            )
+            .unwrap();
+            let tensors = candle_core::safetensors::load(
+                dir.join(format!("{name}.safetensors")),
+                &Device::Cpu,
+            )
+            .unwrap();
+            Case {
+                name,
+                json,
+                tensors,
+            }
         })
         .collect()
 }
 
 fn usizes(v: &Value) -> Vec<usize> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -130,8 +142,12 @@ fn prepare(model: &LlavaModel, case: &Case) -> Prepared {
             case.name
         );
         let (vh, vw) = p.size;
-        let pv = Tensor::from_vec(p.pixel_values, (p.n_views, 3, vh as usize, vw as usize), &Device::Cpu)
-            .unwrap();
+        let pv = Tensor::from_vec(
+            p.pixel_values,
+            (p.n_views, 3, vh as usize, vw as usize),
+            &Device::Cpu,
+        )
+        .unwrap();
         let feats = model
             .encode_image(&ImageInput {
                 pixel_values: pv,
@@ -177,7 +193,9 @@ fn check_variant(variant: &str) {
             ..Default::default()
         };
         let mut cache = model.new_cache();
-        let out = model.prefill(&prep.ids, &prep.images, &mut cache, &taps).unwrap();
+        let out = model
+            .prefill(&prep.ids, &prep.images, &mut cache, &taps)
+            .unwrap();
 
         let d = max_abs_diff(&out.logits, &case.tensors["logits"]);
         assert!(d <= TOL, "{name}: logits differ by {d}");
@@ -186,7 +204,10 @@ fn check_variant(variant: &str) {
         // HF's hidden_states[N] is normed; ours is the raw block output (DIAGNOSTICS.md).
         let hidden = out.taps.hidden.unwrap();
         let want_h = &case.tensors["hidden_states"];
-        let d = max_abs_diff(&hidden.narrow(0, 0, n).unwrap(), &want_h.narrow(0, 0, n).unwrap());
+        let d = max_abs_diff(
+            &hidden.narrow(0, 0, n).unwrap(),
+            &want_h.narrow(0, 0, n).unwrap(),
+        );
         assert!(d <= TOL, "{name}: hidden states h[0..{n}) differ by {d}");
         let raw = hidden.i(n).unwrap();
         let d2 = max_abs_diff(&raw, &case.tensors["last_block_raw"]);
@@ -196,12 +217,18 @@ fn check_variant(variant: &str) {
         assert!(d3 <= TOL, "{name}: normed h[{n}] differs by {d3}");
         worst[2] = worst[2].max(d).max(d2).max(d3);
 
-        let attn = Tensor::stack(&out.taps.attention, 0).unwrap().squeeze(2).unwrap();
+        let attn = Tensor::stack(&out.taps.attention, 0)
+            .unwrap()
+            .squeeze(2)
+            .unwrap();
         let d = max_abs_diff(&attn, &case.tensors["attn_last"]);
         assert!(d <= ATTN_TOL, "{name}: attention rows differ by {d}");
         worst[3] = worst[3].max(d);
 
-        let want: Vec<u32> = usizes(&j["greedy_tokens"]).into_iter().map(|x| x as u32).collect();
+        let want: Vec<u32> = usizes(&j["greedy_tokens"])
+            .into_iter()
+            .map(|x| x as u32)
+            .collect();
         let last_logits = out.logits.i(out.logits.dim(0).unwrap() - 1).unwrap();
         let mut tok = argmax(&last_logits);
         let mut got = vec![tok];
@@ -257,7 +284,10 @@ fn batched_decode_matches_single_sequence_decode() {
         want.push(usizes(&case.json["greedy_tokens"]));
     }
     let lens: Vec<usize> = caches.iter().map(|c| c.len()).collect();
-    assert!(lens.windows(2).any(|w| w[0] != w[1]), "need different lengths: {lens:?}");
+    assert!(
+        lens.windows(2).any(|w| w[0] != w[1]),
+        "need different lengths: {lens:?}"
+    );
     let mut got: Vec<Vec<usize>> = toks.iter().map(|&t| vec![t as usize]).collect();
     for _ in 1..20 {
         let mut refs: Vec<&mut model::mistral::KvCache> = caches.iter_mut().collect();

@@ -14,23 +14,43 @@ fn fixtures() -> PathBuf {
 }
 
 fn setup() -> (LlavaModel, Vec<u32>) {
-    let m = LlavaModel::load(&fixtures().join("tiny-llava-next"), &LoadOptions::default(), &Device::Cpu)
-        .unwrap();
+    let m = LlavaModel::load(
+        &fixtures().join("tiny-llava-next"),
+        &LoadOptions::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
     let j: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("reference/llava_next/text_system.json")).unwrap(),
     )
     .unwrap();
-    let ids = j["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let ids = j["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
     (m, ids)
 }
 
-fn run(m: &LlavaModel, ids: &[u32], taps: &LayerTaps) -> Result<model::mistral::PrefillOutput, ModelError> {
+fn run(
+    m: &LlavaModel,
+    ids: &[u32],
+    taps: &LayerTaps,
+) -> Result<model::mistral::PrefillOutput, ModelError> {
     let mut cache = m.new_cache();
     m.prefill(ids, &[], &mut cache, taps)
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[test]
@@ -58,9 +78,23 @@ fn taps_observe_without_changing_logits_and_pooling_is_the_mean() {
     assert_eq!(out.taps.attention.len(), 3);
     for a in &out.taps.attention {
         assert_eq!(a.dims(), &[4, 2, n]);
-        let sums = a.sum(2).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let sums = a
+            .sum(2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "{sums:?}");
-        let future = a.i((.., 1, 5..)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let future = a
+            .i((.., 1, 5..))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(future, 0.0, "query 4 attends to later keys");
     }
 }
@@ -88,15 +122,33 @@ fn masked_keys_get_no_attention_only_at_the_chosen_layers() {
     )
     .unwrap();
     // Block 1 is untouched; block 2 puts zero mass on the spans and still sums to 1.
-    assert_eq!(max_diff(&plain.taps.attention[0], &masked.taps.attention[0]), 0.0);
+    assert_eq!(
+        max_diff(&plain.taps.attention[0], &masked.taps.attention[0]),
+        0.0
+    );
     let a2 = &masked.taps.attention[1];
     for s in &spans {
-        let mass = a2.i((.., .., s.clone())).unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let mass = a2
+            .i((.., .., s.clone()))
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(mass, 0.0);
     }
-    let sums = a2.sum(2).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let sums = a2
+        .sum(2)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
-    assert!(max_diff(&plain.logits, &masked.logits) > 1e-4, "masking changed nothing");
+    assert!(
+        max_diff(&plain.logits, &masked.logits) > 1e-4,
+        "masking changed nothing"
+    );
 
     // A mask that leaves a query nothing to see is refused, not a NaN.
     let err = run(
@@ -105,14 +157,15 @@ fn masked_keys_get_no_attention_only_at_the_chosen_layers() {
         &LayerTaps {
             mask_keys: Some(KeyMask {
                 layers: vec![1],
-                spans: vec![0..1],
+                spans: std::iter::once(0..1).collect(),
             }),
             ..Default::default()
         },
-    )
-    .err()
-    .expect("mask of position 0 accepted");
-    assert!(matches!(err, ModelError::InvalidInput(_)), "{err}");
+    );
+    assert!(
+        matches!(err, Err(ModelError::InvalidInput(_))),
+        "mask of position 0 accepted"
+    );
 }
 
 #[test]
@@ -125,7 +178,10 @@ fn state_edits_add_and_replace_after_the_chosen_block() {
     };
     let plain = run(&m, &ids, &taps).unwrap();
     let zero = Tensor::zeros(32, candle_core::DType::F32, &Device::Cpu).unwrap();
-    let v = Tensor::arange(0f32, 32f32, &Device::Cpu).unwrap().affine(0.01, -0.1).unwrap();
+    let v = Tensor::arange(0f32, 32f32, &Device::Cpu)
+        .unwrap()
+        .affine(0.01, -0.1)
+        .unwrap();
     let edit = |vector: &Tensor, mode| LayerTaps {
         state_edits: vec![StateEdit {
             after_layer: 1,
@@ -148,7 +204,16 @@ fn state_edits_add_and_replace_after_the_chosen_block() {
     assert_eq!(h0_same, 0.0);
 
     let added = run(&m, &ids, &edit(&v, EditMode::Add)).unwrap();
-    let want = (plain.taps.hidden.as_ref().unwrap().i(1).unwrap().broadcast_add(&v).unwrap()).clone();
+    let want = (plain
+        .taps
+        .hidden
+        .as_ref()
+        .unwrap()
+        .i(1)
+        .unwrap()
+        .broadcast_add(&v)
+        .unwrap())
+    .clone();
     assert!(max_diff(&added.taps.hidden.as_ref().unwrap().i(1).unwrap(), &want) < 1e-6);
     assert!(max_diff(&plain.logits, &added.logits) > 1e-5);
 }
@@ -159,8 +224,11 @@ fn prefill_can_continue_a_cache() {
     let whole = run(&m, &ids, &LayerTaps::default()).unwrap();
     let mut cache = m.new_cache();
     let k = ids.len() / 2;
-    m.prefill(&ids[..k], &[], &mut cache, &LayerTaps::default()).unwrap();
-    let rest = m.prefill(&ids[k..], &[], &mut cache, &LayerTaps::default()).unwrap();
+    m.prefill(&ids[..k], &[], &mut cache, &LayerTaps::default())
+        .unwrap();
+    let rest = m
+        .prefill(&ids[k..], &[], &mut cache, &LayerTaps::default())
+        .unwrap();
     assert_eq!(cache.len(), ids.len());
     assert!(max_diff(&whole.logits, &rest.logits) < 1e-5);
 }
@@ -170,10 +238,16 @@ fn out_of_vocabulary_ids_and_bad_positions_are_errors() {
     let (m, ids) = setup();
     let mut bad = ids.clone();
     bad[3] = 99_999;
-    assert!(matches!(run(&m, &bad, &LayerTaps::default()), Err(ModelError::InvalidInput(_))));
+    assert!(matches!(
+        run(&m, &bad, &LayerTaps::default()),
+        Err(ModelError::InvalidInput(_))
+    ));
     let taps = LayerTaps {
         hidden_positions: vec![ids.len()],
         ..Default::default()
     };
-    assert!(matches!(run(&m, &ids, &taps), Err(ModelError::InvalidInput(_))));
+    assert!(matches!(
+        run(&m, &ids, &taps),
+        Err(ModelError::InvalidInput(_))
+    ));
 }

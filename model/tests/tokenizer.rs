@@ -19,9 +19,7 @@ fn repo_root() -> PathBuf {
 }
 
 fn cases() -> Value {
-    let path = std::env::var_os("TGA_TOKENIZER_CASES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("fixtures/reference/tokenizer_cases.json"));
+    let path = repo_root().join("fixtures/reference/tokenizer_cases.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
             "{}: {e} (run tools/.venv/bin/python tools/make_tokenizer_cases.py)",
@@ -57,7 +55,7 @@ impl VariantDir {
         let name = variant["name"].as_str().unwrap();
         let base = variant["base"].as_str().unwrap();
         if base == "fixture_dir" {
-            return Self(resolve(doc["json_dir"].as_str().unwrap()), false);
+            return Self(resolve(variant["dir"].as_str().unwrap()), false);
         }
         let dir = std::env::temp_dir().join(format!("tga-tokcase-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -131,7 +129,9 @@ fn sentencepiece_model_converts_to_the_sentencepiece_ids() {
         let want_text = doc["sentencepiece_decoded"][i].as_str().unwrap();
         let got_text = tok.decode(&got, false).unwrap();
         if got_text != want_text {
-            failures.push(format!("decode {text:?}: got {got_text:?}, sentencepiece {want_text:?}"));
+            failures.push(format!(
+                "decode {text:?}: got {got_text:?}, sentencepiece {want_text:?}"
+            ));
         }
     }
     assert!(checked > 20, "too few sentencepiece cases ({checked})");
@@ -171,7 +171,9 @@ fn directories_tokenize_like_transformers() {
             let want = ids_of(&variant["ids"][i]);
             let got = tok.encode_hf(text, false).unwrap().ids;
             if got != want {
-                failures.push(format!("[{name}] {text:?}: got {got:?}, transformers {want:?}"));
+                failures.push(format!(
+                    "[{name}] {text:?}: got {got:?}, transformers {want:?}"
+                ));
             }
             let want_sp = ids_of(&variant["ids_special"][i]);
             let got_sp = tok.encode_hf(text, true).unwrap().ids;
@@ -193,7 +195,12 @@ fn directories_tokenize_like_transformers() {
         }
     }
     assert!(variants >= 3, "too few transformers variants ({variants})");
-    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 /// The converted `tokenizer.model` and the fixture's `tokenizer.json` agree on the vocabulary.
@@ -236,7 +243,10 @@ fn incremental_decoding_of_case_texts() {
             let mut streamed = String::new();
             for &id in &ids {
                 if let Some(piece) = dec.push(&tok, id).unwrap() {
-                    assert!(!piece.contains('\u{FFFD}'), "{text:?}: partial char in {piece:?}");
+                    assert!(
+                        !piece.contains('\u{FFFD}'),
+                        "{text:?}: partial char in {piece:?}"
+                    );
                     streamed += &piece;
                 }
             }
@@ -245,5 +255,168 @@ fn incremental_decoding_of_case_texts() {
             }
             assert_eq!(streamed, tok.decode(&ids, skip).unwrap(), "{text:?}");
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prompts: fixtures/reference/<variant>/<case>.json (tools/make_fixtures.py) hold the messages,
+// the rendered prompt and the input ids transformers / the LLaVA code fed the model.
+
+use model::template::{build_prompt, ChatMessage, ChatTemplate, ContentPart, PromptMode};
+
+fn messages_of(v: &Value) -> Vec<ChatMessage> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let content = match &m["content"] {
+                Value::String(s) => vec![ContentPart::Text(s.clone())],
+                Value::Array(parts) => parts
+                    .iter()
+                    .map(|p| match p["type"].as_str().unwrap() {
+                        "text" => ContentPart::Text(p["text"].as_str().unwrap().to_string()),
+                        "image" => ContentPart::Image,
+                        other => panic!("part type {other}"),
+                    })
+                    .collect(),
+                other => panic!("content {other}"),
+            };
+            ChatMessage::new(m["role"].as_str().unwrap(), content)
+        })
+        .collect()
+}
+
+#[test]
+fn reference_prompts_render_and_tokenize_like_the_fixtures() {
+    let variants = [
+        ("llava_next", "fixtures/tiny-llava-next", PromptMode::Hf),
+        ("llava", "fixtures/tiny-llava", PromptMode::Hf),
+        (
+            "orig_anyres",
+            "fixtures/tiny-llava-orig-anyres",
+            PromptMode::Original,
+        ),
+        (
+            "orig_pad",
+            "fixtures/tiny-llava-orig-pad",
+            PromptMode::Original,
+        ),
+    ];
+    let mut checked = 0;
+    for (variant, dir, mode) in variants {
+        let dir = repo_root().join(dir);
+        let tok = Tokenizer::from_dir(&dir).unwrap();
+        let ref_dir = repo_root().join("fixtures/reference").join(variant);
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&ref_dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", ref_dir.display()))
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "no cases in {}", ref_dir.display());
+        for file in files {
+            let case: Value =
+                serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+            let name = format!("{variant}/{}", file.file_stem().unwrap().to_string_lossy());
+            let template = match case["template"].as_str().unwrap() {
+                "chat_template" => ChatTemplate::from_dir(&dir)
+                    .unwrap()
+                    .expect("HF dir template"),
+                builtin => ChatTemplate::by_name(builtin).unwrap(),
+            };
+            let messages = messages_of(&case["messages"]);
+            let prompt = template.render(&messages, true).unwrap();
+            assert_eq!(
+                prompt,
+                case["prompt"].as_str().unwrap(),
+                "{name}: rendered prompt"
+            );
+
+            let spans: Vec<(usize, usize)> = case["image_spans"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| {
+                    (
+                        s[0].as_u64().unwrap() as usize,
+                        s[1].as_u64().unwrap() as usize,
+                    )
+                })
+                .collect();
+            let counts: Vec<usize> = spans.iter().map(|(a, b)| b - a).collect();
+            let built = build_prompt(&tok, &prompt, &counts, mode).unwrap();
+            let want: Vec<i64> = case["input_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_i64().unwrap())
+                .collect();
+            let got_spans: Vec<(usize, usize)> =
+                built.image_spans.iter().map(|r| (r.start, r.end)).collect();
+            assert_eq!(got_spans, spans, "{name}: image spans");
+            assert_eq!(built.ids.len(), want.len(), "{name}: length");
+            assert_eq!(built.offsets.len(), built.ids.len(), "{name}: offsets");
+            let image_id = case["image_token_id"].as_i64().unwrap();
+            for (i, (&got, &want)) in built.ids.iter().zip(&want).enumerate() {
+                let in_image = built.image_spans.iter().any(|s| s.contains(&i));
+                if in_image {
+                    assert_eq!(want, image_id, "{name}: position {i}");
+                    if mode == PromptMode::Hf {
+                        assert_eq!(i64::from(got), image_id, "{name}: position {i}");
+                    }
+                } else {
+                    assert_eq!(
+                        i64::from(got),
+                        want,
+                        "{name}: id at {i}\n{:?}\n{:?}",
+                        built.ids,
+                        want
+                    );
+                }
+            }
+
+            // The last user message's text maps to tokens that decode back to it.
+            let question = messages
+                .iter()
+                .rev()
+                .find(|m| m.role == "user")
+                .unwrap()
+                .joined_text();
+            let span = built.find_text(&prompt, &question).expect("question span");
+            let text = tok.decode(&built.ids[span.clone()], false).unwrap();
+            assert_eq!(
+                text.trim(),
+                question.trim(),
+                "{name}: question span {span:?}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 8, "only {checked} reference cases");
+}
+
+/// Multi-turn conversations through the HF dirs' processors
+/// (`apply_chat_template(add_generation_prompt=True, tokenize=True)`), in tokenizer_cases.json.
+#[test]
+fn processor_conversations_match_transformers() {
+    let doc = cases();
+    let chats = doc["chat_cases"].as_array().unwrap();
+    assert!(chats.len() >= 4, "too few chat cases");
+    for (n, case) in chats.iter().enumerate() {
+        let dir = resolve(case["dir"].as_str().unwrap());
+        let tok = Tokenizer::from_dir(&dir).unwrap();
+        let template = ChatTemplate::from_dir(&dir).unwrap().unwrap();
+        let prompt = template
+            .render(&messages_of(&case["messages"]), true)
+            .unwrap();
+        assert_eq!(prompt, case["prompt"].as_str().unwrap(), "chat case {n}");
+        let counts: Vec<usize> = case["image_spans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s[1].as_u64().unwrap() - s[0].as_u64().unwrap()) as usize)
+            .collect();
+        let built = build_prompt(&tok, &prompt, &counts, PromptMode::Hf).unwrap();
+        assert_eq!(built.ids, ids_of(&case["input_ids"]), "chat case {n}");
     }
 }
