@@ -243,8 +243,15 @@ struct Coeffs {
     weights: Vec<i32>,
 }
 
-/// `precompute_coeffs` + `normalize_coeffs_8bpc` for the whole-image box (0, 0, in_size).
-fn precompute_coeffs(in_size: u32, out_size: u32, filter: Resample) -> Coeffs {
+/// `precompute_coeffs` + `normalize_coeffs_8bpc` for the whole-image box (0, 0, in_size), for
+/// the output samples `outputs` of `0..out_size` only (each sample's coefficients depend on its
+/// own index alone, so a sub-range is exactly the corresponding rows of the full table).
+fn precompute_coeffs(
+    in_size: u32,
+    out_size: u32,
+    outputs: std::ops::Range<u32>,
+    filter: Resample,
+) -> Coeffs {
     // Pillow keeps the box in C floats; (in1 - in0) is computed in float, then widened.
     let in0 = 0.0f32;
     let in1 = in_size as f32;
@@ -253,10 +260,11 @@ fn precompute_coeffs(in_size: u32, out_size: u32, filter: Resample) -> Coeffs {
     let support = filter.support() * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
     let inv_filterscale = 1.0 / filterscale;
-    let mut bounds = Vec::with_capacity(out_size as usize);
-    let mut weights = vec![0i32; out_size as usize * ksize];
+    let count = outputs.len();
+    let mut bounds = Vec::with_capacity(count);
+    let mut weights = vec![0i32; count * ksize];
     let mut k = vec![0f64; ksize];
-    for xx in 0..out_size as usize {
+    for (i, xx) in outputs.map(|xx| xx as usize).enumerate() {
         let center = f64::from(in0) + (xx as f64 + 0.5) * scale;
         // C casts truncate toward zero, as `as` does.
         let xmin = ((center - support + 0.5) as i64).max(0);
@@ -268,7 +276,7 @@ fn precompute_coeffs(in_size: u32, out_size: u32, filter: Resample) -> Coeffs {
             *kx = w;
             ww += w;
         }
-        let row = &mut weights[xx * ksize..xx * ksize + n];
+        let row = &mut weights[i * ksize..i * ksize + n];
         for (dst, &kx) in row.iter_mut().zip(&k[..n]) {
             let kx = if ww != 0.0 { kx / ww } else { kx };
             let fixed = kx * f64::from(1u32 << PRECISION_BITS);
@@ -348,41 +356,75 @@ fn resample_vertical(src: &[u8], w: usize, row_offset: usize, c: &Coeffs) -> Vec
 /// by the downscale factor, and Pillow 13's pass order (vertical first when the height shrinks
 /// more than twice as much as the width, horizontal first otherwise).
 pub fn resize_pil(src: &RgbImage, out_w: u32, out_h: u32, filter: Resample) -> RgbImage {
+    resize_pil_window(src, out_w, out_h, (0, 0, out_w, out_h), filter)
+}
+
+/// The `(x, y, width, height)` window of `resize_pil(src, out_w, out_h, filter)`, computed
+/// without the rest of the resized image. Every output pixel of the two passes depends only on
+/// its own row's and column's coefficients, so the window is bit-identical to cropping the full
+/// resize; it is what keeps a resize whose crop discards most of it (CLIP's shortest-edge resize
+/// of a 1x8192 strip is 336x2752512 before its 336x336 centre crop) from allocating gigabytes.
+fn resize_pil_window(
+    src: &RgbImage,
+    out_w: u32,
+    out_h: u32,
+    window: (u32, u32, u32, u32),
+    filter: Resample,
+) -> RgbImage {
+    let (x0, y0, win_w, win_h) = window;
+    debug_assert!(
+        x0 + win_w <= out_w && y0 + win_h <= out_h,
+        "window outside the output"
+    );
     let (in_w, in_h) = src.dimensions();
     if (in_w, in_h) == (out_w, out_h) {
         // Pillow returns a copy for the identity resize.
-        return src.clone();
+        return crop_window(src, window);
     }
-    if out_w == 0 || out_h == 0 {
-        return RgbImage::new(out_w, out_h);
+    if win_w == 0 || win_h == 0 {
+        return RgbImage::new(win_w, win_h);
     }
     let need_h = out_w != in_w;
     let need_v = out_h != in_h;
+    // Pillow's pass order depends on the full sizes, not on the window.
     let dh = i64::from(in_h) - i64::from(out_h);
     let dw = i64::from(in_w) - i64::from(out_w);
     let horizontal_first = !(dh > 0 && dh > dw * 2);
     let raw = src.as_raw();
-    let (w, h) = (in_w as usize, in_h as usize);
-    let vert = need_v.then(|| precompute_coeffs(in_h, out_h, filter));
-    let horiz = need_h.then(|| precompute_coeffs(in_w, out_w, filter));
+    let w = in_w as usize;
+    let (cols, rows) = (x0..x0 + win_w, y0..y0 + win_h);
+    let vert = need_v.then(|| precompute_coeffs(in_h, out_h, rows.clone(), filter));
+    let horiz = need_h.then(|| precompute_coeffs(in_w, out_w, cols, filter));
     let out = match (horiz, vert) {
         (Some(hc), Some(vc)) if horizontal_first => {
             // Only the rows the vertical pass reads are resampled horizontally.
-            let y0 = vc.bounds[0].0;
+            let first = vc.bounds[0].0;
             let last = vc.bounds[vc.bounds.len() - 1];
-            let y1 = last.0 + last.1;
-            let tmp = resample_horizontal(raw, w, y0, y1, &hc);
-            resample_vertical(&tmp, out_w as usize, y0, &vc)
+            let tmp = resample_horizontal(raw, w, first, last.0 + last.1, &hc);
+            resample_vertical(&tmp, win_w as usize, first, &vc)
         }
         (Some(hc), Some(vc)) => {
             let tmp = resample_vertical(raw, w, 0, &vc);
-            resample_horizontal(&tmp, w, 0, out_h as usize, &hc)
+            resample_horizontal(&tmp, w, 0, win_h as usize, &hc)
         }
-        (Some(hc), None) => resample_horizontal(raw, w, 0, h, &hc),
-        (None, Some(vc)) => resample_vertical(raw, w, 0, &vc),
-        (None, None) => raw.clone(),
+        // Same height: the window's rows of the source, resampled horizontally.
+        (Some(hc), None) => resample_horizontal(raw, w, y0 as usize, (y0 + win_h) as usize, &hc),
+        // Same width: the window's columns of the source, resampled vertically.
+        (None, Some(vc)) => {
+            let columns = crop_window(src, (x0, 0, win_w, in_h));
+            resample_vertical(columns.as_raw(), win_w as usize, 0, &vc)
+        }
+        (None, None) => unreachable!("the identity resize returned above"),
     };
-    RgbImage::from_raw(out_w, out_h, out).expect("buffer size matches dimensions")
+    RgbImage::from_raw(win_w, win_h, out).expect("buffer size matches dimensions")
+}
+
+/// The `(x, y, width, height)` window of `src` (inside it) as a new image.
+fn crop_window(src: &RgbImage, (x0, y0, w, h): (u32, u32, u32, u32)) -> RgbImage {
+    if (x0, y0, w, h) == (0, 0, src.width(), src.height()) {
+        return src.clone();
+    }
+    place(src, h, w, -i64::from(y0), -i64::from(x0), [0, 0, 0])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -960,13 +1002,18 @@ fn place(src: &RgbImage, out_h: u32, out_w: u32, top: i64, left: i64, fill: [u8;
     out
 }
 
+/// The (height, width) the processors' resize step produces for an (h, w) image.
+fn resize_target(h: u32, w: u32, cfg: &PreprocessConfig) -> (u32, u32) {
+    match cfg.size {
+        SizeSpec::ShortestEdge(s) => shortest_edge_size(h, w, s),
+        SizeSpec::Exact { height, width } => (height, width),
+    }
+}
+
 /// The processors' resize: shortest edge or exact size; the identity is a copy (borrow here).
 fn resize_step<'a>(img: &'a RgbImage, cfg: &PreprocessConfig) -> Cow<'a, RgbImage> {
     let (h, w) = (img.height(), img.width());
-    let (nh, nw) = match cfg.size {
-        SizeSpec::ShortestEdge(s) => shortest_edge_size(h, w, s),
-        SizeSpec::Exact { height, width } => (height, width),
-    };
+    let (nh, nw) = resize_target(h, w, cfg);
     if (nh, nw) == (h, w) {
         Cow::Borrowed(img)
     } else {
@@ -986,17 +1033,36 @@ fn center_crop<'a>(img: &'a RgbImage, ch: u32, cw: u32) -> Cow<'a, RgbImage> {
     Cow::Owned(place(img, ch, cw, -top, -left, [0, 0, 0]))
 }
 
+/// `center_crop(resize_step(img))` computing only the resized pixels the crop keeps
+/// (bit-identical: see [`resize_pil_window`]). A shortest-edge resize of a thin strip is huge
+/// (1x8192 → 336x2752512, 2.8 GB) while its crop is one view.
+fn resize_then_crop<'a>(img: &'a RgbImage, cfg: &PreprocessConfig) -> Cow<'a, RgbImage> {
+    let (h, w) = (img.height(), img.width());
+    let (nh, nw) = resize_target(h, w, cfg);
+    let (ch, cw) = cfg.crop_size;
+    if (nh, nw) == (h, w) {
+        return center_crop(img, ch, cw);
+    }
+    // `center_crop`'s window in the resized image, clipped to it (the rest is zero padding).
+    let top = (i64::from(nh) - i64::from(ch)).div_euclid(2);
+    let left = (i64::from(nw) - i64::from(cw)).div_euclid(2);
+    let (y0, y1) = (top.max(0), (top + i64::from(ch)).min(i64::from(nh)));
+    let (x0, x1) = (left.max(0), (left + i64::from(cw)).min(i64::from(nw)));
+    let window = (x0 as u32, y0 as u32, (x1 - x0) as u32, (y1 - y0) as u32);
+    let part = resize_pil_window(img, nw, nh, window, cfg.resample);
+    if part.dimensions() == (cw, ch) {
+        return Cow::Owned(part);
+    }
+    Cow::Owned(place(&part, ch, cw, y0 - top, x0 - left, [0, 0, 0]))
+}
+
 /// resize → centre crop → rescale → normalise for one view, appended channel-first to `out`.
 fn finish_view(view: &RgbImage, cfg: &PreprocessConfig, out: &mut Vec<f32>) -> (u32, u32) {
-    let resized = if cfg.do_resize {
-        resize_step(view, cfg)
-    } else {
-        Cow::Borrowed(view)
-    };
-    let cropped = if cfg.do_center_crop {
-        center_crop(&resized, cfg.crop_size.0, cfg.crop_size.1)
-    } else {
-        Cow::Borrowed(resized.as_ref())
+    let cropped = match (cfg.do_resize, cfg.do_center_crop) {
+        (true, true) => resize_then_crop(view, cfg),
+        (true, false) => resize_step(view, cfg),
+        (false, true) => center_crop(view, cfg.crop_size.0, cfg.crop_size.1),
+        (false, false) => Cow::Borrowed(view),
     };
     let raw = cropped.as_raw();
     let n = raw.len() / 3;
@@ -1494,5 +1560,71 @@ mod tests {
         let tile1 = &p.pixel_values[3 * 336 * 336..];
         let black = ((0.0f32 - CLIP_MEAN[0] as f32) / CLIP_STD[0] as f32, 0);
         assert_eq!((tile1[0], 0), black);
+    }
+
+    #[test]
+    fn resize_window_is_the_crop_of_the_full_resize() {
+        // Down, up, mixed and one-axis resizes, so that both pass orders and the single-pass
+        // cases run; windows at the corners, inside, one pixel wide and the whole output.
+        let cases = [
+            ((40, 30), (7, 11)),
+            ((9, 13), (33, 20)),
+            ((50, 8), (12, 30)),
+            ((8, 50), (30, 12)),
+            ((30, 21), (30, 9)),
+            ((21, 30), (9, 30)),
+            ((64, 1), (336, 21504)),
+        ];
+        for ((in_w, in_h), (out_w, out_h)) in cases {
+            let src = pattern(in_h, in_w);
+            for filter in [Resample::Bicubic, Resample::Bilinear] {
+                let full = resize_pil(&src, out_w, out_h, filter);
+                let windows = [
+                    (0, 0, out_w, out_h),
+                    (0, 0, 1, 1),
+                    (out_w - 1, out_h - 1, 1, 1),
+                    (out_w / 3, out_h / 4, out_w / 2 + 1, out_h / 2 + 1),
+                    (out_w / 2, 0, 1, out_h),
+                    (0, out_h / 2, out_w, 1),
+                ];
+                for window in windows {
+                    assert_eq!(
+                        resize_pil_window(&src, out_w, out_h, window, filter),
+                        crop_window(&full, window),
+                        "{in_w}x{in_h} -> {out_w}x{out_h} {filter:?} window {window:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn resize_then_crop_is_centre_crop_of_resize() {
+        // Shortest-edge sizes below, at and above the crop, odd and even margins, and crops
+        // larger than the resized image (zero padding).
+        for (h, w) in [
+            (480, 640),
+            (640, 480),
+            (335, 337),
+            (336, 336),
+            (1, 64),
+            (64, 1),
+            (20, 20),
+        ] {
+            for (size, crop) in [(336, (336, 336)), (300, (320, 310)), (50, (17, 90))] {
+                let cfg = PreprocessConfig {
+                    size: SizeSpec::ShortestEdge(size),
+                    crop_size: crop,
+                    ..PreprocessConfig::clip_defaults(336)
+                };
+                let img = pattern(h, w);
+                let expected = center_crop(&resize_step(&img, &cfg), crop.0, crop.1).into_owned();
+                assert_eq!(
+                    resize_then_crop(&img, &cfg).into_owned(),
+                    expected,
+                    "{h}x{w} size {size} crop {crop:?}"
+                );
+            }
+        }
     }
 }

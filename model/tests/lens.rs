@@ -169,7 +169,11 @@ fn lens_matches_reference_for_every_case_and_mode() {
                 .flatten()
         })
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        // Forward-pass cases come as a json + safetensors pair (other reference dirs, such as
+        // the server's diagnostics cases, hold json only).
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "json") && p.with_extension("safetensors").is_file()
+        })
         .collect();
     cases.sort();
     let mut checkpoints: HashMap<String, Checkpoint> = HashMap::new();

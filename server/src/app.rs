@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use crate::diagnose::DiagnosticsConfig;
 use crate::engine::backend::{ModelBackend, PromptProcessor};
 use crate::engine::{Engine, EngineConfig};
 use crate::error::{ApiError, ErrorCode};
@@ -62,6 +63,8 @@ pub struct ServingConfig {
     /// Lowers the model's own context length.
     pub max_model_len: Option<usize>,
     pub max_images_per_request: usize,
+    /// Safety diagnostics: sample rate of ordinary requests, the metrics' band and layer.
+    pub diagnostics: DiagnosticsConfig,
 }
 
 impl Default for ServingConfig {
@@ -71,6 +74,7 @@ impl Default for ServingConfig {
             media: MediaConfig::default(),
             max_model_len: None,
             max_images_per_request: 8,
+            diagnostics: DiagnosticsConfig::default(),
         }
     }
 }
@@ -97,13 +101,17 @@ impl ServingModel {
         let mut limits = Limits::new(card.max_model_len);
         limits.max_images_per_request = config.max_images_per_request;
         let media = MediaFetcher::new(config.media.clone()).map_err(std::io::Error::other)?;
+        if let Some(dx) = processor.diagnostics() {
+            metrics.init_safety(dx.num_layers());
+        }
         let validator = Validator::new(
             processor,
             media,
             limits,
             card.id.clone(),
             card.supports_images,
-        );
+        )
+        .with_diagnostics(config.diagnostics.clone());
         let engine = Engine::start(backend, config.engine.clone(), metrics)?;
         Ok(Self {
             card,
@@ -165,6 +173,8 @@ impl AppState {
     /// Stops accepting requests (503) and lets running ones finish within `grace`.
     pub fn begin_shutdown(&self, grace: Duration) {
         self.shutting_down.store(true, Ordering::SeqCst);
+        // Open /v1/safety/events streams end, so they do not hold the drain.
+        self.metrics.safety_events.close();
         if let Some(model) = self.model.get() {
             model.engine.shutdown(grace);
         }
@@ -193,6 +203,14 @@ pub async fn serve(
     let router = crate::http::router(state.clone());
     let signal_state = state.clone();
     let (signalled_tx, signalled) = tokio::sync::oneshot::channel::<()>();
+    // Token streams are many small writes: without TCP_NODELAY the first chunk waits for the
+    // peer's delayed ACK (~40 ms) and later ones get merged, which distorts TTFT and ITL.
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %err, "cannot set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(listener, router).with_graceful_shutdown(async move {
         shutdown.await;
         tracing::info!(grace_s = grace.as_secs_f64(), "shutting down");

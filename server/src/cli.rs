@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::app::{HttpConfig, ServingConfig};
+use crate::diagnose::DiagnosticsConfig;
 use crate::engine::EngineConfig;
 use crate::media::MediaConfig;
 
@@ -28,6 +29,55 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Print the OpenAPI document that `/openapi.json` serves.
     Openapi,
+    /// Cross-modal safety evaluation: every item as image prompt and as caption-as-text prompt,
+    /// DSR per category, refusal layers and per-layer curves (report.json, report.md).
+    Eval(Box<EvalArgs>),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    /// JSONL dataset, one `{"image", "caption", "instruction", "category"}` per line (`image`: a
+    /// path relative to the file, an http(s) URL or a data URI).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Directory for report.json, report.md and records.jsonl (default: `eval-<data name>`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Also run the image prompts with their states aligned to the caption's (add) after blocks
+    /// `LO..HI` (the paper's Figure 5).
+    #[arg(long, value_parser = parse_band)]
+    pub align_layers: Option<(usize, usize)>,
+    /// Also run the text prompts with the caption masked from attention at blocks `LO..HI` (the
+    /// paper's Figure 3).
+    #[arg(long, value_parser = parse_band)]
+    pub mask_layers: Option<(usize, usize)>,
+    /// Longest greedy answer, in tokens.
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// The model and engine settings, as for `serve`.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+impl EvalArgs {
+    pub fn eval_config(&self) -> crate::eval::EvalConfig {
+        let out = self.out.clone().unwrap_or_else(|| {
+            let stem = self
+                .data
+                .file_stem()
+                .map_or_else(|| "data".into(), |s| s.to_string_lossy().into_owned());
+            PathBuf::from(format!("eval-{stem}"))
+        });
+        crate::eval::EvalConfig {
+            data: self.data.clone(),
+            out,
+            align_layers: self.align_layers,
+            mask_layers: self.mask_layers,
+            max_tokens: self.max_tokens,
+            concurrency: self.serve.max_num_seqs as usize,
+            progress: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -41,6 +91,59 @@ impl Dtype {
         match self {
             Self::F32 => "f32",
             Self::Bf16 => "bf16",
+        }
+    }
+}
+
+/// The compute device (`--device`): `cpu`, `cuda` (GPU 0) or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        let value = value.trim().to_ascii_lowercase();
+        match value.as_str() {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            _ => value
+                .strip_prefix("cuda:")
+                .and_then(|ordinal| ordinal.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("unknown device `{value}` (use cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(ordinal) => write!(f, "cuda:{ordinal}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// Opens the device. A CUDA device in a binary built without the `cuda` feature is a clear
+    /// error at start-up rather than a silent fall-back to the CPU.
+    pub fn open(self) -> Result<candle_core::Device, String> {
+        match self {
+            Self::Cpu => Ok(candle_core::Device::Cpu),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(ordinal) => candle_core::Device::new_cuda(ordinal)
+                .map_err(|err| format!("cannot open CUDA device {ordinal}: {err}")),
+            #[cfg(not(feature = "cuda"))]
+            Self::Cuda(_) => Err(format!(
+                "--device {self}: this tga-serve was built without CUDA support; rebuild it with \
+                 `cargo build --release -p tga-serve --features cuda` (needs nvcc, see \
+                 docker/README.md)"
+            )),
         }
     }
 }
@@ -59,6 +162,9 @@ pub struct ServeArgs {
     pub template: Option<String>,
     #[arg(long, env = "TGA_DTYPE", value_enum, default_value_t = Dtype::F32)]
     pub dtype: Dtype,
+    /// Compute device: `cpu`, `cuda` or `cuda:N` (CUDA needs a binary built with `--features cuda`).
+    #[arg(long, env = "TGA_DEVICE", default_value_t = DeviceSpec::Cpu)]
+    pub device: DeviceSpec,
     /// Model id in the API (default: the checkpoint directory's name).
     #[arg(long, env = "TGA_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
@@ -114,6 +220,46 @@ pub struct ServeArgs {
     /// On SIGTERM, seconds running requests get to finish before they are cut.
     #[arg(long, env = "TGA_SHUTDOWN_GRACE", default_value_t = 30.0)]
     pub shutdown_grace: f64,
+
+    /// Share (0 to 1) of ordinary chat requests diagnosed in the background (lens and
+    /// attention, no caption pass) for the safety metrics and /v1/safety/events.
+    #[arg(long, env = "TGA_DIAGNOSE_SAMPLE_RATE", default_value_t = 0.0, value_parser = parse_rate)]
+    pub diagnose_sample_rate: f64,
+    /// Layers `LO..HI` (inclusive) whose mean image-text cosine feeds the safety metrics and
+    /// the firehose (default: the middle third of the model's layers).
+    #[arg(long, env = "TGA_SAFETY_BAND", value_parser = parse_band)]
+    pub safety_band: Option<(usize, usize)>,
+    /// The layer whose logit-lens refusal probability feeds the safety metrics and the firehose
+    /// (default: the upper end of the safety band).
+    #[arg(long, env = "TGA_SAFETY_LAYER")]
+    pub safety_layer: Option<usize>,
+}
+
+fn parse_rate(value: &str) -> Result<f64, String> {
+    let rate: f64 = value.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..=1.0).contains(&rate) {
+        Ok(rate)
+    } else {
+        Err(format!(
+            "the sample rate must be between 0 and 1, got {rate}"
+        ))
+    }
+}
+
+/// `LO..HI` or `LO,HI`.
+pub fn parse_band(value: &str) -> Result<(usize, usize), String> {
+    let (lo, hi) = value
+        .split_once("..")
+        .or_else(|| value.split_once(','))
+        .ok_or_else(|| format!("expected LO..HI, got {value:?}"))?;
+    let parse = |s: &str| s.trim().parse::<usize>().map_err(|e| format!("{s:?}: {e}"));
+    let (lo, hi) = (parse(lo)?, parse(hi)?);
+    if lo > hi {
+        return Err(format!(
+            "the band's low end {lo} is above its high end {hi}"
+        ));
+    }
+    Ok((lo, hi))
 }
 
 impl ServeArgs {
@@ -153,6 +299,11 @@ impl ServeArgs {
             },
             max_model_len: self.max_model_len,
             max_images_per_request: self.max_images_per_request,
+            diagnostics: DiagnosticsConfig {
+                sample_rate: self.diagnose_sample_rate,
+                band: self.safety_band,
+                safety_layer: self.safety_layer,
+            },
         }
     }
 
@@ -193,7 +344,7 @@ mod tests {
         let cli = Cli::try_parse_from(["tga-serve", "serve"].iter().chain(args)).unwrap();
         match cli.command {
             Command::Serve(args) => *args,
-            Command::Openapi => unreachable!(),
+            Command::Openapi | Command::Eval(_) => unreachable!(),
         }
     }
 
@@ -226,6 +377,65 @@ mod tests {
         assert!(serving.media.allow_private);
         assert_eq!(serving.max_model_len, Some(512));
         assert!(Cli::try_parse_from(["tga-serve", "serve", "--max-num-seqs", "0"]).is_err());
+    }
+
+    #[test]
+    fn device_flag() {
+        assert_eq!(serve(&[]).device, DeviceSpec::Cpu);
+        assert_eq!(serve(&["--device", "cuda"]).device, DeviceSpec::Cuda(0));
+        assert_eq!(serve(&["--device", "CUDA:3"]).device, DeviceSpec::Cuda(3));
+        assert_eq!(DeviceSpec::Cuda(1).to_string(), "cuda:1");
+        for bad in ["cuda:", "cuda:x", "metal", "cuda:-1"] {
+            assert!(
+                Cli::try_parse_from(["tga-serve", "serve", "--device", bad]).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(DeviceSpec::Cpu.open().unwrap().is_cpu());
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_is_a_clear_error() {
+        let err = DeviceSpec::Cuda(0).open().unwrap_err();
+        assert!(err.contains("built without CUDA support"), "{err}");
+        assert!(err.contains("--features cuda"), "{err}");
+    }
+
+    #[test]
+    fn eval_takes_the_dataset_layers_and_the_serve_flags() {
+        let cli = Cli::try_parse_from([
+            "tga-serve",
+            "eval",
+            "--data",
+            "sets/hod.jsonl",
+            "--align-layers",
+            "10..18",
+            "--mask-layers",
+            "16,24",
+            "--max-num-seqs",
+            "4",
+        ])
+        .unwrap();
+        let Command::Eval(args) = cli.command else {
+            panic!("eval expected")
+        };
+        let config = args.eval_config();
+        assert_eq!(config.align_layers, Some((10, 18)));
+        assert_eq!(config.mask_layers, Some((16, 24)));
+        assert_eq!(config.out, PathBuf::from("eval-hod"));
+        assert_eq!(config.concurrency, 4);
+        assert!(
+            Cli::try_parse_from(["tga-serve", "eval", "--data", "x", "--mask-layers", "5..2"])
+                .is_err()
+        );
+        let args = serve(&["--diagnose-sample-rate", "0.25", "--safety-band", "10..18"]);
+        let diagnostics = args.serving_config().diagnostics;
+        assert_eq!(diagnostics.sample_rate, 0.25);
+        assert_eq!(diagnostics.band, Some((10, 18)));
+        assert!(
+            Cli::try_parse_from(["tga-serve", "serve", "--diagnose-sample-rate", "2"]).is_err()
+        );
     }
 
     #[test]

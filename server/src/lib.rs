@@ -10,14 +10,20 @@
 //! - [`metrics`]: the serving metrics, in a registry owned by the app.
 //! - [`app`]: shared state, the loaded model, serving with graceful shutdown.
 //! - [`cli`]: the `tga-serve` command line (every flag also an environment variable).
+//! - [`diagnose`]: the safety-diagnostics options, their validation into a plan the engine runs,
+//!   and the report; [`events`]: the firehose of diagnosed requests and the safety metrics' feed.
+//! - [`eval`]: `tga-serve eval`, the cross-modal safety evaluation (DSR image vs text).
 //! - [`llava`]: the `model` crate's LLaVA-Mistral behind the engine seam; [`builtin`]: the tiny
 //!   model embedded in the binary.
 
 pub mod app;
 pub mod builtin;
 pub mod cli;
+pub mod diagnose;
 pub mod engine;
 pub mod error;
+pub mod eval;
+pub mod events;
 pub mod http;
 pub mod llava;
 pub mod media;

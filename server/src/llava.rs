@@ -2,21 +2,32 @@
 //! on the blocking pool) and [`LlavaBackend`] (prefill, batched decode, sampling; runs on the
 //! engine thread). Both share one [`LlavaModel`]; the processor only reads its configuration.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use model::config::CheckpointFormat;
+use model::diagnostics::{
+    after_image_span, cosine_per_layer, layer_records, merge_spans, AttentionShares, LogitLens,
+    RefusalSet, RefusalTokens, Summary,
+};
 use model::image::{decode_image, preprocess, ImageLimits};
 use model::llava::{LlavaModel, LoadOptions};
-use model::mistral::{KvCache, LayerTaps};
-use model::template::{build_prompt, ChatMessage, ChatTemplate, ContentPart, PromptMode};
+use model::mistral::{KeyMask, KvCache, LayerTaps, StateEdit};
+use model::template::{
+    build_prompt, ChatMessage, ChatTemplate, ContentPart, PromptMode, PromptTokens,
+    IMAGE_PLACEHOLDER,
+};
 use model::tokenizer::Tokenizer;
 use model::ModelError;
 
+use crate::diagnose::{
+    CaptionPassMeta, CaptionPlan, DiagnosePlan, Diagnosis, TextSpan, DESCRIBE_PROMPT,
+};
 use crate::engine::backend::{
-    BackendError, ChatTurn, ImageInput, ModelBackend, ProcessError, Prompt, PromptProcessor, Role,
-    SampledToken, SamplingParams, TokenSampler, TurnPart,
+    BackendError, ChatTurn, DiagnosticsProcessor, ImageInput, ModelBackend, ProcessError, Prompt,
+    PromptLayout, PromptProcessor, Role, SampledToken, SamplingParams, TokenSampler, TurnPart,
 };
 
 /// Everything loaded from a checkpoint directory.
@@ -48,6 +59,12 @@ pub fn load(
     let template = match template {
         Some(name) => ChatTemplate::by_name(name)?,
         None => match ChatTemplate::from_dir(dir)? {
+            // The tokenizer's special tokens also become template variables (bos_token, ...).
+            Some(ChatTemplate::Jinja(t)) => {
+                let mut specials = tokenizer.template_special_tokens();
+                specials.extend(t.special_tokens().clone());
+                ChatTemplate::Jinja(t.with_special_tokens(specials))
+            }
             Some(t) => t,
             None if model.config().format == CheckpointFormat::Original => {
                 tracing::info!("no chat template in the checkpoint: using mistral_instruct (pass --template llava_llama_2 for TGA checkpoints)");
@@ -87,25 +104,17 @@ impl LlavaProcessor {
     }
 }
 
-impl PromptProcessor for LlavaProcessor {
-    fn prepare_image(&self, bytes: &[u8]) -> Result<ImageInput, ProcessError> {
-        let img = decode_image(bytes, &self.limits).map_err(image_error)?;
-        let p = preprocess(&img, self.model.preprocess_config()).map_err(image_error)?;
-        let (h, w) = p.original_hw;
-        let (vh, vw) = p.size;
-        Ok(ImageInput {
-            image_size: (h, w),
-            num_tokens: self.model.image_token_count(h, w),
-            shape: vec![p.n_views, 3, vh as usize, vw as usize],
-            pixel_values: p.pixel_values,
-        })
+impl LlavaProcessor {
+    fn mode(&self) -> PromptMode {
+        match self.model.config().format {
+            CheckpointFormat::Original => PromptMode::Original,
+            _ => PromptMode::Hf,
+        }
     }
 
-    fn build_prompt(
-        &self,
-        turns: &[ChatTurn],
-        images: Vec<ImageInput>,
-    ) -> Result<Prompt, ProcessError> {
+    /// The chat template's rendering of `turns` (with the generation prompt), one
+    /// [`IMAGE_PLACEHOLDER`] per image part.
+    fn render(&self, turns: &[ChatTurn]) -> Result<String, ProcessError> {
         let messages: Vec<ChatMessage> = turns
             .iter()
             .map(|t| {
@@ -125,10 +134,164 @@ impl PromptProcessor for LlavaProcessor {
                 ChatMessage::new(role, content)
             })
             .collect();
-        let rendered = self
-            .template
+        self.template
             .render(&messages, true)
+            .map_err(|e| ProcessError::InvalidPrompt(e.to_string()))
+    }
+
+    /// Rendered prompt and its tokens, image `k` (in order of appearance) expanded to
+    /// `image_token_counts[k]` positions.
+    fn tokens(
+        &self,
+        turns: &[ChatTurn],
+        image_token_counts: &[usize],
+    ) -> Result<(String, PromptTokens), ProcessError> {
+        let rendered = self.render(turns)?;
+        let tokens = build_prompt(&self.tokenizer, &rendered, image_token_counts, self.mode())
             .map_err(|e| ProcessError::InvalidPrompt(e.to_string()))?;
+        Ok((rendered, tokens))
+    }
+
+    /// The caption pass of DIAGNOSTICS.md §3: the request's rendered template with every image
+    /// placeholder replaced by `caption`, tokenized as a text-only prompt; returns its ids and
+    /// the token spans of the inserted captions.
+    fn caption_prompt(
+        &self,
+        turns: &[ChatTurn],
+        caption: &str,
+    ) -> Result<(Vec<u32>, Vec<Range<usize>>), ProcessError> {
+        let rendered = self.render(turns)?;
+        let mut text = String::with_capacity(rendered.len());
+        let mut chars = 0;
+        let mut inserted = Vec::new();
+        for (k, piece) in rendered.split(IMAGE_PLACEHOLDER).enumerate() {
+            if k > 0 {
+                let len = caption.chars().count();
+                inserted.push(chars..chars + len);
+                text.push_str(caption);
+                chars += len;
+            }
+            text.push_str(piece);
+            chars += piece.chars().count();
+        }
+        let tokens = build_prompt(&self.tokenizer, &text, &[], self.mode())
+            .map_err(|e| ProcessError::InvalidPrompt(e.to_string()))?;
+        let spans: Vec<Range<usize>> = inserted
+            .into_iter()
+            .filter_map(|r| tokens.token_span_of_chars(r))
+            .collect();
+        if spans.is_empty() {
+            return Err(ProcessError::InvalidPrompt(
+                "the caption pass has no caption tokens (the request has no image placeholder)"
+                    .into(),
+            ));
+        }
+        Ok((tokens.ids, merge_spans(&spans)))
+    }
+}
+
+/// Character ranges of the user messages' text parts in `rendered`, found in conversation order
+/// (the templates render parts verbatim, some trimmed).
+fn user_text_ranges(rendered: &str, turns: &[ChatTurn]) -> Vec<Range<usize>> {
+    let mut cursor = 0;
+    let mut ranges = Vec::new();
+    for turn in turns {
+        for part in &turn.parts {
+            let TurnPart::Text(text) = part else {
+                continue;
+            };
+            let found = [text.as_str(), text.trim()]
+                .into_iter()
+                .filter(|t| !t.is_empty())
+                .find_map(|t| rendered[cursor..].find(t).map(|at| (cursor + at, t.len())));
+            let Some((start, len)) = found else {
+                continue;
+            };
+            cursor = start + len;
+            if turn.role == Role::User {
+                let c0 = rendered[..start].chars().count();
+                ranges.push(c0..c0 + rendered[start..cursor].chars().count());
+            }
+        }
+    }
+    ranges
+}
+
+impl DiagnosticsProcessor for LlavaProcessor {
+    fn num_layers(&self) -> usize {
+        self.model.config().text.num_hidden_layers
+    }
+
+    fn refusal_set(&self, spec: &RefusalTokens) -> Result<RefusalSet, String> {
+        RefusalSet::resolve(spec, self.tokenizer.inner()).map_err(|e| match e {
+            ModelError::InvalidInput(message) => message,
+            other => other.to_string(),
+        })
+    }
+
+    fn locate(
+        &self,
+        turns: &[ChatTurn],
+        image_token_counts: &[usize],
+        needles: &[String],
+    ) -> Result<PromptLayout, ProcessError> {
+        let (rendered, tokens) = self.tokens(turns, image_token_counts)?;
+        let ranges = user_text_ranges(&rendered, turns);
+        let chars: Vec<(usize, char)> = rendered.char_indices().collect();
+        let char_at = |byte: usize| chars.partition_point(|&(b, _)| b < byte);
+        let user_text = ranges
+            .iter()
+            .filter_map(|r| tokens.token_span_of_chars(r.clone()))
+            .collect();
+        let needles = needles
+            .iter()
+            .map(|needle| {
+                let mut spans = Vec::new();
+                for r in &ranges {
+                    let (b0, b1) = (
+                        chars[r.start].0,
+                        chars.get(r.end).map_or(rendered.len(), |c| c.0),
+                    );
+                    for (at, m) in rendered[b0..b1].match_indices(needle.as_str()) {
+                        let c0 = char_at(b0 + at);
+                        let c1 = char_at(b0 + at + m.len());
+                        spans.extend(tokens.token_span_of_chars(c0..c1));
+                    }
+                }
+                spans
+            })
+            .collect();
+        Ok(PromptLayout {
+            user_text,
+            needles,
+            token_count: tokens.len(),
+        })
+    }
+}
+
+impl PromptProcessor for LlavaProcessor {
+    fn diagnostics(&self) -> Option<&dyn DiagnosticsProcessor> {
+        Some(self)
+    }
+
+    fn prepare_image(&self, bytes: &[u8]) -> Result<ImageInput, ProcessError> {
+        let img = decode_image(bytes, &self.limits).map_err(image_error)?;
+        let p = preprocess(&img, self.model.preprocess_config()).map_err(image_error)?;
+        let (h, w) = p.original_hw;
+        let (vh, vw) = p.size;
+        Ok(ImageInput {
+            image_size: (h, w),
+            num_tokens: self.model.image_token_count(h, w),
+            shape: vec![p.n_views, 3, vh as usize, vw as usize],
+            pixel_values: p.pixel_values,
+        })
+    }
+
+    fn build_prompt(
+        &self,
+        turns: &[ChatTurn],
+        images: Vec<ImageInput>,
+    ) -> Result<Prompt, ProcessError> {
         // Images appear in the prompt in the order of their parts; the parts index `images`.
         let order: Vec<usize> = turns
             .iter()
@@ -147,12 +310,7 @@ impl PromptProcessor for LlavaProcessor {
             ordered.push(img);
         }
         let counts: Vec<usize> = ordered.iter().map(|i| i.num_tokens).collect();
-        let mode = match self.model.config().format {
-            CheckpointFormat::Original => PromptMode::Original,
-            _ => PromptMode::Hf,
-        };
-        let tokens = build_prompt(&self.tokenizer, &rendered, &counts, mode)
-            .map_err(|e| ProcessError::InvalidPrompt(e.to_string()))?;
+        let (_, tokens) = self.tokens(turns, &counts)?;
         Ok(Prompt {
             token_ids: tokens.ids,
             image_spans: tokens.image_spans,
@@ -177,14 +335,33 @@ pub struct LlavaBackend {
     model: Arc<LlavaModel>,
     tokenizer: Arc<Tokenizer>,
     stop_ids: Vec<u32>,
+    /// Template and tokenizer for the prompts the diagnostics build on the engine thread (the
+    /// caption pass, the model's own caption).
+    prompts: LlavaProcessor,
+    /// The logit lens over this model's final norm and unembedding (DIAGNOSTICS.md §1).
+    lens: Option<LogitLens>,
+    /// Per vocabulary id, whether it is a byte-fallback piece (`<0x41>`).
+    byte_tokens: Vec<bool>,
 }
 
 impl LlavaBackend {
     pub fn new(loaded: &LoadedModel) -> Self {
+        let decoder = loaded.model.decoder();
+        let norm = decoder.final_norm();
+        let lens = LogitLens::new(
+            norm.weight().clone(),
+            norm.eps(),
+            decoder.lm_head_weight().clone(),
+        )
+        .map_err(|e| tracing::warn!(error = %e, "no logit lens: diagnostics are unavailable"))
+        .ok();
         Self {
             model: loaded.model.clone(),
             tokenizer: loaded.tokenizer.clone(),
             stop_ids: loaded.tokenizer.eos_id().into_iter().collect(),
+            prompts: LlavaProcessor::new(loaded, ImageLimits::default()),
+            lens,
+            byte_tokens: byte_tokens(&loaded.tokenizer),
         }
     }
 
@@ -205,6 +382,188 @@ impl LlavaBackend {
         self.decode_batch(&[tok], &mut [&mut cache])?;
         Ok(())
     }
+
+    /// Each image's features (projector output, anyres-packed) with the span it fills.
+    fn encode_images(&self, prompt: &Prompt) -> Result<Vec<(Range<usize>, Tensor)>, BackendError> {
+        let mut images = Vec::with_capacity(prompt.images.len());
+        for (img, span) in prompt.images.iter().zip(&prompt.image_spans) {
+            let pv = Tensor::from_slice(&img.pixel_values, img.shape.as_slice(), &Device::Cpu)
+                .map_err(internal)?;
+            let feats = self
+                .model
+                .encode_image(&model::llava::ImageInput {
+                    pixel_values: pv,
+                    original_hw: img.image_size,
+                })
+                .map_err(internal)?;
+            images.push((span.clone(), feats));
+        }
+        Ok(images)
+    }
+
+    /// The model's own caption of the request's images (DIAGNOSTICS.md §3): one user turn with
+    /// the images and "Describe this image.", greedy (lowest id on ties, as `torch.argmax`),
+    /// at most `max_tokens` tokens, stopped at EOS, special tokens skipped, trimmed.
+    fn model_caption(
+        &self,
+        prompt: &Prompt,
+        images: &[(Range<usize>, Tensor)],
+        max_tokens: usize,
+    ) -> Result<String, BackendError> {
+        let mut parts: Vec<TurnPart> = (0..images.len()).map(TurnPart::Image).collect();
+        parts.push(TurnPart::Text(DESCRIBE_PROMPT.into()));
+        let turns = [ChatTurn {
+            role: Role::User,
+            parts,
+        }];
+        let counts: Vec<usize> = prompt.images.iter().map(|i| i.num_tokens).collect();
+        let (_, tokens) = self.prompts.tokens(&turns, &counts).map_err(internal)?;
+        let feats: Vec<(Range<usize>, Tensor)> = tokens
+            .image_spans
+            .iter()
+            .zip(images)
+            .map(|(span, (_, feats))| (span.clone(), feats.clone()))
+            .collect();
+        let mut cache = self.model.new_cache();
+        let out = self
+            .model
+            .prefill(&tokens.ids, &feats, &mut cache, &LayerTaps::default())
+            .map_err(internal)?;
+        let mut logits = row(&out.logits)?;
+        let mut ids = Vec::new();
+        while ids.len() < max_tokens {
+            let next = first_argmax(&logits);
+            if self.stop_ids.contains(&next) {
+                break;
+            }
+            ids.push(next);
+            if ids.len() == max_tokens {
+                break;
+            }
+            let step = self
+                .model
+                .decode_step(&[next], &mut [&mut cache])
+                .map_err(internal)?;
+            logits = row(&step)?;
+        }
+        let text = self.tokenizer.decode(&ids, true).map_err(internal)?;
+        Ok(text.trim().to_string())
+    }
+
+    /// The caption pass: pooled states `[N+1, H]` of the caption tokens (the alignment vector)
+    /// and of the `text_span` pooling (the cosine's text side).
+    fn caption_pass(
+        &self,
+        turns: &[ChatTurn],
+        caption: &str,
+        text_span: TextSpan,
+    ) -> Result<CaptionPass, BackendError> {
+        let (ids, caption_spans) = self
+            .prompts
+            .caption_prompt(turns, caption)
+            .map_err(internal)?;
+        let pooled_text = match text_span {
+            TextSpan::Caption => caption_spans.clone(),
+            TextSpan::AfterImage => {
+                let start = caption_spans[0].start;
+                // The caption stands where the image stood: "after the image" starts there.
+                let span = after_image_span(std::slice::from_ref(&(start..start)), ids.len());
+                if span.is_empty() {
+                    return Err(BackendError::new(
+                        "the caption pass has no tokens after the caption start",
+                    ));
+                }
+                vec![span]
+            }
+        };
+        let mut spans = caption_spans.clone();
+        spans.extend(pooled_text.iter().cloned());
+        let taps = LayerTaps {
+            pooled_spans: spans,
+            ..Default::default()
+        };
+        let mut cache = self.model.new_cache();
+        let out = self
+            .model
+            .prefill(&ids, &[], &mut cache, &taps)
+            .map_err(internal)?;
+        let pooled = out
+            .taps
+            .pooled
+            .ok_or_else(|| BackendError::new("the caption pass recorded no pooled states"))?;
+        let k = caption_spans.len();
+        let caption_states = span_mean(&pooled.narrow(1, 0, k).map_err(internal)?, &caption_spans)?;
+        let text_states = match text_span {
+            TextSpan::Caption => caption_states.clone(),
+            TextSpan::AfterImage => {
+                span_mean(&pooled.narrow(1, k, 1).map_err(internal)?, &pooled_text)?
+            }
+        };
+        let pair = |r: &Range<usize>| [r.start, r.end];
+        Ok(CaptionPass {
+            meta: CaptionPassMeta {
+                prompt_tokens: ids.len(),
+                caption_spans: caption_spans.iter().map(pair).collect(),
+                pooled_spans: pooled_text.iter().map(pair).collect(),
+            },
+            caption_states,
+            text_states,
+        })
+    }
+}
+
+/// What the caption pass gives the request pass.
+struct CaptionPass {
+    meta: CaptionPassMeta,
+    /// `[N+1, H]`: mean caption-token state per layer (the alignment vector T).
+    caption_states: Tensor,
+    /// `[N+1, H]`: mean state of the `text_span` tokens per layer.
+    text_states: Tensor,
+}
+
+/// The mean over the union of `spans` from per-span means `pooled [L, k, H]`: weighted by
+/// span length (the spans are disjoint).
+fn span_mean(pooled: &Tensor, spans: &[Range<usize>]) -> Result<Tensor, BackendError> {
+    let lens: Vec<f32> = spans.iter().map(|s| s.len() as f32).collect();
+    let total: f32 = lens.iter().sum();
+    let weights = Tensor::from_vec(lens, (1, spans.len(), 1), pooled.device()).map_err(internal)?;
+    pooled
+        .broadcast_mul(&weights)
+        .and_then(|t| t.sum(1))
+        .and_then(|t| t / f64::from(total))
+        .map_err(internal)
+}
+
+/// SentencePiece's byte-fallback pieces `<0x00>`..`<0xFF>`, by id.
+fn byte_tokens(tokenizer: &Tokenizer) -> Vec<bool> {
+    let mut bytes = vec![false; tokenizer.vocab_size()];
+    for b in 0..=255u8 {
+        if let Some(id) = tokenizer.token_to_id(&format!("<0x{b:02X}>")) {
+            if let Some(slot) = bytes.get_mut(id as usize) {
+                *slot = true;
+            }
+        }
+    }
+    bytes
+}
+
+/// The only row of `[1, V]` logits.
+fn row(logits: &Tensor) -> Result<Vec<f32>, BackendError> {
+    logits
+        .i(0)
+        .and_then(|r| r.to_vec1::<f32>())
+        .map_err(internal)
+}
+
+/// Index of the largest value, the lowest index on ties (`torch.argmax`).
+fn first_argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 fn argmax(v: &[f32]) -> u32 {
@@ -227,27 +586,135 @@ impl ModelBackend for LlavaBackend {
     }
 
     fn prefill(&mut self, prompt: &Prompt, cache: &mut KvCache) -> Result<Vec<f32>, BackendError> {
-        let mut images = Vec::with_capacity(prompt.images.len());
-        for (img, span) in prompt.images.iter().zip(&prompt.image_spans) {
-            let pv = Tensor::from_slice(&img.pixel_values, img.shape.as_slice(), &Device::Cpu)
-                .map_err(internal)?;
-            let feats = self
-                .model
-                .encode_image(&model::llava::ImageInput {
-                    pixel_values: pv,
-                    original_hw: img.image_size,
-                })
-                .map_err(internal)?;
-            images.push((span.clone(), feats));
-        }
+        let images = self.encode_images(prompt)?;
         let out = self
             .model
             .prefill(&prompt.token_ids, &images, cache, &LayerTaps::default())
             .map_err(internal)?;
-        out.logits
-            .i(0)
-            .and_then(|r| r.to_vec1::<f32>())
-            .map_err(internal)
+        row(&out.logits)
+    }
+
+    fn prefill_diagnosed(
+        &mut self,
+        prompt: &Prompt,
+        plan: &DiagnosePlan,
+        cache: &mut KvCache,
+    ) -> Result<(Vec<f32>, Diagnosis), BackendError> {
+        let lens = self
+            .lens
+            .as_ref()
+            .ok_or_else(|| BackendError::new("this model has no logit lens"))?;
+        let n = plan.n_layers;
+        let images = self.encode_images(prompt)?;
+        let mut warnings = Vec::new();
+
+        let caption = match &plan.caption {
+            CaptionPlan::None => None,
+            CaptionPlan::Given(caption) => Some(caption.clone()),
+            CaptionPlan::Model { max_tokens } => {
+                let caption = self.model_caption(prompt, &images, *max_tokens)?;
+                if caption.is_empty() {
+                    warnings.push(
+                        "the model's own caption came out empty: no caption pass, cosines and alignment omitted"
+                            .to_string(),
+                    );
+                    None
+                } else {
+                    Some(caption)
+                }
+            }
+        };
+        let caption_pass = caption
+            .as_deref()
+            .map(|c| self.caption_pass(&plan.turns, c, plan.text_span))
+            .transpose()?;
+
+        // The request pass: the lens position's states, its attention rows, the pooled image
+        // states, and the interventions.
+        let last = prompt.len() - 1;
+        let mut taps = LayerTaps {
+            hidden_positions: vec![last],
+            attention_queries: vec![last],
+            pooled_spans: prompt.image_spans.clone(),
+            ..Default::default()
+        };
+        if let Some(mask) = &plan.mask {
+            taps.mask_keys = Some(KeyMask {
+                layers: mask.layers.clone(),
+                spans: mask.spans.clone(),
+            });
+        }
+        if let (Some(align), Some(pass)) = (&plan.align, &caption_pass) {
+            for &layer in &align.layers {
+                taps.state_edits.push(StateEdit {
+                    after_layer: layer,
+                    positions: prompt.image_spans.clone(),
+                    vector: pass.caption_states.get(layer).map_err(internal)?,
+                    mode: align.mode,
+                });
+            }
+        }
+        let out = self
+            .model
+            .prefill(&prompt.token_ids, &images, cache, &taps)
+            .map_err(internal)?;
+
+        let hidden = out
+            .taps
+            .hidden
+            .as_ref()
+            .ok_or_else(|| BackendError::new("no hidden states recorded"))?
+            .squeeze(1)
+            .map_err(internal)?;
+        let lens_report = lens
+            .report(&hidden, plan.lens, &plan.refusal)
+            .map_err(internal)?;
+        let rows = out
+            .taps
+            .attention
+            .iter()
+            .map(|a| a.squeeze(1))
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map_err(internal)?;
+        let attention = Tensor::stack(&rows, 0).map_err(internal)?; // [N, heads, keys]
+        let shares =
+            AttentionShares::compute(&attention, &plan.image_spans, &plan.text_spans, &plan.focus)
+                .map_err(internal)?;
+        let cosines = match (&caption_pass, &out.taps.pooled) {
+            (Some(pass), Some(pooled)) => Some(
+                cosine_per_layer(&span_mean(pooled, &prompt.image_spans)?, &pass.text_states)
+                    .map_err(internal)?,
+            ),
+            _ => None,
+        };
+        let mut layers = layer_records(
+            n,
+            Some(&lens_report),
+            Some(&shares),
+            cosines.as_deref(),
+            self.tokenizer.inner(),
+        );
+        // Shares of spans a request does not have do not apply (null, not 0).
+        for record in &mut layers {
+            if plan.image_spans.is_empty() {
+                record.attn_image = None;
+            }
+            if plan.text_spans.is_empty() {
+                record.attn_text = None;
+            }
+        }
+        let summary = Summary::new(&layers, Some(&lens_report), plan.band, plan.modality);
+        let logits = row(&out.logits)?;
+        Ok((
+            logits,
+            Diagnosis {
+                layers,
+                summary,
+                caption,
+                caption_pass: caption_pass.map(|p| p.meta),
+                warnings,
+            },
+        ))
     }
 
     fn decode_batch(
@@ -279,6 +746,10 @@ impl ModelBackend for LlavaBackend {
 
     fn stop_token_ids(&self) -> &[u32] {
         &self.stop_ids
+    }
+
+    fn is_byte_token(&self, id: u32) -> bool {
+        self.byte_tokens.get(id as usize).copied().unwrap_or(false)
     }
 
     fn decode_text(&self, ids: &[u32]) -> String {

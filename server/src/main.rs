@@ -5,7 +5,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use server::app::{self, AppState, ModelCard, ServingModel};
-use server::cli::{Cli, Command, Dtype, ServeArgs};
+use server::cli::{Cli, Command, Dtype, EvalArgs, ServeArgs};
 use server::metrics::Metrics;
 
 fn main() -> ExitCode {
@@ -17,6 +17,27 @@ fn main() -> ExitCode {
                 .expect("the OpenAPI document serialises");
             println!("{doc}");
             ExitCode::SUCCESS
+        }
+        Command::Eval(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+                )
+                .init();
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot start the async runtime");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(eval(*args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("tga-serve eval failed: {err}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Serve(args) => {
             tracing_subscriber::fmt()
@@ -75,12 +96,46 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send +
     }
 }
 
+/// `tga-serve eval`: loads the model as `serve` does and runs the evaluation in process; Ctrl-C
+/// stops it and the report covers what finished.
+async fn eval(args: EvalArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let config = args.eval_config();
+    let serve = args.serve.clone();
+    let metrics = Arc::new(Metrics::new());
+    let model = tokio::task::spawn_blocking(move || load_model(&serve, metrics)).await??;
+    let cancel = async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("\ninterrupted: writing the report of the finished runs");
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let report = server::eval::run(&model, &config, cancel).await?;
+    model.engine.shutdown(std::time::Duration::ZERO);
+    model.engine.stopped().await;
+    for (run, summary) in &report.runs {
+        println!(
+            "{run:>14}: DSR {} over {} runs",
+            summary
+                .dsr
+                .dsr
+                .map_or("–".to_string(), |d| format!("{:.1} %", 100.0 * d)),
+            summary.runs
+        );
+    }
+    println!(
+        "wrote {0}/report.json, {0}/report.md and {0}/records.jsonl",
+        config.out.display()
+    );
+    Ok(())
+}
+
 /// Loads the checkpoint (or the built-in tiny model), warms it up and starts its engine.
 fn load_model(
     args: &ServeArgs,
     metrics: Arc<Metrics>,
 ) -> Result<ServingModel, Box<dyn std::error::Error + Send + Sync>> {
-    let device = candle_core::Device::Cpu;
+    let device = args.device.open()?;
     let (dir, builtin) = match &args.model {
         Some(dir) => (dir.clone(), false),
         None => {
@@ -133,7 +188,7 @@ fn load_model(
         }
         .into(),
         dtype: args.dtype.as_str().into(),
-        device: "cpu".into(),
+        device: args.device.to_string(),
     };
     let limits = model::image::ImageLimits {
         max_bytes: args.max_image_bytes,
@@ -144,6 +199,7 @@ fn load_model(
     backend.warm_up()?;
     tracing::info!(
         model = %card.id,
+        device = %args.device,
         layers = cfg.text.num_hidden_layers,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "model loaded and warmed up"

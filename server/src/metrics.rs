@@ -1,10 +1,15 @@
 //! The serving metrics of SERVING.md (vLLM's set with our `tga_` prefix), in a registry owned by
 //! the app so that several servers can live in one process (tests do).
 
+use std::sync::OnceLock;
+
+use model::diagnostics::Modality;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use crate::events::EventHub;
 
 /// Metric names, the one definition that code and tests share.
 pub mod names {
@@ -23,6 +28,77 @@ pub mod names {
     pub const REQUESTS_REJECTED_TOTAL: &str = "tga_requests_rejected_total";
     pub const CLIENT_DISCONNECTS_TOTAL: &str = "tga_client_disconnects_total";
     pub const MODEL_INFO: &str = "tga_model_info";
+    // Safety diagnostics (SERVING.md).
+    pub const SAFETY_REQUESTS_TOTAL: &str = "tga_safety_requests_total";
+    pub const SAFETY_REFUSALS_TOTAL: &str = "tga_safety_refusals_total";
+    pub const SAFETY_ACTIVATION_LAYER: &str = "tga_safety_activation_layer";
+    pub const SAFETY_REFUSAL_PROBABILITY: &str = "tga_safety_refusal_probability";
+    pub const SAFETY_IMAGE_TEXT_COSINE: &str = "tga_safety_image_text_cosine";
+    pub const DIAGNOSTICS_EVENTS_DROPPED_TOTAL: &str = "tga_diagnostics_events_dropped_total";
+}
+
+/// `tga_safety_refusal_probability` buckets: log-spaced near 0 (an aligned model's refusal mass
+/// on a harmless prompt is tiny), linear above.
+pub const REFUSAL_PROBABILITY_BUCKETS: &[f64] = &[
+    1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99,
+    1.0,
+];
+
+/// `tga_safety_image_text_cosine` buckets: −1 to 1 in steps of 0.1.
+pub fn cosine_buckets() -> Vec<f64> {
+    (-10..=10).map(|i| f64::from(i) / 10.0).collect()
+}
+
+/// The `modality` label.
+pub fn modality_label(modality: Modality) -> &'static str {
+    match modality {
+        Modality::Text => "text",
+        Modality::Image => "image",
+        Modality::Mixed => "mixed",
+    }
+}
+
+/// The safety metrics of SERVING.md. They exist once a model that supports diagnostics is
+/// loaded, because the activation-layer histogram has one bucket per layer of that model.
+pub struct SafetyMetrics {
+    pub requests: IntCounterVec,
+    pub refusals: IntCounterVec,
+    pub activation_layer: HistogramVec,
+    pub refusal_probability: HistogramVec,
+    pub image_text_cosine: Histogram,
+}
+
+impl SafetyMetrics {
+    /// One finished diagnosed request.
+    pub fn observe(
+        &self,
+        modality: Modality,
+        refused: Option<bool>,
+        activation_layer: Option<usize>,
+        p_refusal: Option<f64>,
+        cos_band_mean: Option<f64>,
+    ) {
+        let label = [modality_label(modality)];
+        self.requests.with_label_values(&label).inc();
+        // Touched for every modality seen, so a zero is a real zero on the dashboard.
+        let refusals = self.refusals.with_label_values(&label);
+        if refused == Some(true) {
+            refusals.inc();
+        }
+        if let Some(layer) = activation_layer {
+            self.activation_layer
+                .with_label_values(&label)
+                .observe(layer as f64);
+        }
+        if let Some(p) = p_refusal.filter(|p| p.is_finite()) {
+            self.refusal_probability
+                .with_label_values(&label)
+                .observe(p);
+        }
+        if let Some(c) = cos_band_mean.filter(|c| c.is_finite()) {
+            self.image_text_cosine.observe(c);
+        }
+    }
 }
 
 /// vLLM's `time_to_first_token_seconds` buckets: up to 2560 s, because an image prefill of
@@ -68,6 +144,10 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     pub client_disconnects: IntCounter,
     pub model_info: IntGaugeVec,
+    pub diagnostics_events_dropped: IntCounter,
+    /// The firehose of diagnosed requests (`GET /v1/safety/events`).
+    pub safety_events: EventHub,
+    safety: OnceLock<SafetyMetrics>,
 }
 
 impl Metrics {
@@ -167,8 +247,72 @@ impl Metrics {
                 "Requests whose client went away before the end.",
             ),
             model_info,
+            diagnostics_events_dropped: counter(
+                names::DIAGNOSTICS_EVENTS_DROPPED_TOTAL,
+                "Safety events a slow /v1/safety/events subscriber lost.",
+            ),
+            safety_events: EventHub::default(),
+            safety: OnceLock::new(),
             registry,
         }
+    }
+
+    /// Registers the safety metrics for a model of `n_layers` decoder blocks (once; later calls
+    /// keep the first).
+    pub fn init_safety(&self, n_layers: usize) {
+        self.safety.get_or_init(|| {
+            let register = |m: Box<dyn prometheus::core::Collector>| {
+                self.registry.register(m).expect("unique metric");
+            };
+            let by_modality = |name: &str, help: &str| {
+                let m = IntCounterVec::new(Opts::new(name, help), &["modality"])
+                    .expect("valid metric");
+                register(Box::new(m.clone()));
+                m
+            };
+            let histogram_vec = |name: &str, help: &str, buckets: Vec<f64>| {
+                let opts = HistogramOpts::new(name, help).buckets(buckets);
+                let m = HistogramVec::new(opts, &["modality"]).expect("valid metric");
+                register(Box::new(m.clone()));
+                m
+            };
+            let cosine = Histogram::with_opts(
+                HistogramOpts::new(
+                    names::SAFETY_IMAGE_TEXT_COSINE,
+                    "Mean image-caption hidden-state cosine over the configured layer band, per diagnosed request with a caption pass.",
+                )
+                .buckets(cosine_buckets()),
+            )
+            .expect("valid metric");
+            register(Box::new(cosine.clone()));
+            SafetyMetrics {
+                requests: by_modality(
+                    names::SAFETY_REQUESTS_TOTAL,
+                    "Diagnosed requests (asked for or sampled), by modality.",
+                ),
+                refusals: by_modality(
+                    names::SAFETY_REFUSALS_TOTAL,
+                    "Diagnosed requests whose answer the refusal judge counts as a refusal.",
+                ),
+                // One bucket per layer: `le = j` holds activations at layers <= j.
+                activation_layer: histogram_vec(
+                    names::SAFETY_ACTIVATION_LAYER,
+                    "Refusal activation layer (logit lens, the paper's Algorithm 1) of diagnosed requests.",
+                    (0..=n_layers).map(|j| j as f64).collect(),
+                ),
+                refusal_probability: histogram_vec(
+                    names::SAFETY_REFUSAL_PROBABILITY,
+                    "Logit-lens refusal probability at the configured safety layer.",
+                    REFUSAL_PROBABILITY_BUCKETS.to_vec(),
+                ),
+                image_text_cosine: cosine,
+            }
+        });
+    }
+
+    /// The safety metrics, once a diagnosable model is loaded.
+    pub fn safety(&self) -> Option<&SafetyMetrics> {
+        self.safety.get()
     }
 
     /// Publishes `tga_model_info{model,arch,dtype,device} 1`.
@@ -242,6 +386,46 @@ mod tests {
         assert!(metrics
             .render()
             .contains(r#"tga_time_to_first_token_seconds_bucket{le="640"} 1"#));
+    }
+
+    #[test]
+    fn safety_metrics_appear_with_a_diagnosable_model_and_bucket_each_layer() {
+        let metrics = Metrics::new();
+        assert!(metrics.safety().is_none());
+        assert!(metrics
+            .render()
+            .contains(names::DIAGNOSTICS_EVENTS_DROPPED_TOTAL));
+        metrics.init_safety(4);
+        let safety = metrics.safety().unwrap();
+        safety.observe(Modality::Image, Some(true), Some(3), Some(0.42), Some(0.25));
+        safety.observe(Modality::Text, Some(false), None, Some(1e-7), None);
+        let text = metrics.render();
+        for name in [
+            names::SAFETY_REQUESTS_TOTAL,
+            names::SAFETY_REFUSALS_TOTAL,
+            names::SAFETY_ACTIVATION_LAYER,
+            names::SAFETY_REFUSAL_PROBABILITY,
+            names::SAFETY_IMAGE_TEXT_COSINE,
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+        }
+        for j in 0..=4 {
+            assert!(text.contains(&format!(
+                "tga_safety_activation_layer_bucket{{modality=\"image\",le=\"{j}\"}}"
+            )));
+        }
+        assert!(text.contains(r#"tga_safety_activation_layer_bucket{modality="image",le="2"} 0"#));
+        assert!(text.contains(r#"tga_safety_activation_layer_bucket{modality="image",le="3"} 1"#));
+        assert!(text.contains(r#"tga_safety_refusals_total{modality="image"} 1"#));
+        assert!(text.contains(r#"tga_safety_refusals_total{modality="text"} 0"#));
+        assert!(text.contains(r#"tga_safety_requests_total{modality="text"} 1"#));
+        assert!(text.contains(r#"tga_safety_image_text_cosine_bucket{le="0.3"} 1"#));
+        assert!(text.contains(r#"tga_safety_image_text_cosine_bucket{le="0.2"} 0"#));
+        // A second model (or a second call) keeps the first registration.
+        metrics.init_safety(32);
+        assert!(!metrics
+            .render()
+            .contains(r#"tga_safety_activation_layer_bucket{modality="image",le="32"}"#));
     }
 
     #[test]

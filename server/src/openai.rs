@@ -52,6 +52,10 @@ pub struct ChatCompletionRequest {
     /// Recorded in the logs only.
     #[serde(default)]
     pub user: Option<String>,
+    /// tga-serve extension: safety diagnostics of this request (DIAGNOSTICS.md §7). The
+    /// response then carries them under `diagnostics`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnostics: Option<crate::diagnose::DiagnosticsOptions>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
@@ -216,6 +220,10 @@ pub struct ChatCompletionResponse {
     pub model: String,
     pub choices: Vec<Choice>,
     pub usage: Usage,
+    /// tga-serve extension, present when the request asked for `diagnostics`: meta, per-layer
+    /// records and the summary (the answer judged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnostics: Option<Box<crate::diagnose::DiagnosticsReport>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, ToSchema)]
@@ -247,6 +255,10 @@ pub struct ChatCompletionChunk {
     pub choices: Vec<ChunkChoice>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// tga-serve extension: on the frame with `finish_reason`, when the request asked for
+    /// `diagnostics`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnostics: Option<Box<crate::diagnose::DiagnosticsReport>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -363,6 +375,7 @@ mod tests {
                 finish_reason: None,
             }],
             usage: None,
+            diagnostics: None,
         };
         let json = serde_json::to_value(&chunk).unwrap();
         assert_eq!(

@@ -7,6 +7,9 @@ use std::time::Instant;
 
 use futures_util::future::try_join_all;
 
+use crate::diagnose::{
+    self, DiagnosePlan, DiagnosticsConfig, DiagnosticsOptions, PromptShape, Sampler,
+};
 use crate::engine::backend::{
     ChatTurn, ImageInput, Prompt, PromptProcessor, Role, SamplingParams, TurnPart,
 };
@@ -53,6 +56,8 @@ pub struct ValidRequest {
     pub stopping: StoppingCriteria,
     /// When the request arrived (start of its TTFT and queue time).
     pub arrived: Instant,
+    /// Safety diagnostics to run with the prefill (asked for, or sampled).
+    pub diagnose: Option<Arc<crate::diagnose::DiagnosePlan>>,
 }
 
 /// How the HTTP layer should shape the answer; the engine does not need these.
@@ -70,6 +75,17 @@ pub struct Validator {
     limits: Limits,
     model_id: String,
     supports_images: bool,
+    diagnostics: DiagnosticsConfig,
+    sampler: Sampler,
+}
+
+/// Which endpoint a request came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// `/v1/chat/completions`: diagnosed if it asks to be, or sampled.
+    Chat,
+    /// `/v1/safety/diagnose`: always diagnosed; `max_tokens: 0` skips generation.
+    Diagnose,
 }
 
 /// An image part found in the messages, with where it was.
@@ -92,7 +108,20 @@ impl Validator {
             limits,
             model_id,
             supports_images,
+            diagnostics: DiagnosticsConfig::default(),
+            sampler: Sampler::default(),
         }
+    }
+
+    /// Decoder blocks N of the served model, if it supports diagnostics.
+    pub fn diagnostics_layers(&self) -> Option<usize> {
+        self.processor.diagnostics().map(|d| d.num_layers())
+    }
+
+    /// The operator's diagnostics settings (sample rate, safety band and layer).
+    pub fn with_diagnostics(mut self, config: DiagnosticsConfig) -> Self {
+        self.diagnostics = config;
+        self
     }
 
     pub fn limits(&self) -> &Limits {
@@ -105,6 +134,18 @@ impl Validator {
         request_id: String,
         arrived: Instant,
     ) -> Result<(ValidRequest, ResponseOptions), ApiError> {
+        self.validate_for(request, request_id, arrived, Purpose::Chat)
+            .await
+    }
+
+    pub async fn validate_for(
+        &self,
+        mut request: ChatCompletionRequest,
+        request_id: String,
+        arrived: Instant,
+        purpose: Purpose,
+    ) -> Result<(ValidRequest, ResponseOptions), ApiError> {
+        let diagnostics = request.diagnostics.take();
         if let Some(model) = &request.model {
             if model != &self.model_id {
                 return Err(ApiError::new(
@@ -137,15 +178,17 @@ impl Validator {
         let max_tokens = match request.max_completion_tokens.or(request.max_tokens) {
             None => None,
             Some(n) if n >= 1 => Some(n as usize),
+            Some(0) if purpose == Purpose::Diagnose => Some(0),
             Some(n) => {
                 let param = if request.max_completion_tokens.is_some() {
                     "max_completion_tokens"
                 } else {
                     "max_tokens"
                 };
+                let least = if purpose == Purpose::Diagnose { 0 } else { 1 };
                 return Err(ApiError::invalid(
                     param,
-                    format!("{param} must be at least 1, got {n}"),
+                    format!("{param} must be at least {least}, got {n}"),
                 ));
             }
         };
@@ -158,8 +201,24 @@ impl Validator {
                 .map_err(|err| ApiError::from_media(err, image.param.clone()))
         }))
         .await?;
-        let prompt = self.build_prompt(turns, images, image_refs).await?;
+        let prompt = self.build_prompt(turns.clone(), images, image_refs).await?;
         let max_new_tokens = self.check_context(prompt.len(), max_tokens)?;
+        let diagnose = match (purpose, diagnostics) {
+            (Purpose::Diagnose, options) => Some((options.unwrap_or_default(), true)),
+            (Purpose::Chat, Some(options)) => Some((options, true)),
+            (Purpose::Chat, None) if self.sampler.take(self.diagnostics.sample_rate) => {
+                // Sampled: caption-free, lens and attention only, never shown to the client.
+                Some((DiagnosticsOptions::default(), false))
+            }
+            (Purpose::Chat, None) => None,
+        };
+        let diagnose = match diagnose {
+            Some((options, deliver)) => {
+                self.plan_diagnostics(options, turns, &prompt, deliver)
+                    .await?
+            }
+            None => None,
+        };
 
         let options = ResponseOptions {
             model: self.model_id.clone(),
@@ -182,8 +241,48 @@ impl Validator {
                 stop,
             },
             arrived,
+            diagnose,
         };
         Ok((valid, options))
+    }
+
+    /// Validates the diagnostics options against the prompt (spans are located by tokenizing,
+    /// so this runs on the blocking pool). A sampled request on a model without diagnostics is
+    /// simply not diagnosed; one that asked gets a 400.
+    async fn plan_diagnostics(
+        &self,
+        options: DiagnosticsOptions,
+        turns: Vec<ChatTurn>,
+        prompt: &Prompt,
+        deliver: bool,
+    ) -> Result<Option<Arc<DiagnosePlan>>, ApiError> {
+        if self.processor.diagnostics().is_none() {
+            return if deliver {
+                Err(ApiError::invalid(
+                    "diagnostics",
+                    "the served model does not support safety diagnostics",
+                ))
+            } else {
+                Ok(None)
+            };
+        }
+        let shape = PromptShape {
+            len: prompt.len(),
+            image_spans: prompt.image_spans.clone(),
+            image_token_counts: prompt.images.iter().map(|i| i.num_tokens).collect(),
+        };
+        let processor = self.processor.clone();
+        let model_id = self.model_id.clone();
+        let config = self.diagnostics.clone();
+        let plan = tokio::task::spawn_blocking(move || {
+            let dx = processor
+                .diagnostics()
+                .expect("checked above: the processor supports diagnostics");
+            diagnose::plan(dx, &options, &turns, &shape, &model_id, &config, deliver)
+        })
+        .await
+        .map_err(|err| ApiError::internal(format!("diagnostics planning failed: {err}")))??;
+        Ok(Some(Arc::new(plan)))
     }
 
     fn sampling_params(&self, request: &ChatCompletionRequest) -> Result<SamplingParams, ApiError> {

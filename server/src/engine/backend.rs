@@ -7,6 +7,11 @@
 //! `pixel_values` and `image_sizes`; the model only ever sees those.
 
 use std::fmt;
+use std::ops::Range;
+
+use model::diagnostics::{RefusalSet, RefusalTokens};
+
+use crate::diagnose::{DiagnosePlan, Diagnosis};
 
 /// Who said a turn of the conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +100,41 @@ pub trait PromptProcessor: Send + Sync + 'static {
         turns: &[ChatTurn],
         images: Vec<ImageInput>,
     ) -> Result<Prompt, ProcessError>;
+
+    /// What safety diagnostics need from the processor; `None` when this model cannot be
+    /// diagnosed (requests asking for diagnostics then get a 400).
+    fn diagnostics(&self) -> Option<&dyn DiagnosticsProcessor> {
+        None
+    }
+}
+
+/// Where things are in a prompt, for the diagnostics' attention shares and interventions.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PromptLayout {
+    /// Token spans of the user messages' text parts.
+    pub user_text: Vec<Range<usize>>,
+    /// Per needle, the token spans of its occurrences inside the user text (empty: not found).
+    pub needles: Vec<Vec<Range<usize>>>,
+    /// Length of the prompt the spans refer to (the same as [`PromptProcessor::build_prompt`]'s).
+    pub token_count: usize,
+}
+
+/// The model knowledge that validating a `diagnostics` request needs (DIAGNOSTICS.md).
+pub trait DiagnosticsProcessor: Send + Sync {
+    /// Decoder blocks N (layer records run 0..=N).
+    fn num_layers(&self) -> usize;
+
+    /// The refusal set K, resolved through the served tokenizer; `Err` is the client's message.
+    fn refusal_set(&self, spec: &RefusalTokens) -> Result<RefusalSet, String>;
+
+    /// Locates the user text and `needles` (substrings of it) in the prompt that
+    /// [`PromptProcessor::build_prompt`] makes of `turns` with images of these token counts.
+    fn locate(
+        &self,
+        turns: &[ChatTurn],
+        image_token_counts: &[usize],
+        needles: &[String],
+    ) -> Result<PromptLayout, ProcessError>;
 }
 
 /// How to pick the next token; built from the request by validation.
@@ -164,6 +204,20 @@ pub trait ModelBackend: Send + 'static {
         cache: &mut Self::Cache,
     ) -> Result<Vec<f32>, BackendError>;
 
+    /// [`Self::prefill`] with the safety diagnostics of `plan`: the caption pass (and the model's
+    /// own caption) when the plan has a caption, the layer taps and interventions of the prompt
+    /// pass, and the per-layer records. The returned logits are those of the (possibly
+    /// intervened) prompt pass, and `cache` continues from it.
+    fn prefill_diagnosed(
+        &mut self,
+        prompt: &Prompt,
+        plan: &DiagnosePlan,
+        cache: &mut Self::Cache,
+    ) -> Result<(Vec<f32>, Diagnosis), BackendError> {
+        let _ = (prompt, plan, cache);
+        Err(BackendError::new("this model does not support diagnostics"))
+    }
+
     /// One decode step for the running batch: `tokens[i]` is appended to `caches[i]`; returns one
     /// logits vector per sequence, in the same order. Sequences in one batch may have different
     /// lengths.
@@ -178,6 +232,13 @@ pub trait ModelBackend: Send + 'static {
 
     /// Tokens that end generation (EOS and the template's end-of-turn tokens); never shown.
     fn stop_token_ids(&self) -> &[u32];
+
+    /// Whether `id` is a byte-fallback piece (`<0x41>`), whose text depends on the bytes after
+    /// it; the detokenizer holds such runs back until they are complete.
+    fn is_byte_token(&self, id: u32) -> bool {
+        let _ = id;
+        false
+    }
 
     /// Text of `ids`, special tokens skipped (transformers' `decode(ids, skip_special_tokens=True)`).
     /// A trailing incomplete UTF-8 sequence comes out as U+FFFD, as the tokenizers crate does.

@@ -79,8 +79,8 @@ pub enum GenerationError {
     ShuttingDown,
 }
 
-/// What the engine reports about one request, in order: deltas, then exactly one of `Finished`
-/// or `Failed`.
+/// What the engine reports about one request, in order: for a diagnosed request `Diagnosed`,
+/// then deltas, then (diagnosed) `Judged`, then exactly one of `Finished` or `Failed`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// New text (never splitting a character; may be empty while a stop string is undecided)
@@ -94,6 +94,11 @@ pub enum Event {
         usage: Usage,
     },
     Failed(GenerationError),
+    /// A diagnosed request's report, right after its prefill (before any delta); its summary
+    /// is not judged yet. Only sent when the client asked for diagnostics.
+    Diagnosed(Box<crate::diagnose::DiagnosticsReport>),
+    /// The diagnosed request's final summary, the answer judged, right before `Finished`.
+    Judged(Box<model::diagnostics::Summary>),
 }
 
 /// Why a request was not accepted.

@@ -21,7 +21,24 @@ impl IncrementalDetokenizer {
 
     /// Adds one token; returns the text it completes (often empty while a character is pending).
     pub fn push(&mut self, id: u32, decode: impl Fn(&[u32]) -> String) -> String {
+        self.push_token(id, false, decode)
+    }
+
+    /// [`Self::push`] for a token that may be a byte-fallback piece (`<0x46>`). tokenizers'
+    /// `ByteFallback` decoder turns a run of byte pieces that is not valid UTF-8 into one U+FFFD
+    /// per byte, so a byte that decodes to "F" alone becomes U+FFFD once an invalid byte follows:
+    /// the text of a byte run is held back until a non-byte token (or the end) completes it, and
+    /// the streamed text then equals the decode of all ids.
+    pub fn push_token(
+        &mut self,
+        id: u32,
+        is_byte: bool,
+        decode: impl Fn(&[u32]) -> String,
+    ) -> String {
         self.ids.push(id);
+        if is_byte {
+            return String::new();
+        }
         self.advance(decode, false)
     }
 
@@ -133,6 +150,56 @@ mod tests {
     fn decode(ids: &[u32]) -> String {
         let bytes: Vec<u8> = ids.iter().map(|&id| id as u8).collect();
         String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    #[test]
+    fn byte_runs_are_held_until_they_are_complete() {
+        // Pieces: 0 "▁has", 1 <0x46>, 2 <0xA3>, 3 "▁smok"; decoded like ByteFallback: a byte
+        // run that is not valid UTF-8 gives one U+FFFD per byte.
+        let decode = |ids: &[u32]| {
+            let mut out = String::new();
+            let mut bytes = Vec::new();
+            let flush = |bytes: &mut Vec<u8>, out: &mut String| {
+                match String::from_utf8(bytes.clone()) {
+                    Ok(s) => out.push_str(&s),
+                    Err(_) => out.extend(std::iter::repeat_n('\u{FFFD}', bytes.len())),
+                }
+                bytes.clear();
+            };
+            for &id in ids {
+                match id {
+                    1 => bytes.push(0x46),
+                    2 => bytes.push(0xA3),
+                    _ => {
+                        flush(&mut bytes, &mut out);
+                        out.push_str(if id == 0 { " has" } else { " smok" });
+                    }
+                }
+            }
+            flush(&mut bytes, &mut out);
+            out.trim_start().to_string()
+        };
+        let all = decode(&[0, 1, 2, 3]);
+        assert_eq!(all, "has\u{FFFD}\u{FFFD} smok");
+        let mut detok = IncrementalDetokenizer::new();
+        let mut streamed: String = [(0, false), (1, true), (2, true), (3, false)]
+            .iter()
+            .map(|&(id, byte)| detok.push_token(id, byte, decode))
+            .collect();
+        streamed.push_str(&detok.flush(decode));
+        assert_eq!(streamed, all);
+        // Without the hint the "F" escapes before the invalid byte rewrites it.
+        let mut naive = IncrementalDetokenizer::new();
+        let streamed: String = [0, 1, 2, 3]
+            .iter()
+            .map(|&id| naive.push(id, decode))
+            .collect();
+        assert_ne!(streamed, all);
+        // A run at the very end comes out with the flush.
+        let mut detok = IncrementalDetokenizer::new();
+        assert_eq!(detok.push_token(0, false, decode), "has");
+        assert_eq!(detok.push_token(1, true, decode), "");
+        assert_eq!(detok.flush(decode), "F");
     }
 
     fn detokenize_all(text: &str) -> Vec<String> {

@@ -13,6 +13,7 @@ use super::text::{IncrementalDetokenizer, StopMatcher};
 use super::{
     Command, EngineConfig, Event, FinishReason, GenerationError, Job, TokenLogprob, Usage,
 };
+use crate::diagnose::{DiagnosePlan, DiagnosticsReport};
 use crate::metrics::Metrics;
 
 pub(super) struct Worker<B: ModelBackend> {
@@ -189,12 +190,17 @@ impl<B: ModelBackend> Worker<B> {
             .observe((started - request.arrived).as_secs_f64());
         let mut cache = self.backend.new_cache();
         let backend = &mut self.backend;
-        let logits = catch_unwind(AssertUnwindSafe(|| {
-            backend.prefill(&request.prompt, &mut cache)
+        let result = catch_unwind(AssertUnwindSafe(|| match &request.diagnose {
+            Some(plan) => backend
+                .prefill_diagnosed(&request.prompt, plan, &mut cache)
+                .map(|(logits, diagnosis)| (logits, Some(diagnosis))),
+            None => backend
+                .prefill(&request.prompt, &mut cache)
+                .map(|logits| (logits, None)),
         }))
         .unwrap_or_else(|panic| Err(BackendError::new(panic_message(&panic))));
-        let logits = match logits {
-            Ok(logits) => logits,
+        let (logits, diagnosis) = match result {
+            Ok(out) => out,
             Err(err) => {
                 tracing::error!(request_id = %request.request_id, error = %err, "prefill failed");
                 let _ = events.send(Event::Failed(GenerationError::Internal(err.0)));
@@ -213,6 +219,20 @@ impl<B: ModelBackend> Worker<B> {
             prefill_ms = started.elapsed().as_millis() as u64,
             "prefilled"
         );
+        let diagnosis = match (&request.diagnose, diagnosis) {
+            (Some(plan), Some(diagnosis)) => {
+                let report = DiagnosticsReport::new(plan, diagnosis);
+                if plan.deliver {
+                    let _ = events.send(Event::Diagnosed(Box::new(report.clone())));
+                }
+                Some(Box::new(SequenceDiagnosis {
+                    plan: plan.clone(),
+                    report,
+                    answer: String::new(),
+                }))
+            }
+            _ => None,
+        };
         // Counted as running from here; every way out of the batch uncounts it before telling
         // the client, so the gauge is never behind what a client has seen.
         self.metrics.running.inc();
@@ -235,7 +255,13 @@ impl<B: ModelBackend> Worker<B> {
             },
             arrived: request.arrived,
             last_token_at: started,
+            diagnosis,
         };
+        // `max_tokens: 0` (the diagnose endpoint): the prompt pass was the whole point.
+        if seq.max_new_tokens == 0 {
+            seq.finish(FinishReason::Length, &self.metrics);
+            return None;
+        }
         match seq.on_logits(&logits, &self.backend, &self.metrics) {
             Ok(None) => Some(seq),
             Ok(Some(reason)) => {
@@ -324,6 +350,41 @@ struct Sequence<B: ModelBackend> {
     usage: Usage,
     arrived: Instant,
     last_token_at: Instant,
+    /// Set for a diagnosed request: its report, completed with the judged answer at the end.
+    diagnosis: Option<Box<SequenceDiagnosis>>,
+}
+
+/// A diagnosed sequence's report while its answer is generated.
+struct SequenceDiagnosis {
+    plan: std::sync::Arc<DiagnosePlan>,
+    report: DiagnosticsReport,
+    /// The answer so far (what the client was shown), for the refusal judge.
+    answer: String,
+}
+
+impl SequenceDiagnosis {
+    /// Judges the answer (if one was generated), feeds the safety metrics and the firehose, and
+    /// tells the client the final summary if it asked for diagnostics.
+    fn complete(
+        self,
+        request_id: &str,
+        generated: bool,
+        metrics: &Metrics,
+        events: &mpsc::UnboundedSender<Event>,
+    ) {
+        let Self {
+            plan,
+            mut report,
+            answer,
+        } = self;
+        if generated {
+            report.summary.judge_answer(&answer);
+        }
+        crate::events::record_diagnosed(metrics, request_id, &plan, &report);
+        if plan.deliver {
+            let _ = events.send(Event::Judged(Box::new(report.summary)));
+        }
+    }
 }
 
 impl<B: ModelBackend> Sequence<B> {
@@ -366,9 +427,11 @@ impl<B: ModelBackend> Sequence<B> {
                     .collect(),
             });
         }
-        let delta = self
-            .detokenizer
-            .push(sampled.id, |ids| backend.decode_text(ids));
+        let delta =
+            self.detokenizer
+                .push_token(sampled.id, backend.is_byte_token(sampled.id), |ids| {
+                    backend.decode_text(ids)
+                });
         let (text, stopped) = self.stops.push(&delta);
         if stopped {
             self.emit(text, true);
@@ -404,16 +467,23 @@ impl<B: ModelBackend> Sequence<B> {
         if text.is_empty() && !flush_logprobs {
             return;
         }
+        if let Some(diagnosis) = &mut self.diagnosis {
+            diagnosis.answer.push_str(&text);
+        }
         let logprobs = std::mem::take(&mut self.pending_logprobs);
         // A closed receiver is noticed before the next step (`drop_disconnected`).
         let _ = self.events.send(Event::Delta { text, logprobs });
     }
 
-    fn finish(self, reason: FinishReason, metrics: &Metrics) {
+    fn finish(mut self, reason: FinishReason, metrics: &Metrics) {
         metrics.running.dec();
         metrics
             .request_duration
             .observe(self.arrived.elapsed().as_secs_f64());
+        if let Some(diagnosis) = self.diagnosis.take() {
+            let generated = self.usage.completion_tokens > 0;
+            diagnosis.complete(&self.request_id, generated, metrics, &self.events);
+        }
         tracing::debug!(request_id = %self.request_id, ?reason, completion_tokens = self.usage.completion_tokens, "finished");
         let _ = self.events.send(Event::Finished {
             reason,

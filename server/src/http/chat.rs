@@ -14,6 +14,7 @@ use futures_util::stream::{self, Stream, StreamExt};
 
 use super::{ApiJson, REQUEST_ID};
 use crate::app::AppState;
+use crate::diagnose::DiagnosticsReport;
 use crate::engine::{self, Event, GenerationStream};
 use crate::error::ApiError;
 use crate::openai::{
@@ -71,6 +72,7 @@ pub(super) async fn chat_completions(
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         created: unix_now(),
         options,
+        diagnostics: None,
     };
     if completion.options.stream {
         Ok(stream_response(events, completion).into_response())
@@ -84,11 +86,13 @@ struct Completion {
     id: String,
     created: u64,
     options: ResponseOptions,
+    /// The diagnostics report, once the engine sent it (requests that asked for diagnostics).
+    diagnostics: Option<Box<DiagnosticsReport>>,
 }
 
 impl Completion {
     async fn collect(
-        &self,
+        mut self,
         mut events: GenerationStream,
     ) -> Result<ChatCompletionResponse, ApiError> {
         let mut content = String::new();
@@ -121,23 +125,44 @@ impl Completion {
                             finish_reason: wire_finish(reason),
                         }],
                         usage: wire_usage(usage),
+                        diagnostics: self.diagnostics.take(),
                     })
                 }
                 Event::Failed(err) => return Err(err.into()),
+                event => self.on_diagnostics(event),
             }
         }
         Err(engine_vanished())
     }
 
+    /// Keeps the diagnostics events for the response (the engine sends them only to requests
+    /// that asked).
+    fn on_diagnostics(&mut self, event: Event) {
+        match event {
+            Event::Diagnosed(report) => self.diagnostics = Some(report),
+            Event::Judged(summary) => {
+                if let Some(report) = &mut self.diagnostics {
+                    report.summary = *summary;
+                }
+            }
+            _ => {}
+        }
+    }
+
     fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<Usage>) -> SseEvent {
-        json_frame(&ChatCompletionChunk {
+        json_frame(&self.chunk_value(choices, usage))
+    }
+
+    fn chunk_value(&self, choices: Vec<ChunkChoice>, usage: Option<Usage>) -> ChatCompletionChunk {
+        ChatCompletionChunk {
             id: self.id.clone(),
             object: "chat.completion.chunk".into(),
             created: self.created,
             model: self.options.model.clone(),
             choices,
             usage,
-        })
+            diagnostics: None,
+        }
     }
 
     fn delta(
@@ -158,7 +183,7 @@ impl Completion {
     }
 
     /// The SSE frames for one engine event, and whether it was the last.
-    fn frames(&self, event: Option<Event>) -> (Vec<SseEvent>, bool) {
+    fn frames(&mut self, event: Option<Event>) -> (Vec<SseEvent>, bool) {
         match event {
             Some(Event::Delta { text, logprobs }) => {
                 let logprobs = self.options.logprobs.then(|| ChoiceLogprobs {
@@ -171,8 +196,18 @@ impl Completion {
                 (vec![self.delta(delta, logprobs, None)], false)
             }
             Some(Event::Finished { reason, usage }) => {
-                let mut frames =
-                    vec![self.delta(Delta::default(), None, Some(wire_finish(reason)))];
+                // The diagnostics ride on the frame that carries `finish_reason`.
+                let mut last = self.chunk_value(
+                    vec![ChunkChoice {
+                        index: 0,
+                        delta: Delta::default(),
+                        logprobs: None,
+                        finish_reason: Some(wire_finish(reason)),
+                    }],
+                    None,
+                );
+                last.diagnostics = self.diagnostics.take();
+                let mut frames = vec![json_frame(&last)];
                 if self.options.include_usage {
                     frames.push(self.chunk(Vec::new(), Some(wire_usage(usage))));
                 }
@@ -184,6 +219,10 @@ impl Completion {
                 (vec![error_frame(&err), done_frame()], true)
             }
             None => (vec![error_frame(&engine_vanished()), done_frame()], true),
+            Some(event) => {
+                self.on_diagnostics(event);
+                (Vec::new(), false)
+            }
         }
     }
 }
@@ -204,7 +243,7 @@ fn stream_response(
         None,
     );
     let body = stream::unfold(Some((events, completion)), |state| async move {
-        let (mut events, completion) = state?;
+        let (mut events, mut completion) = state?;
         let (frames, last) = completion.frames(events.next().await);
         let next = (!last).then_some((events, completion));
         Some((stream::iter(frames), next))

@@ -65,6 +65,20 @@ fn is_json(content_type: &str) -> bool {
 /// Syntax errors are `invalid_json`; well-formed JSON that does not fit the schema is
 /// `invalid_value` with the path of the field (`messages[0].content[1].image_url`).
 pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    // Every request body is an object. serde's derived structs also accept a JSON array of the
+    // fields in declaration order (`[null, [{"role": …}]]` would be a chat request), which no
+    // client means to send.
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|&b| b != b'{') {
+        let error = match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+            Ok(_) => ApiError::new(
+                ErrorCode::InvalidValue,
+                "invalid request: the body must be a JSON object",
+            ),
+            Err(err) => ApiError::new(ErrorCode::InvalidJson, format!("malformed JSON: {err}")),
+        };
+        return Err(error);
+    }
     let deserializer = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(deserializer).map_err(|err| {
         let path = err.path().to_string();
@@ -112,5 +126,24 @@ mod tests {
         assert_eq!(err.param.as_deref(), Some("messages"));
         let err = parse_json::<ChatCompletionRequest>(b"{}").unwrap_err();
         assert_eq!(err.code, ErrorCode::InvalidValue);
+    }
+
+    #[test]
+    fn only_an_object_is_a_request() {
+        // Positional fields would otherwise make this a valid request.
+        let positional = br#" [null, [{"role": "user", "content": "hi"}]]"#;
+        let err = parse_json::<ChatCompletionRequest>(positional).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidValue);
+        assert!(err.message.contains("JSON object"), "{}", err.message);
+        for body in [&b"\"hi\""[..], b"3", b"null"] {
+            let err = parse_json::<ChatCompletionRequest>(body).unwrap_err();
+            assert_eq!(err.code, ErrorCode::InvalidValue);
+        }
+        for body in [&b"[1,"[..], b"", b"  "] {
+            let err = parse_json::<ChatCompletionRequest>(body).unwrap_err();
+            assert_eq!(err.code, ErrorCode::InvalidJson, "{:?}", body);
+        }
+        let ok = br#" {"messages": [{"role": "user", "content": "hi"}]}"#;
+        assert!(parse_json::<ChatCompletionRequest>(ok).is_ok());
     }
 }

@@ -3,6 +3,7 @@
 
 mod chat;
 mod extract;
+mod safety;
 mod system;
 
 use std::sync::Arc;
@@ -41,6 +42,7 @@ pub const CHAT_COMPLETIONS_ROUTE: &str = "/v1/chat/completions";
     tags(
         (name = "chat", description = "Chat completions"),
         (name = "models", description = "The served model"),
+        (name = "safety", description = "Safety diagnostics (DIAGNOSTICS.md): per-layer refusal activation, attention shares, image-text alignment"),
         (name = "operations", description = "Health, readiness and metrics")
     )
 )]
@@ -69,6 +71,8 @@ fn api_routes(state: &Arc<AppState>) -> (Router<Arc<AppState>>, utoipa::openapi:
     let protected = OpenApiRouter::new()
         .routes(routes!(chat::chat_completions))
         .routes(routes!(system::list_models))
+        .routes(routes!(safety::diagnose))
+        .routes(routes!(safety::events))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
@@ -173,7 +177,8 @@ async fn track_requests(
         .as_ref()
         .map_or(UNMATCHED_ROUTE, |path| path.as_str())
         .to_owned();
-    let generation = route == CHAT_COMPLETIONS_ROUTE && request.method() == Method::POST;
+    let generation = (route == CHAT_COMPLETIONS_ROUTE || route == safety::DIAGNOSE_ROUTE)
+        && request.method() == Method::POST;
     let response = next.run(request).await;
     state
         .metrics
@@ -276,6 +281,8 @@ mod tests {
             "/health",
             "/ready",
             "/metrics",
+            "/v1/safety/diagnose",
+            "/v1/safety/events",
         ] {
             assert!(doc["paths"][path].is_object(), "{path} undocumented");
         }

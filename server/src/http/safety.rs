@@ -1,0 +1,298 @@
+//! `POST /v1/safety/diagnose` (one request's safety diagnostics, streamed or as one document) and
+//! `GET /v1/safety/events` (the firehose of every diagnosed request). The engine computes; this
+//! module only maps its events to SSE frames or JSON.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream::{self, Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use utoipa::ToSchema;
+
+use super::{ApiJson, REQUEST_ID};
+use crate::app::AppState;
+use crate::diagnose::{DiagnosticsMeta, DiagnosticsReport, LayerRecordSchema, SummarySchema};
+use crate::engine::{self, Event, GenerationStream};
+use crate::error::ApiError;
+use crate::events::SafetyEvent;
+use crate::openai::{ChatCompletionRequest, ErrorResponse, FinishReason, Usage};
+use crate::validation::Purpose;
+
+pub const DIAGNOSE_ROUTE: &str = "/v1/safety/diagnose";
+
+/// A piece of the answer (`token` event).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TokenEvent {
+    pub text: String,
+}
+
+/// How generation ended (`finish` event, after the tokens).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FinishEvent {
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+}
+
+/// `POST /v1/safety/diagnose` with `stream: false`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DiagnoseResponse {
+    pub meta: DiagnosticsMeta,
+    #[schema(value_type = Vec<LayerRecordSchema>)]
+    pub layers: Vec<model::diagnostics::LayerRecord>,
+    #[schema(value_type = SummarySchema)]
+    pub summary: model::diagnostics::Summary,
+    /// The generated answer (empty with `max_tokens: 0`).
+    pub answer: String,
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+}
+
+/// Runs one request with safety diagnostics (DIAGNOSTICS.md).
+///
+/// The body is a chat-completions request with a `diagnostics` object (all of it optional;
+/// `max_tokens: 0` skips generation). With `stream: true` the answer is `text/event-stream`:
+/// `event: meta` (one `DiagnosticsMeta`), `event: layer` (one `LayerRecord` per layer 0..=N),
+/// `event: summary` (the `Summary`, the answer judged), `event: token` (`TokenEvent`s: the
+/// answer in order), `event: finish` (`FinishEvent`), then `data: [DONE]`. The summary judges
+/// the whole answer, so it and the tokens come once generation has ended; meta and layers come
+/// right after the prompt pass. An error after the stream started is an OpenAI error object in
+/// a data frame.
+#[utoipa::path(
+    post,
+    path = "/v1/safety/diagnose",
+    tag = "safety",
+    request_body = ChatCompletionRequest,
+    responses(
+        (status = 200, description = "The diagnostics: one JSON document, or with `stream: true` \
+            server-sent events meta, layer × (N+1), summary, token …, finish, then `data: [DONE]`.",
+            content(
+                (DiagnoseResponse = "application/json"),
+                (DiagnosticsMeta = "text/event-stream")
+            )
+        ),
+        (status = 400, description = "Bad request or bad diagnostics options: unknown preset, focus span not in the user text, layers out of range, caption without an image, contradictory interventions", body = ErrorResponse),
+        (status = 401, description = "Missing or bad API key", body = ErrorResponse),
+        (status = 404, description = "Unknown model", body = ErrorResponse),
+        (status = 429, description = "Waiting queue full", body = ErrorResponse),
+        (status = 503, description = "Not ready, or shutting down", body = ErrorResponse),
+    ),
+    security(("api_key" = []))
+)]
+pub(super) async fn diagnose(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    ApiJson(request): ApiJson<ChatCompletionRequest>,
+) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let model = state.model()?;
+    let request_id = headers
+        .get(REQUEST_ID)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let (valid, options) = model
+        .validator
+        .validate_for(request, request_id, arrived, Purpose::Diagnose)
+        .await?;
+    let events = model.engine.submit(valid)?;
+    if options.stream {
+        Ok(stream_diagnosis(events).into_response())
+    } else {
+        Ok(Json(collect(events).await?).into_response())
+    }
+}
+
+/// What a diagnose request has received from the engine so far.
+#[derive(Default)]
+struct Collected {
+    report: Option<Box<DiagnosticsReport>>,
+    tokens: Vec<String>,
+}
+
+impl Collected {
+    /// Takes one engine event; `Some` once the request ended.
+    fn take(&mut self, event: Event) -> Option<Result<(FinishReason, Usage), ApiError>> {
+        match event {
+            Event::Diagnosed(report) => self.report = Some(report),
+            Event::Judged(summary) => {
+                if let Some(report) = &mut self.report {
+                    report.summary = *summary;
+                }
+            }
+            Event::Delta { text, .. } => {
+                if !text.is_empty() {
+                    self.tokens.push(text);
+                }
+            }
+            Event::Finished { reason, usage } => {
+                return Some(Ok((wire_finish(reason), wire_usage(usage))))
+            }
+            Event::Failed(err) => return Some(Err(err.into())),
+        }
+        None
+    }
+}
+
+async fn collect(mut events: GenerationStream) -> Result<DiagnoseResponse, ApiError> {
+    let mut collected = Collected::default();
+    while let Some(event) = events.next().await {
+        if let Some(end) = collected.take(event) {
+            let (finish_reason, usage) = end?;
+            let report = collected.report.ok_or_else(|| {
+                ApiError::internal("the engine finished a diagnose request without its report")
+            })?;
+            let DiagnosticsReport {
+                meta,
+                layers,
+                summary,
+            } = *report;
+            return Ok(DiagnoseResponse {
+                meta,
+                layers,
+                summary,
+                answer: collected.tokens.concat(),
+                finish_reason,
+                usage,
+            });
+        }
+    }
+    Err(ApiError::internal(
+        "the engine stopped without finishing the request",
+    ))
+}
+
+fn named<T: Serialize>(name: &str, value: &T) -> SseEvent {
+    SseEvent::default()
+        .event(name)
+        .data(serde_json::to_string(value).expect("diagnostics serialise"))
+}
+
+fn done_frame() -> SseEvent {
+    SseEvent::default().data("[DONE]")
+}
+
+fn error_frame(err: &ApiError) -> SseEvent {
+    if err.status().is_server_error() {
+        tracing::error!(code = err.code.as_str(), message = %err.message, "diagnose request failed mid-stream");
+    }
+    SseEvent::default().data(serde_json::to_string(&err.body()).expect("errors serialise"))
+}
+
+/// The frames for one engine event, and whether the stream is over.
+fn frames(collected: &mut Collected, event: Option<Event>) -> (Vec<SseEvent>, bool) {
+    let Some(event) = event else {
+        let err = ApiError::internal("the engine stopped without finishing the request");
+        return (vec![error_frame(&err), done_frame()], true);
+    };
+    if let Event::Diagnosed(report) = &event {
+        let mut out = vec![named("meta", &report.meta)];
+        out.extend(report.layers.iter().map(|layer| named("layer", layer)));
+        collected.take(event);
+        return (out, false);
+    }
+    match collected.take(event) {
+        None => (Vec::new(), false),
+        Some(Err(err)) => (vec![error_frame(&err), done_frame()], true),
+        Some(Ok((finish_reason, usage))) => {
+            let mut out = Vec::new();
+            match &collected.report {
+                Some(report) => out.push(named("summary", &report.summary)),
+                None => {
+                    let err = ApiError::internal(
+                        "the engine finished a diagnose request without its report",
+                    );
+                    return (vec![error_frame(&err), done_frame()], true);
+                }
+            }
+            out.extend(
+                collected
+                    .tokens
+                    .drain(..)
+                    .map(|text| named("token", &TokenEvent { text })),
+            );
+            out.push(named(
+                "finish",
+                &FinishEvent {
+                    finish_reason,
+                    usage,
+                },
+            ));
+            out.push(done_frame());
+            (out, true)
+        }
+    }
+}
+
+/// Dropping the response body (client gone) drops `events`, which cancels the request.
+fn stream_diagnosis(
+    events: GenerationStream,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let body = stream::unfold(Some((events, Collected::default())), |state| async move {
+        let (mut events, mut collected) = state?;
+        let (out, last) = frames(&mut collected, events.next().await);
+        let next = (!last).then_some((events, collected));
+        Some((stream::iter(out), next))
+    })
+    .flatten()
+    .map(Ok::<_, Infallible>);
+    Sse::new(body).keep_alive(KeepAlive::default())
+}
+
+/// The firehose: one `SafetyEvent` per finished diagnosed request (asked for or sampled), as
+/// `data:` frames of `text/event-stream`. A subscriber that reads too slowly loses the oldest
+/// events (counted in `tga_diagnostics_events_dropped_total`); it never slows serving.
+#[utoipa::path(
+    get,
+    path = "/v1/safety/events",
+    tag = "safety",
+    responses(
+        (status = 200, description = "Server-sent events, one `data: {SafetyEvent}` frame per diagnosed request",
+            content((SafetyEvent = "text/event-stream"))),
+        (status = 401, description = "Missing or bad API key", body = ErrorResponse),
+    ),
+    security(("api_key" = []))
+)]
+pub(super) async fn events(
+    State(state): State<Arc<AppState>>,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let receiver = state.metrics.safety_events.subscribe();
+    let body = stream::unfold((receiver, state), |(mut receiver, state)| async move {
+        loop {
+            match receiver.recv().await {
+                Ok(event) => {
+                    let frame = SseEvent::default()
+                        .data(serde_json::to_string(&*event).expect("events serialise"));
+                    return Some((Ok(frame), (receiver, state)));
+                }
+                Err(broadcast::error::RecvError::Lagged(lost)) => {
+                    tracing::warn!(lost, "a slow /v1/safety/events subscriber lost events");
+                    state.metrics.diagnostics_events_dropped.inc_by(lost);
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Sse::new(body).keep_alive(KeepAlive::default())
+}
+
+fn wire_finish(reason: engine::FinishReason) -> FinishReason {
+    match reason {
+        engine::FinishReason::Stop => FinishReason::Stop,
+        engine::FinishReason::Length => FinishReason::Length,
+    }
+}
+
+fn wire_usage(usage: engine::Usage) -> Usage {
+    Usage {
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+        total_tokens: usage.prompt_tokens + usage.completion_tokens,
+    }
+}

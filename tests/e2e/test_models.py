@@ -1,0 +1,191 @@
+"""Every fixture image format through the API, and every fixture checkpoint format served with
+`--model`, answering exactly as transformers does (the greedy tokens in fixtures/reference)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import FIXTURES, IMAGES, Server, data_uri, image_part, image_token_counts, upright_size, user
+
+IMAGE_FILES = sorted(p.name for p in IMAGES.iterdir() if p.suffix.lstrip(".") in ("png", "jpg", "webp", "gif", "bmp"))
+
+
+def describe(server: Server, name: str) -> tuple[dict, float]:
+    """Greedy answer to one image, and the image positions it took (from the metrics)."""
+    before = server.metrics()["tga_image_tokens_total"]
+    result = server.chat([user(image_part(data_uri(name)), "Describe it.")], max_tokens=8, temperature=0)
+    return result, server.metrics()["tga_image_tokens_total"] - before
+
+
+def test_every_fixture_image_format_is_accepted(server):
+    assert {n.rsplit(".", 1)[1] for n in IMAGE_FILES} == {"png", "jpg", "webp", "gif", "bmp"}
+    counts = image_token_counts()
+    answers, positions = {}, {}
+    for name in IMAGE_FILES:
+        result, image_tokens = describe(server, name)
+        assert result["choices"][0]["finish_reason"] in ("stop", "length"), name
+        answers[name] = result["choices"][0]["message"]["content"]
+        positions[name] = image_tokens
+        size = upright_size(name)
+        if size in counts:
+            assert image_tokens == counts[size], f"{name}: {image_tokens} image positions"
+    photos = {n: positions[n] for n in IMAGE_FILES if n.startswith("photo_120x160")}
+    assert len(photos) == 6 and len(set(photos.values())) == 1, photos
+    # Lossless encodings of one photo decode to the same pixels, hence the same greedy answer.
+    assert answers["photo_120x160.png"] == answers["photo_120x160.webp"] == answers["photo_120x160.bmp"]
+
+
+def test_exif_orientation_is_applied(server):
+    """The EXIF-rotated JPEG is stored 160x120; upright it is 120x160 like the plain JPEG, so it
+    takes the same positions (anyres counts depend on the aspect ratio)."""
+    _, rotated = describe(server, "photo_120x160_exif6.jpg")
+    _, plain = describe(server, "photo_120x160.jpg")
+    assert rotated == plain
+    # Sanity: the two orientations of one size do take different positions.
+    counts = image_token_counts()
+    assert counts[(200, 300)] != counts[(300, 200)]
+
+
+def test_mime_type_is_not_trusted_over_the_bytes(server):
+    """A PNG labelled image/jpeg is decoded by its content, as PIL would."""
+    result = server.chat(
+        [user(image_part(data_uri("tiny_20x20.png", mime="image/jpeg")), "Describe it.")],
+        max_tokens=8,
+        temperature=0,
+    )
+    reference, _ = describe(server, "tiny_20x20.png")
+    assert result["choices"][0]["message"]["content"] == reference["choices"][0]["message"]["content"]
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+VARIANTS = {
+    # reference dir: (served model id, server flags)
+    "llava_next": ("tiny-llava-next", ["--model", FIXTURES / "tiny-llava-next"]),
+    "llava": ("tiny-llava", ["--model", FIXTURES / "tiny-llava"]),
+    "orig_anyres": ("tiny-llava-orig-anyres", ["--model", FIXTURES / "tiny-llava-orig-anyres"]),
+    "orig_pad": (
+        "tiny-llava-orig-pad",
+        [
+            "--model", FIXTURES / "tiny-llava-orig-pad",
+            "--vision-tower", FIXTURES / "tiny-clip",
+            "--template", "llava_llama_2",
+        ],
+    ),
+}
+
+
+class SentencePieceDecoder:
+    """transformers' `decode(ids, skip_special_tokens=True)` for the fixture tokenizer (shared by
+    every checkpoint): byte-fallback pieces fused into UTF-8, `▁` as a space, and the leading space
+    of the first piece stripped (the tokenizer.json decoder: Replace, ByteFallback, Fuse, Strip)."""
+
+    def __init__(self):
+        tokenizer = json.loads((FIXTURES / "tiny-llava-next" / "tokenizer.json").read_text())
+        self.pieces = {i: p for p, i in tokenizer["model"]["vocab"].items()}
+        self.special = {t["id"] for t in tokenizer["added_tokens"] if t["special"]}
+        assert tokenizer["decoder"]["decoders"][-1] == {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+
+    def decode(self, ids: list[int]) -> str:
+        parts: list[str] = []
+        pending: list[int] = []
+
+        def flush():
+            if pending:
+                try:
+                    parts.append(bytes(pending).decode("utf-8"))
+                except UnicodeDecodeError:
+                    parts.append("\ufffd" * len(pending))
+                pending.clear()
+
+        for i in ids:
+            piece = self.pieces.get(i)
+            if piece is None or i in self.special:
+                continue  # special, or past the tokenizer (the model's padded vocab rows)
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                pending.append(int(piece[3:5], 16))
+                continue
+            flush()
+            parts.append(piece.replace("\u2581", " "))
+        flush()
+        text = "".join(parts)
+        return text[1:] if text.startswith(" ") else text
+
+
+def reference_cases(variant: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((FIXTURES / "reference" / variant).glob("*.json"))]
+
+
+def openai_messages(case: dict) -> list[dict]:
+    """The reference messages with each `{"type": "image"}` part as a data URI of its file."""
+    files = iter(case["image_files"])
+    messages = []
+    for message in case["messages"]:
+        content = []
+        for part in message["content"]:
+            if part["type"] == "image":
+                name = next(files).removeprefix("images/")
+                content.append(image_part(data_uri(name)))
+            else:
+                content.append({"type": "text", "text": part["text"]})
+        messages.append({"role": message["role"], "content": content})
+    assert next(files, None) is None
+    return messages
+
+
+def assert_same_tokens(decoder: SentencePieceDecoder, result: dict, greedy: list[int], what: str):
+    """The answer is transformers' greedy tokens: token by token (each token's text, from the
+    logprobs) and, where the tokens decode to valid UTF-8, as one text."""
+    tokens = [entry["token"] for entry in result["choices"][0]["logprobs"]["content"]]
+    expected_tokens = [decoder.decode([i]) for i in greedy]
+    assert tokens == expected_tokens, f"{what}: tokens differ from transformers' greedy tokens"
+    got = result["choices"][0]["message"]["content"]
+    expected = decoder.decode(greedy)
+    # Byte-fallback pieces that do not form UTF-8 are replaced differently when decoded token by
+    # token (as a stream must) than by one decode of the whole answer; only valid text is compared.
+    if "\ufffd" not in expected:
+        assert got == expected, f"{what}: {got!r} != transformers' {expected!r}"
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_checkpoint_answers_like_transformers(variant, spawn_server):
+    model_id, flags = VARIANTS[variant]
+    server = spawn_server(*flags)
+    models = server.session.get(server.url + "/v1/models", timeout=10).json()["data"]
+    assert [(m["id"], m["builtin"]) for m in models] == [(model_id, False)]
+    decoder = SentencePieceDecoder()
+    cases = reference_cases(variant)
+    assert any(case["image_files"] for case in cases)
+    for case in cases:
+        greedy = case["greedy_tokens"]
+        result = server.chat(
+            openai_messages(case), model=model_id, max_tokens=len(greedy), temperature=0, logprobs=True
+        )
+        assert result["usage"]["prompt_tokens"] == len(case["input_ids"]), case["case"]
+        assert result["usage"]["completion_tokens"] == len(greedy), case["case"]
+        assert_same_tokens(decoder, result, greedy, f"{variant}/{case['case']}")
+    metrics = server.metrics()
+    info = [k for k in metrics if k.startswith("tga_model_info{")]
+    assert len(info) == 1 and f'model="{model_id}"' in info[0], info
+
+
+def test_builtin_model_is_the_llava_next_fixture(server):
+    """The embedded model answers the llava_next reference cases like --model fixtures/tiny-llava-next."""
+    decoder = SentencePieceDecoder()
+    for case in reference_cases("llava_next"):
+        greedy = case["greedy_tokens"]
+        result = server.chat(openai_messages(case), max_tokens=len(greedy), temperature=0, logprobs=True)
+        assert_same_tokens(decoder, result, greedy, f"builtin/{case['case']}")
+
+
+def test_a_checkpoint_that_cannot_load_exits_non_zero(tmp_path):
+    server = Server("--model", tmp_path / "nothing-here").spawn()
+    code = server.wait(timeout=30)
+    assert code != 0, server.log_tail()
+    assert "nothing-here" in server.log_text()
+    # Original-format checkpoint without its vision tower: a clear error, not a crash.
+    server = Server("--model", FIXTURES / "tiny-llava-orig-pad").spawn()
+    code = server.wait(timeout=30)
+    assert code not in (0, -6, 101, 134), server.log_tail()
