@@ -162,6 +162,12 @@ fn load_model(
         args.template.as_deref(),
         &device,
     )?;
+    if builtin {
+        // Everything is loaded (the weights stay mapped), so the unpacked copy can go.
+        if let Err(err) = std::fs::remove_dir_all(&dir) {
+            tracing::debug!(error = %err, dir = %dir.display(), "cannot remove the built-in model's temp dir");
+        }
+    }
     let cfg = loaded.model.config();
     let card = ModelCard {
         id: args.served_model_name.clone().unwrap_or_else(|| {

@@ -285,7 +285,7 @@ impl Metrics {
             )
             .expect("valid metric");
             register(Box::new(cosine.clone()));
-            SafetyMetrics {
+            let safety = SafetyMetrics {
                 requests: by_modality(
                     names::SAFETY_REQUESTS_TOTAL,
                     "Diagnosed requests (asked for or sampled), by modality.",
@@ -306,7 +306,18 @@ impl Metrics {
                     REFUSAL_PROBABILITY_BUCKETS.to_vec(),
                 ),
                 image_text_cosine: cosine,
+            };
+            // Every family with every modality from the start, at zero: dashboards and
+            // docker/check.sh find the series before the first diagnosed request (a labelled
+            // family without children is not exposed at all).
+            for modality in [Modality::Text, Modality::Image, Modality::Mixed] {
+                let label = [modality_label(modality)];
+                safety.requests.with_label_values(&label);
+                safety.refusals.with_label_values(&label);
+                safety.activation_layer.with_label_values(&label);
+                safety.refusal_probability.with_label_values(&label);
             }
+            safety
         });
     }
 
@@ -426,6 +437,24 @@ mod tests {
         assert!(!metrics
             .render()
             .contains(r#"tga_safety_activation_layer_bucket{modality="image",le="32"}"#));
+    }
+
+    #[test]
+    fn safety_families_are_exposed_at_zero_before_any_diagnosed_request() {
+        let metrics = Metrics::new();
+        metrics.init_safety(3);
+        let text = metrics.render();
+        for modality in ["text", "image", "mixed"] {
+            for series in [
+                format!(r#"tga_safety_requests_total{{modality="{modality}"}} 0"#),
+                format!(r#"tga_safety_refusals_total{{modality="{modality}"}} 0"#),
+                format!(r#"tga_safety_activation_layer_bucket{{modality="{modality}",le="3"}} 0"#),
+                format!(r#"tga_safety_refusal_probability_count{{modality="{modality}"}} 0"#),
+            ] {
+                assert!(text.contains(&series), "{series} missing");
+            }
+        }
+        assert!(text.contains("tga_safety_image_text_cosine_count 0"));
     }
 
     #[test]
