@@ -105,12 +105,16 @@ class Server:
     """One tga-serve process on 127.0.0.1:<free port>, its log in a temporary file."""
 
     live: list["Server"] = []
+    # Set for the session to pytest's temporary directory (which pytest prunes after 3 runs).
+    log_dir: Path | None = None
 
     def __init__(self, *args: str, env: dict[str, str] | None = None):
         self.port = free_port()
         self.args = ["serve", "--host", "127.0.0.1", "--port", str(self.port), *map(str, args)]
         self.env = env or {}
-        self.log = tempfile.NamedTemporaryFile(prefix="tga-serve-e2e-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(
+            prefix="tga-serve-", suffix=".log", delete=False, dir=Server.log_dir
+        )
         self.process: subprocess.Popen | None = None
         self.session = requests.Session()
 
@@ -240,6 +244,11 @@ def pytest_runtest_makereport(item, call):
     if report.failed:
         for server in Server.live:
             report.sections.append((f"tga-serve {' '.join(server.args)}", server.log_tail()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _server_logs(tmp_path_factory):
+    Server.log_dir = tmp_path_factory.mktemp("tga-serve-logs")
 
 
 @pytest.fixture
