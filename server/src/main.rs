@@ -23,6 +23,8 @@ fn main() -> ExitCode {
                 .with_env_filter(
                     EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
                 )
+                // Colour codes only on a terminal: logs piped to files stay plain.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
                 .init();
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
@@ -44,6 +46,8 @@ fn main() -> ExitCode {
                 .with_env_filter(
                     EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
                 )
+                // Colour codes only on a terminal: logs piped to files stay plain.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
                 .init();
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
