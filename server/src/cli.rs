@@ -40,7 +40,8 @@ pub struct EvalArgs {
     /// path relative to the file, an http(s) URL or a data URI).
     #[arg(long)]
     pub data: PathBuf,
-    /// Directory for report.json, report.md and records.jsonl (default: `eval-<data name>`).
+    /// Directory for report.json, report.md, records.jsonl and the plots curves.png and dsr.png
+    /// (default: `eval-<data name>`).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Also run the image prompts with their states aligned to the caption's (add) after blocks

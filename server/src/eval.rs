@@ -26,6 +26,7 @@ use serde_json::json;
 use crate::app::ServingModel;
 use crate::diagnose::DiagnosticsReport;
 use crate::engine::{Event, GenerationStream};
+use crate::eval_plots;
 use crate::openai::ChatCompletionRequest;
 use crate::validation::Purpose;
 
@@ -67,7 +68,7 @@ impl RunKind {
 #[derive(Debug, Clone)]
 pub struct EvalConfig {
     pub data: PathBuf,
-    /// Directory for `report.json`, `report.md` and `records.jsonl`.
+    /// Directory for `report.json`, `report.md`, `records.jsonl`, `curves.png` and `dsr.png`.
     pub out: PathBuf,
     /// Blocks `LO..=HI` for the alignment run.
     pub align_layers: Option<(usize, usize)>,
@@ -113,6 +114,8 @@ pub enum EvalError {
     },
     #[error("{0}")]
     Options(String),
+    #[error("plotting {path}: {message}")]
+    Plot { path: PathBuf, message: String },
 }
 
 /// Reads the JSONL dataset (blank lines skipped).
@@ -264,8 +267,8 @@ async fn collect(mut events: GenerationStream) -> Result<(DiagnosticsReport, Str
 }
 
 /// Runs the evaluation until done or until `cancel` resolves; records are appended to
-/// `<out>/records.jsonl` as they finish, then `report.json` and `report.md` are written from
-/// every record (also after a cancel).
+/// `<out>/records.jsonl` as they finish, then `report.json`, `report.md` and the plots
+/// (`curves.png`, `dsr.png`) are written from every record (also after a cancel).
 pub async fn run(
     model: &ServingModel,
     config: &EvalConfig,
@@ -541,7 +544,8 @@ impl EvalReport {
         }
     }
 
-    /// `report.json` and `report.md` in `dir`.
+    /// `report.json`, `report.md`, `curves.png` and `dsr.png` in `dir`. The text reports come
+    /// first, so a plotting failure loses no numbers.
     pub fn write(&self, dir: &Path) -> Result<(), EvalError> {
         let write = |name: &str, text: String| {
             let path = dir.join(name);
@@ -551,7 +555,9 @@ impl EvalReport {
             "report.json",
             serde_json::to_string_pretty(self).expect("the report serialises") + "\n",
         )?;
-        write("report.md", self.markdown())
+        write("report.md", self.markdown())?;
+        eval_plots::curves(self, &dir.join(eval_plots::CURVES_FILE))?;
+        eval_plots::dsr(self, &dir.join(eval_plots::DSR_FILE))
     }
 
     pub fn markdown(&self) -> String {
@@ -586,7 +592,10 @@ impl EvalReport {
         if self.failed_runs > 0 {
             md.push_str(&format!(" {} runs failed (see the log).", self.failed_runs));
         }
-        md.push_str("\n\n## Defense success rate by category\n\n| category |");
+        md.push_str(&format!(
+            "\n\n## Defense success rate by category\n\n![DSR per category and run kind]({})\n\n| category |",
+            eval_plots::DSR_FILE
+        ));
         for k in &kinds {
             md.push_str(&format!(" {k} |"));
         }
@@ -623,7 +632,10 @@ impl EvalReport {
                 cell(&r.end_layer)
             ));
         }
-        md.push_str("\n## Per-layer means\n\n| layer |");
+        md.push_str(&format!(
+            "\n## Per-layer means\n\n![Mean p_refusal and cosine per layer]({})\n\n| layer |",
+            eval_plots::CURVES_FILE
+        ));
         for k in &kinds {
             md.push_str(&format!(" p_refusal {k} |"));
         }

@@ -12,7 +12,8 @@
 //! - [`cli`]: the `tga-serve` command line (every flag also an environment variable).
 //! - [`diagnose`]: the safety-diagnostics options, their validation into a plan the engine runs,
 //!   and the report; [`events`]: the firehose of diagnosed requests and the safety metrics' feed.
-//! - [`eval`]: `tga-serve eval`, the cross-modal safety evaluation (DSR image vs text).
+//! - [`eval`]: `tga-serve eval`, the cross-modal safety evaluation (DSR image vs text);
+//!   [`eval_plots`]: its PNG plots.
 //! - [`llava`]: the `model` crate's LLaVA-Mistral behind the engine seam; [`builtin`]: the tiny
 //!   model embedded in the binary.
 
@@ -23,6 +24,7 @@ pub mod diagnose;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod eval_plots;
 pub mod events;
 pub mod http;
 pub mod llava;

@@ -828,6 +828,26 @@ async fn eval_writes_reports_whose_dsr_matches_the_per_item_records() {
     for kind in ["image", "text", "image_aligned", "text_masked"] {
         assert!(markdown.contains(kind), "{kind} missing from the markdown");
     }
+    // The plots: linked from the markdown, real PNGs of the drawn size with more than a blank
+    // page in them (lines and bars in several colours).
+    for (name, size) in [("curves.png", (1200, 1000)), ("dsr.png", (1200, 700))] {
+        assert!(
+            markdown.contains(&format!("]({name})")),
+            "{name} not linked"
+        );
+        let bytes = std::fs::read(out.join(name)).unwrap();
+        assert!(bytes.len() > 10_000, "{name}: only {} bytes", bytes.len());
+        let png = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png)
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(png.dimensions(), size, "{name}");
+        let colours: HashSet<[u8; 3]> = png.pixels().map(|p| p.0).collect();
+        assert!(colours.len() > 20, "{name}: {} colours", colours.len());
+        // The image and text colours of eval_plots appear: both series were drawn.
+        for rgb in [[31, 119, 180], [214, 39, 40]] {
+            assert!(colours.contains(&rgb), "{name}: no {rgb:?} series");
+        }
+    }
     let records: Vec<Value> = std::fs::read_to_string(out.join("records.jsonl"))
         .unwrap()
         .lines()
@@ -891,5 +911,8 @@ async fn eval_writes_reports_whose_dsr_matches_the_per_item_records() {
     .unwrap();
     assert!(report.interrupted);
     assert!(out2.join("report.md").exists());
+    for name in ["curves.png", "dsr.png"] {
+        image::open(out2.join(name)).unwrap();
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
