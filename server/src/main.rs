@@ -18,51 +18,44 @@ fn main() -> ExitCode {
             println!("{doc}");
             ExitCode::SUCCESS
         }
-        Command::Eval(args) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
-                )
-                // Colour codes only on a terminal: logs piped to files stay plain.
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-                .init();
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(runtime) => runtime,
-                Err(err) => {
-                    tracing::error!(error = %err, "cannot start the async runtime");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(eval(*args)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(err) => {
-                    eprintln!("tga-serve eval failed: {err}");
-                    ExitCode::FAILURE
-                }
-            }
+        Command::Eval(args) => run("warn", eval(*args), |err| {
+            eprintln!("tga-serve eval failed: {err}")
+        }),
+        Command::Serve(args) => run(
+            "info",
+            serve(*args),
+            |err| tracing::error!(error = %err, "tga-serve failed"),
+        ),
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Sets up logging (`RUST_LOG`, else `default_level`) and the async runtime, then runs `task`.
+fn run(
+    default_level: &str,
+    task: impl std::future::Future<Output = Result<(), BoxError>>,
+    report: impl FnOnce(BoxError),
+) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
+        )
+        // Colour codes only on a terminal: logs piped to files stay plain.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot start the async runtime");
+            return ExitCode::FAILURE;
         }
-        Command::Serve(args) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-                )
-                // Colour codes only on a terminal: logs piped to files stay plain.
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-                .init();
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(runtime) => runtime,
-                Err(err) => {
-                    tracing::error!(error = %err, "cannot start the async runtime");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(serve(*args)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(err) => {
-                    tracing::error!(error = %err, "tga-serve failed");
-                    ExitCode::FAILURE
-                }
-            }
+    };
+    match runtime.block_on(task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            report(err);
+            ExitCode::FAILURE
         }
     }
 }
