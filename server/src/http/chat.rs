@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, Stream, StreamExt};
 
-use super::{ApiJson, REQUEST_ID};
+use super::ApiJson;
 use crate::app::AppState;
 use crate::diagnose::DiagnosticsReport;
 use crate::engine::{self, Event, GenerationStream};
@@ -58,11 +58,7 @@ pub(super) async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let model = state.model()?;
-    let request_id = headers
-        .get(REQUEST_ID)
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
+    let request_id = super::request_id(&headers).to_string();
     let (valid, options) = model
         .validator
         .validate(request, request_id, arrived)

@@ -9,7 +9,7 @@ mod system;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, HeaderName, HeaderValue, Method, Uri};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -30,6 +30,14 @@ use crate::error::{ApiError, ErrorCode};
 use crate::metrics::UNMATCHED_ROUTE;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The request id the outer layer set (or the client sent); empty if it is not valid text.
+pub(crate) fn request_id(headers: &HeaderMap) -> &str {
+    headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+}
 pub const CHAT_COMPLETIONS_ROUTE: &str = "/v1/chat/completions";
 
 #[derive(OpenApi)]
@@ -126,11 +134,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let outer = ServiceBuilder::new()
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
-            let id = request
-                .headers()
-                .get(REQUEST_ID)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
+            let id = request_id(request.headers());
             tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)
         }).on_response(DefaultOnResponse::new().level(tracing::Level::INFO)))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use utoipa::ToSchema;
 
-use super::{ApiJson, REQUEST_ID};
+use super::ApiJson;
 use crate::app::AppState;
 use crate::diagnose::{DiagnosticsMeta, DiagnosticsReport, LayerRecordSchema, SummarySchema};
 use crate::engine::{self, Event, GenerationStream};
@@ -92,11 +92,7 @@ pub(super) async fn diagnose(
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let model = state.model()?;
-    let request_id = headers
-        .get(REQUEST_ID)
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
+    let request_id = super::request_id(&headers).to_string();
     let (valid, options) = model
         .validator
         .validate_for(request, request_id, arrived, Purpose::Diagnose)
