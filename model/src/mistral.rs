@@ -41,16 +41,6 @@ pub struct LayerTaps {
     pub state_edits: Vec<StateEdit>,
 }
 
-impl LayerTaps {
-    pub fn is_empty(&self) -> bool {
-        self.hidden_positions.is_empty()
-            && self.attention_queries.is_empty()
-            && self.pooled_spans.is_empty()
-            && self.mask_keys.is_none()
-            && self.state_edits.is_empty()
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct KeyMask {
     /// Block indices 1..=N.
@@ -114,16 +104,6 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-
-    /// Bytes held by the cache buffers.
-    pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flat_map(|l| [&l.k, &l.v])
-            .flatten()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum()
     }
 }
 

@@ -8,7 +8,7 @@
 //! reported too. Tensors are read from the mmap straight into their final dtype and device: no
 //! second copy of the weights is kept.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -77,18 +77,6 @@ impl Checkpoint {
 
     pub fn contains(&self, canonical: &str) -> bool {
         self.inner.entries.contains_key(canonical)
-    }
-
-    pub fn shape(&self, canonical: &str) -> Option<&[usize]> {
-        self.inner
-            .entries
-            .get(canonical)
-            .map(|e| e.shape.as_slice())
-    }
-
-    /// Number of distinct tensors found.
-    pub fn num_tensors(&self) -> usize {
-        self.inner.entries.len()
     }
 
     /// A VarBuilder that loads canonical names into `dtype` on `device`.
@@ -362,21 +350,6 @@ fn clip_dir_name(name: &str) -> Option<String> {
     }
     let rest = name.strip_prefix("vision_model.").unwrap_or(name);
     Some(format!("vision_tower.vision_model.{rest}"))
-}
-
-/// Tensor names and shapes of a checkpoint directory without loading any data (for tools/tests).
-pub fn list_tensors(dir: &Path) -> Result<BTreeMap<String, Vec<usize>>> {
-    let mut out = BTreeMap::new();
-    for path in shard_paths(dir)? {
-        let st = unsafe { MmapedSafetensors::new(&path) }.map_err(|e| ModelError::Safetensors {
-            path: path.clone(),
-            msg: e.to_string(),
-        })?;
-        for (n, v) in st.tensors() {
-            out.insert(n, v.shape().to_vec());
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
