@@ -8,6 +8,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
 
 use crate::config::{VisionAct, VisionConfig};
+use crate::cpu;
 
 struct Attention {
     q_proj: Linear,
@@ -42,8 +43,20 @@ impl Attention {
         let q = split((self.q_proj.forward(xs)? * scale)?)?;
         let k = split(self.k_proj.forward(xs)?)?;
         let v = split(self.v_proj.forward(xs)?)?;
-        let w = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
-        let o = w.matmul(&v)?.transpose(1, 2)?.reshape((b, n, h))?;
+        // One image (view) at a time: all views' scores at once (B × heads × n × n, 40 MB for
+        // five anyres views of a small tower) would miss the caches and page-fault on every op.
+        let mut outs = Vec::with_capacity(b);
+        for i in 0..b {
+            let scores = q.get(i)?.matmul(&k.get(i)?.t()?)?;
+            let w = match cpu::masked_softmax(&scores, 1.0, cpu::KeyRange::All)? {
+                Some(w) => w,
+                None => candle_nn::ops::softmax_last_dim(&scores)?,
+            };
+            outs.push(w.matmul(&v.get(i)?)?);
+        }
+        let o = Tensor::stack(&outs, 0)?
+            .transpose(1, 2)?
+            .reshape((b, n, h))?;
         self.out_proj.forward(&o)
     }
 }
@@ -75,7 +88,10 @@ impl EncoderLayer {
         let h = self.fc1.forward(&self.layer_norm2.forward(&xs)?)?;
         let h = match self.act {
             // transformers' QuickGELUActivation: x * sigmoid(1.702 x).
-            VisionAct::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
+            VisionAct::QuickGelu => match cpu::quick_gelu(&h)? {
+                Some(a) => a,
+                None => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
+            },
             VisionAct::Gelu => h.gelu_erf()?,
         };
         xs + self.fc2.forward(&h)?

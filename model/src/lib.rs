@@ -4,6 +4,7 @@
 //! - `weights`: sharded, memory-mapped safetensors with name mapping and shape validation.
 //! - `image`: decoding with limits, PIL-exact resizing, pad / anyres preprocessing, token counts.
 //! - `tokenizer`, `sentencepiece`, `template`: tokenizers, SentencePiece `.model` files, chat templates.
+//! - `cpu`: f32 CPU kernels (small-batch linear, decode attention, fused softmax/activations).
 //! - `clip`, `mistral`, `llava`: vision tower, decoder with [`mistral::LayerTaps`], the assembled model.
 //! - `sampling`: logits to tokens (greedy, temperature, top-k/top-p, seeds, logprobs, stops).
 //! - `diagnostics`: the DIAGNOSTICS.md math (logit lens, refusal sets, attention shares, cosines).
@@ -13,6 +14,7 @@ pub use error::{ModelError, Result};
 
 pub mod clip;
 pub mod config;
+mod cpu;
 pub mod diagnostics;
 pub mod image;
 pub mod llava;

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{embedding, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
 
 use crate::config::TextConfig;
+use crate::cpu;
 use crate::error::{ModelError, Result};
 
 /// Prefill attention runs in chunks of query rows whose score matrix (heads × rows × keys) stays
@@ -108,8 +109,8 @@ impl KvCache {
 }
 
 impl LayerKv {
-    /// Appends `k`, `v` [kv_heads, n, head_dim] at `at` and returns views of the first `at + n`.
-    fn append(&mut self, at: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// Appends `k`, `v` [kv_heads, n, head_dim] at `at`.
+    fn append(&mut self, at: usize, k: &Tensor, v: &Tensor) -> Result<()> {
         let n = k.dim(1)?;
         let need = at + n;
         for (slot, new) in [(&mut self.k, k), (&mut self.v, v)] {
@@ -128,9 +129,17 @@ impl LayerKv {
             let buf = slot.as_ref().expect("allocated above");
             buf.slice_set(&new.contiguous()?, 1, at)?;
         }
-        let k = self.k.as_ref().expect("set").narrow(1, 0, need)?;
-        let v = self.v.as_ref().expect("set").narrow(1, 0, need)?;
-        Ok((k, v))
+        Ok(())
+    }
+
+    /// The first `len` cached positions of every KV head: k, v [kv_heads, len, head_dim].
+    fn view(&self, len: usize) -> Result<(Tensor, Tensor)> {
+        match (&self.k, &self.v) {
+            (Some(k), Some(v)) => Ok((k.narrow(1, 0, len)?, v.narrow(1, 0, len)?)),
+            _ => Err(ModelError::InvalidInput(
+                "attention over an empty KV cache".into(),
+            )),
+        }
     }
 }
 
@@ -170,11 +179,32 @@ impl Rotary {
     }
 }
 
+/// A bias-free linear layer; at decode-sized batches on the CPU it runs the weight-streaming
+/// kernel of [`cpu::linear`] instead of gemm.
+struct Proj(Linear);
+
+impl Proj {
+    fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self(linear_no_bias(in_dim, out_dim, vb)?))
+    }
+
+    fn weight(&self) -> &Tensor {
+        self.0.weight()
+    }
+
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match cpu::linear(xs, self.0.weight())? {
+            Some(y) => Ok(y),
+            None => self.0.forward(xs),
+        }
+    }
+}
+
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -191,10 +221,10 @@ impl Attention {
     fn new(cfg: &TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         Ok(Self {
-            q_proj: linear_no_bias(h, cfg.num_attention_heads * hd, vb.pp("q_proj"))?,
-            k_proj: linear_no_bias(h, cfg.num_key_value_heads * hd, vb.pp("k_proj"))?,
-            v_proj: linear_no_bias(h, cfg.num_key_value_heads * hd, vb.pp("v_proj"))?,
-            o_proj: linear_no_bias(cfg.num_attention_heads * hd, h, vb.pp("o_proj"))?,
+            q_proj: Proj::new(h, cfg.num_attention_heads * hd, vb.pp("q_proj"))?,
+            k_proj: Proj::new(h, cfg.num_key_value_heads * hd, vb.pp("k_proj"))?,
+            v_proj: Proj::new(h, cfg.num_key_value_heads * hd, vb.pp("v_proj"))?,
+            o_proj: Proj::new(cfg.num_attention_heads * hd, h, vb.pp("o_proj"))?,
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
             head_dim: hd,
@@ -239,7 +269,8 @@ impl Attention {
     ) -> Result<Tensor> {
         let n = xs.dim(0)?;
         let (q, k, v) = self.qkv(xs, cos, sin)?;
-        let (keys, values) = kv.append(start, &k.transpose(0, 1)?, &v.transpose(0, 1)?)?;
+        kv.append(start, &k.transpose(0, 1)?, &v.transpose(0, 1)?)?;
+        let (keys, values) = kv.view(start + n)?;
         let out = self.attend(
             &q.transpose(0, 1)?.contiguous()?,
             start,
@@ -290,14 +321,32 @@ impl Attention {
                 .reshape((self.kv_heads, groups * c, self.head_dim))?;
             let kc = keys.narrow(1, kbeg, klen)?;
             let vc = values.narrow(1, kbeg, klen)?;
-            let scores = (qc.matmul(&kc.t()?)? * scale)?; // [kv, groups*c, klen]
-            let scores = scores.reshape((self.heads, c, klen))?;
-            let mask = self.mask(start + c0, c, kbeg, klen, taps.masked)?;
-            let scores = match mask {
-                Some(m) => scores.broadcast_add(&Tensor::from_vec(m, (1, c, klen), dev)?)?,
-                None => scores,
+            let scores = qc.matmul(&kc.t()?)?.reshape((self.heads, c, klen))?;
+            let keys = cpu::KeyRange::Causal {
+                q0: start + c0,
+                rows_per_head: c,
+                kbeg,
+                window: self.window,
             };
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            // Key-span masks (interventions) take the general path below.
+            let fused = match taps.masked {
+                None => cpu::masked_softmax(&scores, scale as f32, keys)?,
+                Some(_) => None,
+            };
+            let probs = match fused {
+                Some(p) => p,
+                None => {
+                    let scores = (scores * scale)?;
+                    let mask = self.mask(start + c0, c, kbeg, klen, taps.masked)?;
+                    let scores = match mask {
+                        Some(m) => {
+                            scores.broadcast_add(&Tensor::from_vec(m, (1, c, klen), dev)?)?
+                        }
+                        None => scores,
+                    };
+                    candle_nn::ops::softmax_last_dim(&scores)?
+                }
+            };
             for &qpos in taps.queries {
                 if qpos >= start + c0 && qpos < start + c0 + c {
                     let row = probs.narrow(1, qpos - start - c0, 1)?; // [heads, 1, klen]
@@ -365,24 +414,28 @@ impl Attention {
 }
 
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: Proj,
+    up_proj: Proj,
+    down_proj: Proj,
 }
 
 impl Mlp {
     fn new(cfg: &TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: linear_no_bias(h, i, vb.pp("gate_proj"))?,
-            up_proj: linear_no_bias(h, i, vb.pp("up_proj"))?,
-            down_proj: linear_no_bias(i, h, vb.pp("down_proj"))?,
+            gate_proj: Proj::new(h, i, vb.pp("gate_proj"))?,
+            up_proj: Proj::new(h, i, vb.pp("up_proj"))?,
+            down_proj: Proj::new(i, h, vb.pp("down_proj"))?,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = self.gate_proj.forward(xs)?.silu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+        let (gate, up) = (self.gate_proj.forward(xs)?, self.up_proj.forward(xs)?);
+        let act = match cpu::silu_mul(&gate, &up)? {
+            Some(a) => a,
+            None => (gate.silu()? * up)?,
+        };
+        self.down_proj.forward(&act)
     }
 }
 
@@ -417,7 +470,7 @@ pub struct Decoder {
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: Proj,
     rotary: Rotary,
     cfg: TextConfig,
     device: Device,
@@ -442,9 +495,9 @@ impl Decoder {
             .collect::<candle_core::Result<Vec<_>>>()?;
         let norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_tokens.embeddings().clone(), None)
+            Proj(Linear::new(embed_tokens.embeddings().clone(), None))
         } else {
-            linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
+            Proj::new(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
         };
         Ok(Self {
             embed_tokens,
@@ -654,17 +707,26 @@ impl Decoder {
             let h = layer.input_layernorm.forward(&xs)?;
             let attn = &layer.self_attn;
             let (q, k, v) = attn.qkv(&h, &cos, &sin)?;
-            let mut outs = Vec::with_capacity(b);
             for (s, cache) in caches.iter_mut().enumerate() {
-                let pos = positions[s];
                 let ks = k.narrow(0, s, 1)?.transpose(0, 1)?; // [kv, 1, hd]
                 let vs = v.narrow(0, s, 1)?.transpose(0, 1)?;
-                let (keys, values) = cache.layers[i].append(pos, &ks, &vs)?;
-                let qs = q.narrow(0, s, 1)?.transpose(0, 1)?.contiguous()?; // [heads, 1, hd]
-                let o = attn.attend(&qs, pos, &keys, &values, &no_taps, &mut None)?;
-                outs.push(o.reshape((1, heads * hd))?);
+                cache.layers[i].append(positions[s], &ks, &vs)?;
             }
-            let o = attn.o_proj.forward(&Tensor::cat(&outs, 0)?)?;
+            let o = match self.fused_decode_attention(i, &q, caches, &positions)? {
+                Some(o) => o,
+                None => {
+                    let mut outs = Vec::with_capacity(b);
+                    for (s, cache) in caches.iter().enumerate() {
+                        let pos = positions[s];
+                        let (keys, values) = cache.layers[i].view(pos + 1)?;
+                        let qs = q.narrow(0, s, 1)?.transpose(0, 1)?.contiguous()?; // [heads, 1, hd]
+                        let o = attn.attend(&qs, pos, &keys, &values, &no_taps, &mut None)?;
+                        outs.push(o.reshape((1, heads * hd))?);
+                    }
+                    Tensor::cat(&outs, 0)?
+                }
+            };
+            let o = attn.o_proj.forward(&o)?;
             xs = layer.mlp_residual((xs + o)?)?;
         }
         for c in caches.iter_mut() {
@@ -674,6 +736,36 @@ impl Decoder {
             .lm_head
             .forward(&self.norm.forward(&xs)?)?
             .to_dtype(DType::F32)?)
+    }
+}
+
+impl Decoder {
+    /// Layer `i`'s attention of the B new tokens (already appended) through the fused CPU
+    /// kernel; `None` where it does not apply (not f32 on the CPU).
+    fn fused_decode_attention(
+        &self,
+        i: usize,
+        q: &Tensor,
+        caches: &[&mut KvCache],
+        positions: &[usize],
+    ) -> Result<Option<Tensor>> {
+        let mut views = Vec::with_capacity(caches.len());
+        for (cache, &pos) in caches.iter().zip(positions) {
+            match &cache.layers[i] {
+                LayerKv {
+                    k: Some(k),
+                    v: Some(v),
+                } => views.push(cpu::CachedKv { k, v, len: pos + 1 }),
+                _ => return Ok(None),
+            }
+        }
+        let attn = &self.layers[i].self_attn;
+        Ok(cpu::decode_attention(
+            q,
+            &views,
+            attn.kv_heads,
+            attn.window,
+        )?)
     }
 }
 

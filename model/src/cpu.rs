@@ -1,0 +1,900 @@
+//! f32 CPU kernels for the hot paths where candle's generic ops lose most of the time
+//! (bench/RESULTS.md, "Profile"): small-batch linear layers (decode), decode attention over each
+//! sequence's KV cache, fused scale·mask·softmax for prefill and vision attention, and the fused
+//! SwiGLU / QuickGELU activations.
+//!
+//! Every entry point takes candle tensors and returns `Ok(None)` unless they are f32 tensors on
+//! the CPU in the layout it needs, so callers fall back to candle's ops (other dtypes, GPUs).
+//! The x86-64 paths are chosen at run time (AVX-512, AVX2+FMA, portable), so a portable build
+//! still uses the machine's vector units.
+
+use std::sync::OnceLock;
+
+use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Up to this many rows a linear layer streams its weights once through [`linear`]; beyond it
+/// gemm's blocked kernels win (they pack the weights, which pays off once enough rows reuse them).
+pub(crate) const SMALL_BATCH_MAX: usize = 16;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::env::var_os("TGA_CPU_PORTABLE").is_some() {
+                return Isa::Portable;
+            }
+            if is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    })
+}
+
+/// Runs `f` on the f32 elements of a contiguous f32 CPU tensor, in memory order.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    if !matches!(t.device(), Device::Cpu) || t.dtype() != DType::F32 {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    f32_slice(&storage, layout).map(f)
+}
+
+/// The elements of contiguous f32 CPU storage under `layout`.
+fn f32_slice<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
+    let (start, end) = layout.contiguous_offsets()?;
+    match storage {
+        Storage::Cpu(CpuStorage::F32(v)) => Some(&v[start..end]),
+        _ => None,
+    }
+}
+
+/// A raw output pointer handed to rayon tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: every task that receives a SendPtr writes a region no other task touches, and the
+// buffer outlives the parallel loop.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    /// A method (not field access) so closures capture the whole Send wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small-batch linear layers
+// ---------------------------------------------------------------------------------------------
+
+/// `x [rows, in] · wᵀ` for `w [out, in]` (PyTorch's layout) when `rows <= SMALL_BATCH_MAX`.
+///
+/// gemm packs the whole weight matrix on every call at these sizes and its one-row path does not
+/// reach memory speed; here each weight row is read from memory once and dotted with all rows of
+/// `x` while it sits in L1, split over the threads by blocks of output features.
+pub(crate) fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let &[rows, k] = x.dims() else {
+        return Ok(None);
+    };
+    let &[n, kw] = w.dims() else {
+        return Ok(None);
+    };
+    if rows == 0 || rows > SMALL_BATCH_MAX || kw != k || n == 0 || k == 0 {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let y = with_f32(&x, |xs| {
+        with_f32(w, |ws| {
+            let mut y = vec![0f32; rows * n];
+            small_gemm(xs, ws, rows, k, n, &mut y);
+            y
+        })
+    })
+    .flatten();
+    match y {
+        Some(y) => Ok(Some(Tensor::from_vec(y, (rows, n), x.device())?)),
+        None => Ok(None),
+    }
+}
+
+fn small_gemm(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize, y: &mut [f32]) {
+    debug_assert!(x.len() == rows * k && w.len() == n * k && y.len() == rows * n);
+    let isa = isa();
+    let threads = rayon::current_num_threads().max(1);
+    // A few blocks per thread for balance; multiples of 4 features for the 4-row tiles.
+    let block = n.div_ceil(threads * 4).next_multiple_of(4).max(16);
+    let yp = SendPtr(y.as_mut_ptr());
+    (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
+        let (o0, o1) = (b * block, ((b + 1) * block).min(n));
+        // SAFETY: x, w and y have the sizes checked above; this task writes only the output
+        // features o0..o1 of every row of y.
+        unsafe { gemm_features(isa, x.as_ptr(), w.as_ptr(), rows, k, n, o0, o1, yp.get()) }
+    });
+}
+
+/// Output features `o0..o1` of every row: `y[r*n + o] = x[r] · w[o]`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_features(
+    isa: Isa,
+    x: *const f32,
+    w: *const f32,
+    rows: usize,
+    k: usize,
+    n: usize,
+    o0: usize,
+    o1: usize,
+    y: *mut f32,
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => x86::features_avx512(x, w, rows, k, n, o0, o1, y),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => x86::features_avx2(x, w, rows, k, n, o0, o1, y),
+        Isa::Portable => {
+            for o in o0..o1 {
+                let wr = std::slice::from_raw_parts(w.add(o * k), k);
+                for r in 0..rows {
+                    let xr = std::slice::from_raw_parts(x.add(r * k), k);
+                    *y.add(r * n + o) = dot(wr, xr);
+                }
+            }
+        }
+    }
+}
+
+// Index loops over the register tile read more plainly than iterator chains.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// `y[b*n + a] = w[a] · x[b]` for an NW×NX tile; rows of w and x are `k` apart.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile512<const NW: usize, const NX: usize>(
+        w: *const f32,
+        x: *const f32,
+        k: usize,
+        y: *mut f32,
+        n: usize,
+    ) {
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); NX]; NW];
+            let mut i = 0;
+            while i + 16 <= k {
+                let mut wv = [_mm512_setzero_ps(); NW];
+                for (a, v) in wv.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(w.add(a * k + i));
+                }
+                for b in 0..NX {
+                    let xv = _mm512_loadu_ps(x.add(b * k + i));
+                    for a in 0..NW {
+                        acc[a][b] = _mm512_fmadd_ps(wv[a], xv, acc[a][b]);
+                    }
+                }
+                i += 16;
+            }
+            if i < k {
+                let m: __mmask16 = (1u16 << (k - i)) - 1;
+                for b in 0..NX {
+                    let xv = _mm512_maskz_loadu_ps(m, x.add(b * k + i));
+                    for a in 0..NW {
+                        let wv = _mm512_maskz_loadu_ps(m, w.add(a * k + i));
+                        acc[a][b] = _mm512_fmadd_ps(wv, xv, acc[a][b]);
+                    }
+                }
+            }
+            for a in 0..NW {
+                for b in 0..NX {
+                    *y.add(b * n + a) = _mm512_reduce_add_ps(acc[a][b]);
+                }
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rows512<const NW: usize>(
+        x: *const f32,
+        w: *const f32,
+        rows: usize,
+        k: usize,
+        n: usize,
+        y: *mut f32,
+    ) {
+        unsafe {
+            let mut r = 0;
+            while r + 4 <= rows {
+                tile512::<NW, 4>(w, x.add(r * k), k, y.add(r * n), n);
+                r += 4;
+            }
+            let (x, y) = (x.add(r * k), y.add(r * n));
+            match rows - r {
+                3 => tile512::<NW, 3>(w, x, k, y, n),
+                2 => tile512::<NW, 2>(w, x, k, y, n),
+                1 => tile512::<NW, 1>(w, x, k, y, n),
+                _ => {}
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn features_avx512(
+        x: *const f32,
+        w: *const f32,
+        rows: usize,
+        k: usize,
+        n: usize,
+        o0: usize,
+        o1: usize,
+        y: *mut f32,
+    ) {
+        unsafe {
+            let mut o = o0;
+            while o + 4 <= o1 {
+                rows512::<4>(x, w.add(o * k), rows, k, n, y.add(o));
+                o += 4;
+            }
+            while o < o1 {
+                rows512::<1>(x, w.add(o * k), rows, k, n, y.add(o));
+                o += 1;
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum256(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// The AVX2 tile: 16 vector registers allow 4 weight rows × 2 input rows.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile256<const NW: usize, const NX: usize>(
+        w: *const f32,
+        x: *const f32,
+        k: usize,
+        y: *mut f32,
+        n: usize,
+    ) {
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); NX]; NW];
+            let mut i = 0;
+            while i + 8 <= k {
+                let mut wv = [_mm256_setzero_ps(); NW];
+                for (a, v) in wv.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(w.add(a * k + i));
+                }
+                for b in 0..NX {
+                    let xv = _mm256_loadu_ps(x.add(b * k + i));
+                    for a in 0..NW {
+                        acc[a][b] = _mm256_fmadd_ps(wv[a], xv, acc[a][b]);
+                    }
+                }
+                i += 8;
+            }
+            for a in 0..NW {
+                for b in 0..NX {
+                    let mut s = hsum256(acc[a][b]);
+                    for j in i..k {
+                        s += *w.add(a * k + j) * *x.add(b * k + j);
+                    }
+                    *y.add(b * n + a) = s;
+                }
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows256<const NW: usize>(
+        x: *const f32,
+        w: *const f32,
+        rows: usize,
+        k: usize,
+        n: usize,
+        y: *mut f32,
+    ) {
+        unsafe {
+            let mut r = 0;
+            while r + 2 <= rows {
+                tile256::<NW, 2>(w, x.add(r * k), k, y.add(r * n), n);
+                r += 2;
+            }
+            if r < rows {
+                tile256::<NW, 1>(w, x.add(r * k), k, y.add(r * n), n);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn features_avx2(
+        x: *const f32,
+        w: *const f32,
+        rows: usize,
+        k: usize,
+        n: usize,
+        o0: usize,
+        o1: usize,
+        y: *mut f32,
+    ) {
+        unsafe {
+            let mut o = o0;
+            while o + 4 <= o1 {
+                rows256::<4>(x, w.add(o * k), rows, k, n, y.add(o));
+                o += 4;
+            }
+            while o < o1 {
+                rows256::<1>(x, w.add(o * k), rows, k, n, y.add(o));
+                o += 1;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vectorisable element-wise pieces (compiled per ISA through `multiversion!`)
+// ---------------------------------------------------------------------------------------------
+
+/// Instantiates `$body` (an `#[inline(always)]` fn) for AVX-512, AVX2+FMA and portable code and
+/// defines `$name` that dispatches on [`isa`]. The bodies are plain Rust written so that LLVM
+/// vectorises them (fixed-width accumulators, no reductions across lanes inside loops).
+macro_rules! multiversion {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? => $body:ident) => {
+        $(#[$m])*
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+            unsafe fn v4($($arg: $ty),*) $(-> $ret)? { $body($($arg),*) }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn v3($($arg: $ty),*) $(-> $ret)? { $body($($arg),*) }
+            match isa() {
+                // SAFETY: isa() detected these features on this CPU.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => unsafe { v4($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe { v3($($arg),*) },
+                Isa::Portable => $body($($arg),*),
+            }
+        }
+    };
+}
+
+const LANES: usize = 16;
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = hsum(&acc);
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+#[inline(always)]
+fn hsum(acc: &[f32; LANES]) -> f32 {
+    // Pairwise, so the order does not depend on the ISA.
+    let mut v = *acc;
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            v[l] += v[l + w];
+        }
+    }
+    v[0]
+}
+
+#[inline(always)]
+fn sum(xs: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let c = xs.chunks_exact(LANES);
+    let r = c.remainder();
+    for x in c {
+        for l in 0..LANES {
+            acc[l] += x[l];
+        }
+    }
+    hsum(&acc) + r.iter().sum::<f32>()
+}
+
+#[inline(always)]
+fn max(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let c = xs.chunks_exact(LANES);
+    let r = c.remainder();
+    for x in c {
+        for l in 0..LANES {
+            acc[l] = acc[l].max(x[l]);
+        }
+    }
+    acc.iter()
+        .chain(r)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+}
+
+/// e^x for x ≤ 88 (Cephes' expf: range reduction by ln 2, degree-6 polynomial); relative error
+/// ~1e-7. Branch-free so loops over it vectorise. Inputs below −87 give ~1e-38 instead of 0.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5·2^23 rounds to the nearest integer in any vector unit.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * C1 - n * C2;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.500_000_06;
+    let y = p * r * r + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+/// `out = softmax(input · scale)` over one row.
+#[inline(always)]
+fn softmax_row_body(input: &[f32], out: &mut [f32], scale: f32) {
+    for (o, &s) in out.iter_mut().zip(input) {
+        *o = s * scale;
+    }
+    let m = max(out);
+    for o in out.iter_mut() {
+        *o = exp(*o - m);
+    }
+    let inv = 1.0 / sum(out);
+    for o in out.iter_mut() {
+        *o *= inv;
+    }
+}
+
+multiversion!(fn softmax_row(input: &[f32], out: &mut [f32], scale: f32) => softmax_row_body);
+
+#[inline(always)]
+fn silu_mul_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + exp(-g)) * u;
+    }
+}
+
+multiversion!(fn silu_mul_chunk(gate: &[f32], up: &[f32], out: &mut [f32]) => silu_mul_body);
+
+#[inline(always)]
+fn quick_gelu_body(xs: &[f32], out: &mut [f32]) {
+    for (o, &x) in out.iter_mut().zip(xs) {
+        *o = x / (1.0 + exp(-1.702 * x));
+    }
+}
+
+multiversion!(fn quick_gelu_chunk(xs: &[f32], out: &mut [f32]) => quick_gelu_body);
+
+/// Attention of `groups` query heads over one KV head's cache rows `kbeg..len`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_one_body(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    kbeg: usize,
+    len: usize,
+    hd: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let mut scores = vec![0f32; len - kbeg];
+    for (qh, oh) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
+        for (j, s) in scores.iter_mut().enumerate() {
+            *s = dot(qh, &k[(kbeg + j) * hd..][..hd]) * scale;
+        }
+        let m = max(&scores);
+        for s in scores.iter_mut() {
+            *s = exp(*s - m);
+        }
+        let inv = 1.0 / sum(&scores);
+        oh.fill(0.0);
+        for (j, &p) in scores.iter().enumerate() {
+            let p = p * inv;
+            for (o, &x) in oh.iter_mut().zip(&v[(kbeg + j) * hd..][..hd]) {
+                *o += p * x;
+            }
+        }
+    }
+}
+
+multiversion!(
+    #[allow(clippy::too_many_arguments)]
+    fn attend_one(q: &[f32], k: &[f32], v: &[f32], kbeg: usize, len: usize, hd: usize, scale: f32, out: &mut [f32])
+        => attend_one_body
+);
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-level entry points
+// ---------------------------------------------------------------------------------------------
+
+/// Splits an element-wise map over the threads in chunks that keep each task's data in L2.
+fn par_map2(a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync) {
+    const CHUNK: usize = 16 * 1024;
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(o, (a, b))| f(a, b, o));
+}
+
+/// `silu(gate) · up` in one pass (Mistral's MLP), for same-shaped f32 CPU tensors.
+pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if gate.dims() != up.dims() {
+        return Ok(None);
+    }
+    let out = with_f32(gate, |g| {
+        with_f32(up, |u| {
+            let mut out = vec![0f32; g.len()];
+            par_map2(g, u, &mut out, silu_mul_chunk);
+            out
+        })
+    })
+    .flatten();
+    match out {
+        Some(v) => Ok(Some(Tensor::from_vec(v, gate.shape(), gate.device())?)),
+        None => Ok(None),
+    }
+}
+
+/// `x · sigmoid(1.702 x)` in one pass (CLIP's QuickGELU).
+pub(crate) fn quick_gelu(xs: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let out = with_f32(xs, |x| {
+        let mut out = vec![0f32; x.len()];
+        par_map2(x, x, &mut out, |a, _, o| quick_gelu_chunk(a, o));
+        out
+    });
+    match out {
+        Some(v) => Ok(Some(Tensor::from_vec(v, xs.shape(), xs.device())?)),
+        None => Ok(None),
+    }
+}
+
+/// Which keys (as indices into a score row) a row of a score matrix may see.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum KeyRange {
+    /// Every key (vision attention).
+    All,
+    /// Causal (and sliding-window) attention: row `i` of each head is the query at position
+    /// `q0 + i % rows_per_head`; column `j` is the key at position `kbeg + j`.
+    Causal {
+        q0: usize,
+        rows_per_head: usize,
+        kbeg: usize,
+        window: Option<usize>,
+    },
+}
+
+/// `softmax(scores · scale)` over the last axis with keys outside [`KeyRange`] at probability 0:
+/// the scale, mask and softmax passes of eager attention in one pass per row.
+pub(crate) fn masked_softmax(
+    scores: &Tensor,
+    scale: f32,
+    keys: KeyRange,
+) -> candle_core::Result<Option<Tensor>> {
+    let klen = scores.dim(candle_core::D::Minus1)?;
+    if klen == 0 {
+        return Ok(None);
+    }
+    let out = with_f32(scores, |s| {
+        let mut out = vec![0f32; s.len()];
+        out.par_chunks_mut(klen)
+            .zip(s.par_chunks(klen))
+            .enumerate()
+            .with_min_len(8)
+            .for_each(|(row, (o, s))| {
+                let (lo, hi) = match keys {
+                    KeyRange::All => (0, klen),
+                    KeyRange::Causal {
+                        q0,
+                        rows_per_head,
+                        kbeg,
+                        window,
+                    } => {
+                        let qpos = q0 + row % rows_per_head;
+                        let first = window.map_or(0, |w| (qpos + 1).saturating_sub(w));
+                        (
+                            first.saturating_sub(kbeg).min(klen),
+                            (qpos + 1).saturating_sub(kbeg).min(klen),
+                        )
+                    }
+                };
+                if lo < hi {
+                    softmax_row(&s[lo..hi], &mut o[lo..hi], scale);
+                }
+            });
+        out
+    });
+    match out {
+        Some(v) => Ok(Some(Tensor::from_vec(v, scores.shape(), scores.device())?)),
+        None => Ok(None),
+    }
+}
+
+/// One sequence's cached keys and values for a layer: buffers [kv_heads, capacity, head_dim]
+/// of which the first `len` rows per head are valid.
+pub(crate) struct CachedKv<'a> {
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub len: usize,
+}
+
+/// Decode attention: `q [B, heads, hd]` (sequence b's new token, already in its cache) over each
+/// sequence's cache, in parallel over (sequence, KV head). Returns [B, heads·hd].
+pub(crate) fn decode_attention(
+    q: &Tensor,
+    caches: &[CachedKv],
+    kv_heads: usize,
+    window: Option<usize>,
+) -> candle_core::Result<Option<Tensor>> {
+    let &[b, heads, hd] = q.dims() else {
+        return Ok(None);
+    };
+    if b != caches.len() || kv_heads == 0 || heads % kv_heads != 0 {
+        return Ok(None);
+    }
+    let groups = heads / kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let q = q.contiguous()?;
+    let guards: Vec<_> = caches
+        .iter()
+        .map(|c| (c.k.storage_and_layout(), c.v.storage_and_layout(), c))
+        .collect();
+    let mut views = Vec::with_capacity(b);
+    for (kg, vg, c) in &guards {
+        let (Some(k), Some(v)) = (f32_slice(&kg.0, kg.1), f32_slice(&vg.0, vg.1)) else {
+            return Ok(None);
+        };
+        let cap = c.k.dim(1)?;
+        if c.k.dims() != [kv_heads, cap, hd] || c.v.dims() != c.k.dims() || c.len > cap {
+            return Ok(None);
+        }
+        views.push((k, v, cap, c.len));
+    }
+    let out = with_f32(&q, |qs| {
+        let mut out = vec![0f32; b * heads * hd];
+        out.par_chunks_mut(groups * hd)
+            .enumerate()
+            .for_each(|(pair, o)| {
+                let (s, g) = (pair / kv_heads, pair % kv_heads);
+                let (k, v, cap, len) = views[s];
+                let kbeg = window.map_or(0, |w| len.saturating_sub(w));
+                let qh = &qs[(s * heads + g * groups) * hd..][..groups * hd];
+                let (k, v) = (
+                    &k[g * cap * hd..][..len * hd],
+                    &v[g * cap * hd..][..len * hd],
+                );
+                attend_one(qh, k, v, kbeg, len, hd, scale, o);
+            });
+        out
+    });
+    match out {
+        Some(v) => Ok(Some(Tensor::from_vec(v, (b, heads * hd), q.device())?)),
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::IndexOp;
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        // A small LCG keeps the test independent of candle's RNG.
+        let n: usize = shape.iter().product();
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    fn isas() -> Vec<Isa> {
+        let mut v = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                v.push(Isa::Avx2);
+            }
+            if is_x86_feature_detected!("avx512f") {
+                v.push(Isa::Avx512);
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn small_gemm_matches_matmul_on_every_isa_and_shape() {
+        // k not a multiple of 16 or 8 exercises the tails; n not a multiple of 4 the 1-row tiles.
+        for (rows, k, n) in [
+            (1, 768, 2048),
+            (3, 37, 11),
+            (16, 64, 96),
+            (5, 200, 7),
+            (7, 8, 1),
+        ] {
+            let x = rand(&[rows, k], 1);
+            let w = rand(&[n, k], 2);
+            let want = x.matmul(&w.t().unwrap()).unwrap();
+            let (xs, ws) = (
+                x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            for isa in isas() {
+                let mut y = vec![0f32; rows * n];
+                for o0 in (0..n).step_by(16) {
+                    let o1 = (o0 + 16).min(n);
+                    unsafe {
+                        gemm_features(
+                            isa,
+                            xs.as_ptr(),
+                            ws.as_ptr(),
+                            rows,
+                            k,
+                            n,
+                            o0,
+                            o1,
+                            y.as_mut_ptr(),
+                        )
+                    };
+                }
+                let got = Tensor::from_vec(y, (rows, n), &Device::Cpu).unwrap();
+                let d = max_diff(&got, &want);
+                assert!(d < 1e-4 * (k as f32).sqrt(), "{isa:?} {rows}x{k}x{n}: {d}");
+            }
+            let got = linear(&x, &w).unwrap().expect("f32 cpu small batch");
+            assert!(max_diff(&got, &want) < 1e-4 * (k as f32).sqrt());
+        }
+        // Beyond the small-batch limit, and for other dtypes, callers fall back to candle.
+        let x = rand(&[SMALL_BATCH_MAX + 1, 8], 3);
+        assert!(linear(&x, &rand(&[4, 8], 4)).unwrap().is_none());
+        let xh = rand(&[2, 8], 3).to_dtype(DType::F16).unwrap();
+        let wh = rand(&[4, 8], 4).to_dtype(DType::F16).unwrap();
+        assert!(linear(&xh, &wh).unwrap().is_none());
+    }
+
+    #[test]
+    fn exp_is_accurate_over_the_softmax_range() {
+        let mut worst = 0f32;
+        for i in 0..=200_000 {
+            let x = -87.0 + 87.0 * i as f32 / 200_000.0;
+            let (got, want) = (exp(x), x.exp());
+            worst = worst.max(((got - want) / want).abs());
+        }
+        assert!(worst < 3e-7, "max relative error {worst}");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    #[test]
+    fn masked_softmax_matches_mask_then_softmax() {
+        let (heads, rows, klen, q0, kbeg) = (3, 5, 40, 30, 2);
+        let s = rand(&[heads, rows, klen], 5);
+        for window in [None, Some(10)] {
+            let mut mask = vec![0f32; rows * klen];
+            for i in 0..rows {
+                for j in 0..klen {
+                    let (q, kp) = (q0 + i, kbeg + j);
+                    if kp > q || window.is_some_and(|w| q >= kp + w) {
+                        mask[i * klen + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            let mask = Tensor::from_vec(mask, (1, rows, klen), &Device::Cpu).unwrap();
+            let want = candle_nn::ops::softmax_last_dim(
+                &(&s * 0.125).unwrap().broadcast_add(&mask).unwrap(),
+            )
+            .unwrap();
+            let keys = KeyRange::Causal {
+                q0,
+                rows_per_head: rows,
+                kbeg,
+                window,
+            };
+            let got = masked_softmax(&s, 0.125, keys).unwrap().unwrap();
+            assert!(max_diff(&got, &want) < 1e-6, "{window:?}");
+        }
+        let want = candle_nn::ops::softmax_last_dim(&(&s * 2.0).unwrap()).unwrap();
+        let got = masked_softmax(&s, 2.0, KeyRange::All).unwrap().unwrap();
+        assert!(max_diff(&got, &want) < 1e-6);
+    }
+
+    #[test]
+    fn fused_activations_match_candle() {
+        let (g, u) = (rand(&[7, 33], 6), rand(&[7, 33], 7));
+        let g = (g * 8.0).unwrap();
+        let want = (g.silu().unwrap() * &u).unwrap();
+        assert!(max_diff(&silu_mul(&g, &u).unwrap().unwrap(), &want) < 1e-5);
+        let want = (&g * candle_nn::ops::sigmoid(&(&g * 1.702).unwrap()).unwrap()).unwrap();
+        assert!(max_diff(&quick_gelu(&g).unwrap().unwrap(), &want) < 1e-5);
+    }
+
+    #[test]
+    fn decode_attention_matches_reference_with_gqa_and_window() {
+        let (kv, groups, hd, cap) = (2, 3, 20, 50);
+        let heads = kv * groups;
+        let lens = [1usize, 17, 50];
+        let ks: Vec<Tensor> = (0..3).map(|i| rand(&[kv, cap, hd], 10 + i)).collect();
+        let vs: Vec<Tensor> = (0..3).map(|i| rand(&[kv, cap, hd], 20 + i)).collect();
+        let q = rand(&[3, heads, hd], 30);
+        for window in [None, Some(8)] {
+            let caches: Vec<CachedKv> = (0..3)
+                .map(|i| CachedKv {
+                    k: &ks[i],
+                    v: &vs[i],
+                    len: lens[i],
+                })
+                .collect();
+            let got = decode_attention(&q, &caches, kv, window).unwrap().unwrap();
+            for (s, &len) in lens.iter().enumerate() {
+                let kbeg = window.map_or(0, |w| len.saturating_sub(w));
+                for h in 0..heads {
+                    let g = h / groups;
+                    let qh = q.i((s, h)).unwrap().unsqueeze(0).unwrap();
+                    let k = ks[s].i((g, kbeg..len)).unwrap();
+                    let v = vs[s].i((g, kbeg..len)).unwrap();
+                    let p = candle_nn::ops::softmax_last_dim(
+                        &(qh.matmul(&k.t().unwrap()).unwrap() / (hd as f64).sqrt()).unwrap(),
+                    )
+                    .unwrap();
+                    let want = p.matmul(&v).unwrap().squeeze(0).unwrap();
+                    let got_h = got.i((s, h * hd..(h + 1) * hd)).unwrap();
+                    let d = max_diff(&got_h, &want);
+                    assert!(d < 1e-5, "seq {s} head {h} window {window:?}: {d}");
+                }
+            }
+            assert_eq!(got.dims(), &[3, heads * hd]);
+        }
+    }
+}
