@@ -87,42 +87,66 @@ impl SendPtr {
 /// reach memory speed; here each weight row is read from memory once and dotted with all rows of
 /// `x` while it sits in L1, split over the threads by blocks of output features.
 pub(crate) fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    Ok(linear_many(x, &[w])?.and_then(|mut v| v.pop()))
+}
+
+/// [`linear`] for several weight matrices applied to the same `x` (q/k/v, gate/up), in one
+/// parallel pass: a decode step then waits on the thread pool once instead of once per matrix.
+pub(crate) fn linear_many(x: &Tensor, ws: &[&Tensor]) -> candle_core::Result<Option<Vec<Tensor>>> {
     let &[rows, k] = x.dims() else {
         return Ok(None);
     };
-    let &[n, kw] = w.dims() else {
+    if rows == 0 || rows > SMALL_BATCH_MAX || k == 0 || ws.is_empty() {
         return Ok(None);
-    };
-    if rows == 0 || rows > SMALL_BATCH_MAX || kw != k || n == 0 || k == 0 {
-        return Ok(None);
+    }
+    let mut ns = Vec::with_capacity(ws.len());
+    for w in ws {
+        match w.dims() {
+            &[n, kw] if kw == k && n > 0 => ns.push(n),
+            _ => return Ok(None),
+        }
     }
     let x = x.contiguous()?;
-    let y = with_f32(&x, |xs| {
-        with_f32(w, |ws| {
-            let mut y = vec![0f32; rows * n];
-            small_gemm(xs, ws, rows, k, n, &mut y);
-            y
-        })
-    })
-    .flatten();
-    match y {
-        Some(y) => Ok(Some(Tensor::from_vec(y, (rows, n), x.device())?)),
-        None => Ok(None),
-    }
+    let guards: Vec<_> = ws.iter().map(|w| w.storage_and_layout()).collect();
+    let Some(wsl) = guards
+        .iter()
+        .map(|(s, l)| f32_slice(s, l))
+        .collect::<Option<Vec<_>>>()
+    else {
+        return Ok(None);
+    };
+    let ys = with_f32(&x, |xs| {
+        let mut ys: Vec<Vec<f32>> = ns.iter().map(|&n| vec![0f32; rows * n]).collect();
+        small_gemm(xs, &wsl, rows, k, &ns, &mut ys);
+        ys
+    });
+    let Some(ys) = ys else { return Ok(None) };
+    let dev = x.device();
+    Ok(Some(
+        ys.into_iter()
+            .zip(&ns)
+            .map(|(y, &n)| Tensor::from_vec(y, (rows, n), dev))
+            .collect::<candle_core::Result<Vec<_>>>()?,
+    ))
 }
 
-fn small_gemm(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize, y: &mut [f32]) {
-    debug_assert!(x.len() == rows * k && w.len() == n * k && y.len() == rows * n);
+fn small_gemm(x: &[f32], ws: &[&[f32]], rows: usize, k: usize, ns: &[usize], ys: &mut [Vec<f32>]) {
     let isa = isa();
     let threads = rayon::current_num_threads().max(1);
     // A few blocks per thread for balance; multiples of 4 features for the 4-row tiles.
-    let block = n.div_ceil(threads * 4).next_multiple_of(4).max(16);
-    let yp = SendPtr(y.as_mut_ptr());
-    (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
-        let (o0, o1) = (b * block, ((b + 1) * block).min(n));
-        // SAFETY: x, w and y have the sizes checked above; this task writes only the output
-        // features o0..o1 of every row of y.
-        unsafe { gemm_features(isa, x.as_ptr(), w.as_ptr(), rows, k, n, o0, o1, yp.get()) }
+    let total: usize = ns.iter().sum();
+    let block = total.div_ceil(threads * 4).next_multiple_of(4).max(16);
+    let mut tasks = Vec::new();
+    for (m, &n) in ns.iter().enumerate() {
+        tasks.extend((0..n).step_by(block).map(|o0| (m, o0, (o0 + block).min(n))));
+    }
+    let outs: Vec<SendPtr> = ys.iter_mut().map(|y| SendPtr(y.as_mut_ptr())).collect();
+    tasks.into_par_iter().for_each(|(m, o0, o1)| {
+        let (w, n, y) = (ws[m], ns[m], outs[m]);
+        assert!(x.len() == rows * k && w.len() == n * k && o1 <= n);
+        // SAFETY: sizes checked above (ys[m] holds rows × n); this task writes only the output
+        // features o0..o1 of matrix m, which no other task touches.
+        unsafe { gemm_features(isa, x.as_ptr(), w.as_ptr(), rows, k, n, o0, o1, y.get()) }
     });
 }
 
@@ -795,6 +819,13 @@ mod tests {
             }
             let got = linear(&x, &w).unwrap().expect("f32 cpu small batch");
             assert!(max_diff(&got, &want) < 1e-4 * (k as f32).sqrt());
+        }
+        // Several matrices of different widths in one pass (q/k/v) give each its own product.
+        let x = rand(&[5, 40], 8);
+        let ws: Vec<Tensor> = [24, 8, 8].iter().map(|&n| rand(&[n, 40], n as u64)).collect();
+        let got = linear_many(&x, &ws.iter().collect::<Vec<_>>()).unwrap().unwrap();
+        for (g, w) in got.iter().zip(&ws) {
+            assert!(max_diff(g, &x.matmul(&w.t().unwrap()).unwrap()) < 1e-5);
         }
         // Beyond the small-batch limit, and for other dtypes, callers fall back to candle.
         let x = rand(&[SMALL_BATCH_MAX + 1, 8], 3);

@@ -198,6 +198,24 @@ impl Proj {
             None => self.0.forward(xs),
         }
     }
+
+    /// Several projections of the same input (one pass over the thread pool on the CPU path).
+    fn forward_many<const N: usize>(
+        projs: [&Proj; N],
+        xs: &Tensor,
+    ) -> candle_core::Result<[Tensor; N]> {
+        let ws = projs.map(|p| p.weight());
+        if let Some(ys) = cpu::linear_many(xs, &ws)? {
+            if let Ok(ys) = <[Tensor; N]>::try_from(ys) {
+                return Ok(ys);
+            }
+        }
+        let mut ys = Vec::with_capacity(N);
+        for p in projs {
+            ys.push(p.0.forward(xs)?);
+        }
+        Ok(<[Tensor; N]>::try_from(ys).expect("one output per projection"))
+    }
 }
 
 struct Attention {
@@ -235,18 +253,10 @@ impl Attention {
     /// Projects [rows, hidden] to rotated q [rows, heads, hd] and k, v [rows, kv_heads, hd].
     fn qkv(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let rows = xs.dim(0)?;
-        let q = self
-            .q_proj
-            .forward(xs)?
-            .reshape((rows, self.heads, self.head_dim))?;
-        let k = self
-            .k_proj
-            .forward(xs)?
-            .reshape((rows, self.kv_heads, self.head_dim))?;
-        let v = self
-            .v_proj
-            .forward(xs)?
-            .reshape((rows, self.kv_heads, self.head_dim))?;
+        let [q, k, v] = Proj::forward_many([&self.q_proj, &self.k_proj, &self.v_proj], xs)?;
+        let q = q.reshape((rows, self.heads, self.head_dim))?;
+        let k = k.reshape((rows, self.kv_heads, self.head_dim))?;
+        let v = v.reshape((rows, self.kv_heads, self.head_dim))?;
         // rope() wants [b, h, t, d] with cos [b, t, d/2]: treat each row as its own batch entry
         // so that rows may sit at unrelated positions (batched decode).
         let rope = |t: Tensor| -> candle_core::Result<Tensor> {
@@ -430,7 +440,7 @@ impl Mlp {
     }
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let (gate, up) = (self.gate_proj.forward(xs)?, self.up_proj.forward(xs)?);
+        let [gate, up] = Proj::forward_many([&self.gate_proj, &self.up_proj], xs)?;
         let act = match cpu::silu_mul(&gate, &up)? {
             Some(a) => a,
             None => (gate.silu()? * up)?,
