@@ -384,9 +384,9 @@ mod x86 {
 /// defines `$name` that dispatches on [`isa`]. The bodies are plain Rust written so that LLVM
 /// vectorises them (fixed-width accumulators, no reductions across lanes inside loops).
 macro_rules! multiversion {
-    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? => $body:ident) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? => $body:ident) => {
         $(#[$m])*
-        fn $name($($arg: $ty),*) $(-> $ret)? {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
             unsafe fn v4($($arg: $ty),*) $(-> $ret)? { $body($($arg),*) }
@@ -512,6 +512,26 @@ fn silu_mul_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
         *o = g / (1.0 + exp(-g)) * u;
     }
 }
+
+#[inline(always)]
+fn exp_sum_body(xs: &[f32], shift: f32) -> f64 {
+    // f32 terms (vectorised exp), summed per lane in f64 so 32k-token vocabularies keep ~1e-9
+    // relative accuracy.
+    let mut acc = [0f64; LANES];
+    let c = xs.chunks_exact(LANES);
+    let r = c.remainder();
+    for x in c {
+        for l in 0..LANES {
+            acc[l] += f64::from(exp(x[l] - shift));
+        }
+    }
+    acc.iter().sum::<f64>() + r.iter().map(|&x| f64::from(exp(x - shift))).sum::<f64>()
+}
+
+multiversion!(
+    /// `Σ exp(x − shift)` for `x ≤ shift + 88` (log-softmax normalisers over a vocabulary).
+    pub(crate) fn exp_sum(xs: &[f32], shift: f32) -> f64 => exp_sum_body
+);
 
 multiversion!(fn silu_mul_chunk(gate: &[f32], up: &[f32], out: &mut [f32]) => silu_mul_body);
 
@@ -822,8 +842,13 @@ mod tests {
         }
         // Several matrices of different widths in one pass (q/k/v) give each its own product.
         let x = rand(&[5, 40], 8);
-        let ws: Vec<Tensor> = [24, 8, 8].iter().map(|&n| rand(&[n, 40], n as u64)).collect();
-        let got = linear_many(&x, &ws.iter().collect::<Vec<_>>()).unwrap().unwrap();
+        let ws: Vec<Tensor> = [24, 8, 8]
+            .iter()
+            .map(|&n| rand(&[n, 40], n as u64))
+            .collect();
+        let got = linear_many(&x, &ws.iter().collect::<Vec<_>>())
+            .unwrap()
+            .unwrap();
         for (g, w) in got.iter().zip(&ws) {
             assert!(max_diff(g, &x.matmul(&w.t().unwrap()).unwrap()) < 1e-5);
         }

@@ -200,16 +200,28 @@ impl Sampler {
         let mut total: f64 = candidates.iter().map(|c| c.1).sum();
         let top_p = f64::from(self.params.top_p);
         if top_p < 1.0 {
-            candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            let order =
+                |a: &(usize, f64), b: &(usize, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
             let target = top_p * total;
-            let mut before = 0.0;
-            let keep = candidates
-                .iter()
-                .position(|c| {
+            // Sort only as long a head of the order as the nucleus needs (usually a few dozen
+            // of the 32k): the same prefix, in the same order, as sorting everything.
+            let mut head = 64.min(candidates.len());
+            let keep = loop {
+                if head < candidates.len() {
+                    candidates.select_nth_unstable_by(head - 1, order);
+                }
+                candidates[..head].sort_by(order);
+                let mut before = 0.0;
+                let found = candidates[..head].iter().position(|c| {
                     before += c.1;
                     before >= target
-                })
-                .map_or(candidates.len(), |last| last + 1);
+                });
+                match found {
+                    Some(last) => break last + 1,
+                    None if head == candidates.len() => break head,
+                    None => head = (head * 8).min(candidates.len()),
+                }
+            };
             candidates.truncate(keep.max(1));
             total = candidates.iter().map(|c| c.1).sum();
         }
@@ -265,8 +277,7 @@ fn log_normalizer(logits: &[f32]) -> Result<f64> {
     if max == f64::NEG_INFINITY {
         return Err(ModelError::Sampling("every logit is -inf".into()));
     }
-    let sum: f64 = logits.iter().map(|&x| (f64::from(x) - max).exp()).sum();
-    Ok(max + sum.ln())
+    Ok(max + crate::cpu::exp_sum(logits, max as f32).ln())
 }
 
 /// Index of the largest value, the lowest index on ties (`torch.argmax`'s documented choice).
@@ -497,6 +508,44 @@ mod tests {
             assert_eq!(
                 a.sample_logits(&logits).unwrap(),
                 b.sample_logits(&logits).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn top_p_over_a_large_vocabulary_draws_only_from_the_full_sort_nucleus() {
+        // A flat-ish 5000-token row makes the partial sort widen its head several times.
+        let logits: Vec<f32> = (0..5000u32)
+            .map(|i| ((i.wrapping_mul(2654435761) >> 16) % 1000) as f32 / 400.0)
+            .collect();
+        for top_p in [0.05f32, 0.5, 0.97] {
+            let max = logits.iter().cloned().fold(f32::MIN, f32::max);
+            let mut w: Vec<(usize, f64)> = logits
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| (i, (f64::from(x) - f64::from(max)).exp()))
+                .collect();
+            let total: f64 = w.iter().map(|c| c.1).sum();
+            w.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            let mut before = 0.0;
+            let keep = w
+                .iter()
+                .position(|c| {
+                    before += c.1;
+                    before >= f64::from(top_p) * total
+                })
+                .unwrap()
+                + 1;
+            let nucleus: std::collections::HashSet<usize> = w[..keep].iter().map(|c| c.0).collect();
+            let mut s = Sampler::new(params(1.0, 0, top_p, 5));
+            let drawn: std::collections::HashSet<usize> = (0..400)
+                .map(|_| s.sample_logits(&logits).unwrap().id as usize)
+                .collect();
+            assert!(drawn.is_subset(&nucleus), "top_p {top_p}");
+            assert!(
+                drawn.len() > keep.min(400) / 4,
+                "top_p {top_p}: {} of {keep}",
+                drawn.len()
             );
         }
     }
