@@ -77,6 +77,16 @@ impl SendPtr {
     }
 }
 
+/// Runs `f` on a worker of rayon's global pool. From outside the pool, every parallel loop in `f`
+/// (candle's matmuls, the kernels here: ~70 per decode step) would inject its work and park the
+/// calling thread until it is done, two context switches each; on a worker the caller takes part.
+pub(crate) fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    rayon::scope(|_| f())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Small-batch linear layers
 // ---------------------------------------------------------------------------------------------

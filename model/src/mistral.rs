@@ -566,6 +566,15 @@ impl Decoder {
         cache: &mut KvCache,
         taps: &LayerTaps,
     ) -> Result<PrefillOutput> {
+        cpu::on_pool(|| self.prefill_on_pool(embeds, cache, taps))
+    }
+
+    fn prefill_on_pool(
+        &self,
+        embeds: &Tensor,
+        cache: &mut KvCache,
+        taps: &LayerTaps,
+    ) -> Result<PrefillOutput> {
         let n = embeds.dim(0)?;
         if n == 0 {
             return Err(ModelError::InvalidInput("empty prompt".into()));
@@ -698,6 +707,10 @@ impl Decoder {
     /// `caches[b]`. Each linear layer is one matmul over the B new rows; attention runs per
     /// sequence over its own cache. Returns f32 logits [B, vocab].
     pub fn decode_step(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        cpu::on_pool(|| self.decode_step_on_pool(tokens, caches))
+    }
+
+    fn decode_step_on_pool(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
         let b = tokens.len();
         if b == 0 || b != caches.len() {
             return Err(ModelError::InvalidInput(format!(
