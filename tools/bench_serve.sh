@@ -42,6 +42,12 @@ for c in 1 4 16; do
     run "text-c$c" -c "$c" -n $((c * 4)) --max-tokens 64 --image-ratio 0
     run "image-c$c" -c "$c" -n $((c * 2)) --max-tokens 64 --image-ratio 1 --image-size 640x480
 done
+# Issue 3's TTFT bound: own prefill + one decode step per request ahead (tools/ttft_bound.py).
+for w in text image; do
+    for c in 4 16; do
+        python3 tools/ttft_bound.py "$OUT/$w-c1.json" "$OUT/$w-c$c.json"
+    done
+done
 # Diagnosed vs plain, one at a time (lens + attention shares, no caption pass).
 run "plain-text" -c 1 -n 8 --max-tokens 16 --image-ratio 0
 run "diag-text" -c 1 -n 8 --max-tokens 16 --image-ratio 0 --diagnose-ratio 1
