@@ -5,6 +5,10 @@
 //! and the last position's attention rows are compared with what transformers computed, and 20
 //! greedy tokens must be identical. Tolerances: 1e-4 absolute for features, logits and hidden
 //! states (f32), 1e-5 for attention probabilities.
+//!
+//! Environment: `TGA_TEST_DEVICE` = `cpu` (default) or `cuda` (device 0; needs `--features cuda`),
+//! where the models run in f32 either way; `TGA_FIXTURES` overrides the fixtures directory (default
+//! `../fixtures` from this crate, a path fixed at compile time), for a test binary run elsewhere.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -20,7 +24,26 @@ const TOL: f32 = 1e-4;
 const ATTN_TOL: f32 = 1e-5;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
+    match std::env::var_os("TGA_FIXTURES") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures"),
+    }
+}
+
+/// The device the models run on, from `TGA_TEST_DEVICE` (`cpu` when unset).
+fn device() -> Device {
+    let name = std::env::var("TGA_TEST_DEVICE").unwrap_or_default();
+    match name.to_ascii_lowercase().as_str() {
+        "" | "cpu" => Device::Cpu,
+        #[cfg(feature = "cuda")]
+        "cuda" => Device::new_cuda(0).unwrap_or_else(|e| panic!("opening CUDA device 0: {e}")),
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => panic!(
+            "TGA_TEST_DEVICE=cuda, but this test binary was built without CUDA support: \
+             build it with `cargo test -p tga-model --features cuda --test parity`"
+        ),
+        other => panic!("TGA_TEST_DEVICE={other:?}: expected `cpu` or `cuda`"),
+    }
 }
 
 fn load_variant(variant: &str) -> LlavaModel {
@@ -32,12 +55,13 @@ fn load_variant(variant: &str) -> LlavaModel {
         "orig_pad" => ("tiny-llava-orig-pad", Some(f.join("tiny-clip"))),
         other => panic!("unknown variant {other}"),
     };
+    let dev = device();
+    // The references are f32; off the CPU the default dtype would be bf16.
     let opts = LoadOptions {
         vision_tower: vt,
-        dtype: None,
+        dtype: (!dev.is_cpu()).then_some(DType::F32),
     };
-    LlavaModel::load(&f.join(dir), &opts, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("loading {variant}: {e}"))
+    LlavaModel::load(&f.join(dir), &opts, &dev).unwrap_or_else(|e| panic!("loading {variant}: {e}"))
 }
 
 struct Case {
@@ -89,7 +113,14 @@ fn usizes(v: &Value) -> Vec<usize> {
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+    // The references live on the CPU; what the model computed may not.
+    let f32_cpu = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    (f32_cpu(a) - f32_cpu(b))
         .unwrap()
         .abs()
         .unwrap()
@@ -240,8 +271,12 @@ fn check_variant(variant: &str) {
         assert_eq!(got, want, "{name}: greedy tokens");
     }
     eprintln!(
-        "{variant}: max |diff| features {:.2e}, logits {:.2e}, hidden {:.2e}, attention {:.2e}",
-        worst[0], worst[1], worst[2], worst[3]
+        "{variant} ({:?}): max |diff| features {:.2e}, logits {:.2e}, hidden {:.2e}, attention {:.2e}",
+        model.device().location(),
+        worst[0],
+        worst[1],
+        worst[2],
+        worst[3]
     );
 }
 
