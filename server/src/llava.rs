@@ -340,8 +340,8 @@ pub struct LlavaBackend {
     prompts: LlavaProcessor,
     /// The logit lens over this model's final norm and unembedding (DIAGNOSTICS.md §1).
     lens: Option<LogitLens>,
-    /// Per vocabulary id, whether it is a byte-fallback piece (`<0x41>`).
-    byte_tokens: Vec<bool>,
+    /// Per vocabulary id, the byte of a byte-fallback piece (`<0x41>` → 0x41).
+    byte_tokens: Vec<Option<u8>>,
 }
 
 impl LlavaBackend {
@@ -534,13 +534,13 @@ fn span_mean(pooled: &Tensor, spans: &[Range<usize>]) -> Result<Tensor, BackendE
         .map_err(internal)
 }
 
-/// SentencePiece's byte-fallback pieces `<0x00>`..`<0xFF>`, by id.
-fn byte_tokens(tokenizer: &Tokenizer) -> Vec<bool> {
-    let mut bytes = vec![false; tokenizer.vocab_size()];
+/// SentencePiece's byte-fallback pieces `<0x00>`..`<0xFF>`: their byte, by id.
+fn byte_tokens(tokenizer: &Tokenizer) -> Vec<Option<u8>> {
+    let mut bytes = vec![None; tokenizer.vocab_size()];
     for b in 0..=255u8 {
         if let Some(id) = tokenizer.token_to_id(&format!("<0x{b:02X}>")) {
             if let Some(slot) = bytes.get_mut(id as usize) {
-                *slot = true;
+                *slot = Some(b);
             }
         }
     }
@@ -749,7 +749,16 @@ impl ModelBackend for LlavaBackend {
     }
 
     fn is_byte_token(&self, id: u32) -> bool {
-        self.byte_tokens.get(id as usize).copied().unwrap_or(false)
+        self.byte_tokens
+            .get(id as usize)
+            .is_some_and(|b| b.is_some())
+    }
+
+    fn token_bytes(&self, id: u32) -> Vec<u8> {
+        match self.byte_tokens.get(id as usize) {
+            Some(&Some(b)) => vec![b],
+            _ => self.decode_text(&[id]).into_bytes(),
+        }
     }
 
     fn decode_text(&self, ids: &[u32]) -> String {
@@ -767,5 +776,39 @@ impl TokenSampler for LlavaSampler {
             logprob: t.logprob,
             top_logprobs: t.top_logprobs,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logprob_bytes_of_byte_fallback_pieces_are_the_raw_byte() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tiny-llava-next");
+        let loaded = load(&dir, None, Some(DType::F32), None, &Device::Cpu).unwrap();
+        let backend = LlavaBackend::new(&loaded);
+        // "é" is <0xC3><0xA9> in byte fallback: each piece alone decodes to U+FFFD, but OpenAI's
+        // `bytes` must carry the raw byte so that clients can join them.
+        for b in [0xC3u8, 0xA9, 0x41] {
+            let id = loaded
+                .tokenizer
+                .token_to_id(&format!("<0x{b:02X}>"))
+                .unwrap();
+            assert!(backend.is_byte_token(id));
+            assert_eq!(backend.token_bytes(id), vec![b]);
+        }
+        // Ordinary pieces: the UTF-8 of their text.
+        let id = loaded.tokenizer.token_to_id("</s>").unwrap_or(2);
+        let piece = (0..loaded.tokenizer.vocab_size() as u32)
+            .find(|&i| {
+                !backend.is_byte_token(i) && i != id && !backend.decode_text(&[i]).is_empty()
+            })
+            .unwrap();
+        assert!(!backend.is_byte_token(piece));
+        assert_eq!(
+            backend.token_bytes(piece),
+            backend.decode_text(&[piece]).into_bytes()
+        );
     }
 }

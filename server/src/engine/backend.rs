@@ -240,6 +240,12 @@ pub trait ModelBackend: Send + 'static {
         false
     }
 
+    /// The bytes one token stands for, as OpenAI's logprobs `bytes` report them: a byte-fallback
+    /// piece's single raw byte (its text alone is U+FFFD), else the UTF-8 of its text.
+    fn token_bytes(&self, id: u32) -> Vec<u8> {
+        self.decode_text(&[id]).into_bytes()
+    }
+
     /// Text of `ids`, special tokens skipped (transformers' `decode(ids, skip_special_tokens=True)`).
     /// A trailing incomplete UTF-8 sequence comes out as U+FFFD, as the tokenizers crate does.
     fn decode_text(&self, ids: &[u32]) -> String;

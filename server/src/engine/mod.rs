@@ -64,8 +64,11 @@ pub struct Usage {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenLogprob {
     pub token: String,
+    /// [`ModelBackend::token_bytes`] of the token.
+    pub bytes: Vec<u8>,
     pub logprob: f32,
-    pub top: Vec<(String, f32)>,
+    /// The most likely alternatives: text, bytes, logprob.
+    pub top: Vec<(String, Vec<u8>, f32)>,
 }
 
 /// Why a request failed once accepted.

@@ -419,11 +419,12 @@ impl<B: ModelBackend> Sequence<B> {
             let text = |id: u32| backend.decode_text(&[id]);
             self.pending_logprobs.push(TokenLogprob {
                 token: text(sampled.id),
+                bytes: backend.token_bytes(sampled.id),
                 logprob: sampled.logprob,
                 top: sampled
                     .top_logprobs
                     .iter()
-                    .map(|&(id, logprob)| (text(id), logprob))
+                    .map(|&(id, logprob)| (text(id), backend.token_bytes(id), logprob))
                     .collect(),
             });
         }

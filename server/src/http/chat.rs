@@ -288,14 +288,14 @@ fn wire_usage(usage: engine::Usage) -> Usage {
 
 fn wire_logprob(logprob: engine::TokenLogprob) -> TokenLogprob {
     TokenLogprob {
-        bytes: logprob.token.as_bytes().to_vec(),
+        bytes: logprob.bytes,
         token: logprob.token,
         logprob: logprob.logprob,
         top_logprobs: logprob
             .top
             .into_iter()
-            .map(|(token, logprob)| TopLogprob {
-                bytes: token.as_bytes().to_vec(),
+            .map(|(token, bytes, logprob)| TopLogprob {
+                bytes,
                 token,
                 logprob,
             })
