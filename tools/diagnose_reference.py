@@ -504,7 +504,9 @@ class Runner:
         return out.logits[0, -1], out.past_key_values
 
     @torch.no_grad()
-    def greedy(self, logits, past, max_tokens):
+    def greedy(self, logits, past, max_tokens, mask=None):
+        """Greedy answer after a prefill; `mask_attention` holds for the answer's queries too
+        (DIAGNOSTICS.md §4: no query may attend to the masked spans)."""
         ids = []
         while len(ids) < max_tokens:
             nxt = int(torch.argmax(logits))
@@ -513,7 +515,14 @@ class Runner:
             ids.append(nxt)
             if len(ids) == max_tokens:
                 break
-            out = self.model(input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+            STATE.active = mask is not None
+            STATE.query = None
+            STATE.masked_layers = set(mask[0]) if mask else set()
+            STATE.masked_keys = mask[1] if mask else []
+            try:
+                out = self.model(input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+            finally:
+                STATE.active = False
             logits, past = out.logits[0, -1], out.past_key_values
         return ids
 
@@ -613,7 +622,7 @@ class Runner:
                 "attn_focus": [f[b] for f in attn_focus] if j > 0 and attn_focus else None,
                 "cos_image_text": cos[j] if cos else None,
             })
-        answer_ids = self.greedy(logits, past, case["max_tokens"]) if case["max_tokens"] else []
+        answer_ids = self.greedy(logits, past, case["max_tokens"], mask) if case["max_tokens"] else []
         # The EOS that ended generation counts as a completion token (OpenAI usage).
         completion_tokens = len(answer_ids) + (1 if case["max_tokens"] and len(answer_ids) < case["max_tokens"] else 0)
         answer = self.tok.decode(answer_ids, skip_special_tokens=True)

@@ -36,7 +36,8 @@ pub struct LayerTaps {
     pub pooled_spans: Vec<Range<usize>>,
     /// Positions whose logits are returned (default: the last position only).
     pub logit_positions: Option<Vec<usize>>,
-    /// Intervention: at these blocks (1-based), no query may attend to these key spans.
+    /// Intervention: at these blocks (1-based), no query may attend to these key spans. The
+    /// cache keeps the mask, so the tokens decoded after this prefill obey it too.
     pub mask_keys: Option<KeyMask>,
     /// Intervention: hidden-state edits applied right after the given blocks.
     pub state_edits: Vec<StateEdit>,
@@ -82,6 +83,8 @@ pub struct TapOutput {
 pub struct KvCache {
     layers: Vec<LayerKv>,
     len: usize,
+    /// The key mask of the prefill that filled this cache, applied to every later query.
+    mask: Option<KeyMask>,
 }
 
 #[derive(Debug, Clone)]
@@ -95,6 +98,7 @@ impl KvCache {
         Self {
             layers: vec![LayerKv { k: None, v: None }; num_layers],
             len: 0,
+            mask: None,
         }
     }
 
@@ -105,6 +109,14 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Key spans masked at block `block` (1-based) for queries of this sequence.
+    fn masked_at(&self, block: usize) -> Option<&[Range<usize>]> {
+        self.mask
+            .as_ref()
+            .filter(|m| m.layers.contains(&block))
+            .map(|m| m.spans.as_slice())
     }
 }
 
@@ -670,6 +682,9 @@ impl Decoder {
             record(&xs, &mut hidden_rec, &mut pooled_rec)?;
         }
         cache.len = total;
+        if taps.mask_keys.is_some() {
+            cache.mask = taps.mask_keys.clone();
+        }
 
         let logit_rows = match &taps.logit_positions {
             Some(ps) => {
@@ -721,10 +736,6 @@ impl Decoder {
         let positions: Vec<usize> = caches.iter().map(|c| c.len).collect();
         let (cos, sin) = self.rotary.cos_sin(&positions, &self.device)?;
         let mut xs = self.embed(tokens)?.to_dtype(self.dtype)?;
-        let no_taps = AttnTaps {
-            queries: &[],
-            masked: None,
-        };
         let (hd, heads) = (self.cfg.head_dim, self.cfg.num_attention_heads);
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&xs)?;
@@ -735,7 +746,13 @@ impl Decoder {
                 let vs = v.narrow(0, s, 1)?.transpose(0, 1)?;
                 cache.layers[i].append(positions[s], &ks, &vs)?;
             }
-            let o = match self.fused_decode_attention(i, &q, caches, &positions)? {
+            // Sequences under a key-mask intervention take the general path at its layers.
+            let any_masked = caches.iter().any(|c| c.masked_at(i + 1).is_some());
+            let fused = match any_masked {
+                false => self.fused_decode_attention(i, &q, caches, &positions)?,
+                true => None,
+            };
+            let o = match fused {
                 Some(o) => o,
                 None => {
                     let mut outs = Vec::with_capacity(b);
@@ -743,7 +760,11 @@ impl Decoder {
                         let pos = positions[s];
                         let (keys, values) = cache.layers[i].view(pos + 1)?;
                         let qs = q.narrow(0, s, 1)?.transpose(0, 1)?.contiguous()?; // [heads, 1, hd]
-                        let o = attn.attend(&qs, pos, &keys, &values, &no_taps, &mut None)?;
+                        let taps = AttnTaps {
+                            queries: &[],
+                            masked: cache.masked_at(i + 1),
+                        };
+                        let o = attn.attend(&qs, pos, &keys, &values, &taps, &mut None)?;
                         outs.push(o.reshape((1, heads * hd))?);
                     }
                     Tensor::cat(&outs, 0)?

@@ -219,6 +219,47 @@ fn state_edits_add_and_replace_after_the_chosen_block() {
 }
 
 #[test]
+fn key_masks_also_hold_for_the_tokens_decoded_after_the_prefill() {
+    // DIAGNOSTICS.md §4: "no query may attend" to the masked spans, the answer's tokens included.
+    let (m, ids) = setup();
+    let mask = KeyMask {
+        layers: vec![2, 3],
+        spans: vec![2..5, 7..8],
+    };
+    let masked = LayerTaps {
+        mask_keys: Some(mask.clone()),
+        ..Default::default()
+    };
+    let next = [17u32, 29];
+    // Decode two tokens after a masked prefill, batched with an unmasked sequence ...
+    let (mut a, mut b) = (m.new_cache(), m.new_cache());
+    m.prefill(&ids, &[], &mut a, &masked).unwrap();
+    m.prefill(&ids, &[], &mut b, &LayerTaps::default()).unwrap();
+    let mut steps = Vec::new();
+    for &t in &next {
+        steps.push(m.decode_step(&[t, t], &mut [&mut a, &mut b]).unwrap());
+    }
+    // ... and compare with masked and plain prefills of the longer sequences.
+    for (k, step) in steps.iter().enumerate() {
+        let longer: Vec<u32> = ids.iter().chain(&next[..=k]).copied().collect();
+        let want_masked = run(&m, &longer, &masked).unwrap().logits;
+        let want_plain = run(&m, &longer, &LayerTaps::default()).unwrap().logits;
+        assert!(
+            max_diff(&step.i(0..1).unwrap(), &want_masked) < 1e-5,
+            "step {k}"
+        );
+        assert!(
+            max_diff(&step.i(1..2).unwrap(), &want_plain) < 1e-5,
+            "step {k}"
+        );
+        assert!(
+            max_diff(&want_masked, &want_plain) > 1e-4,
+            "masking changed nothing"
+        );
+    }
+}
+
+#[test]
 fn prefill_can_continue_a_cache() {
     let (m, ids) = setup();
     let whole = run(&m, &ids, &LayerTaps::default()).unwrap();

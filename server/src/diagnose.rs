@@ -45,8 +45,9 @@ const CAPTION_PASS_CONVENTION: &str = "the request's rendered chat template with
 placeholder replaced by the caption text, tokenized text-only; caption tokens = the tokens \
 overlapping the inserted caption; text_span after_image = from the first caption token to the end, \
 the last prompt token excluded";
-const INTERVENTION_CONVENTION: &str = "interventions act on the prompt pass (prefill) only; \
-generated tokens attend to every prompt key; align_image_states uses the mean caption-token state \
+const INTERVENTION_CONVENTION: &str = "mask_attention holds for every query at its layers, the \
+generated tokens' included; align_image_states edits the image states of the prompt pass (the \
+generated tokens read the edited states' keys and values) and uses the mean caption-token state \
 of the caption pass at the same layer";
 const TEXT_SPAN_CONVENTION: &str = "attn_text: tokens of the user messages' text; focus and \
 mask_attention spans: every occurrence of the substring in that text";
