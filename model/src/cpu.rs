@@ -27,21 +27,25 @@ enum Isa {
     Portable,
 }
 
+/// The best instruction set this CPU has, or a lower one named by `TGA_CPU_ISA` (`avx2`,
+/// `portable`): CI runs the model tests once per level so every code path is checked.
 fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
+        let cap = std::env::var("TGA_CPU_ISA").unwrap_or_default();
         #[cfg(target_arch = "x86_64")]
         {
-            if std::env::var_os("TGA_CPU_PORTABLE").is_some() {
-                return Isa::Portable;
-            }
-            if is_x86_feature_detected!("avx512f") {
+            if cap != "portable" && cap != "avx2" && is_x86_feature_detected!("avx512f") {
                 return Isa::Avx512;
             }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if cap != "portable"
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+            {
                 return Isa::Avx2;
             }
         }
+        let _ = cap;
         Isa::Portable
     })
 }
