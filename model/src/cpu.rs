@@ -632,20 +632,25 @@ fn exp(x: f32) -> f32 {
     y * f32::from_bits(((n as i32 + 127) << 23) as u32)
 }
 
+#[inline(always)]
+fn softmax_in_place(xs: &mut [f32]) {
+    let m = max(xs);
+    for x in xs.iter_mut() {
+        *x = exp(*x - m);
+    }
+    let inv = 1.0 / sum(xs);
+    for x in xs.iter_mut() {
+        *x *= inv;
+    }
+}
+
 /// `out = softmax(input · scale)` over one row.
 #[inline(always)]
 fn softmax_row_body(input: &[f32], out: &mut [f32], scale: f32) {
     for (o, &s) in out.iter_mut().zip(input) {
         *o = s * scale;
     }
-    let m = max(out);
-    for o in out.iter_mut() {
-        *o = exp(*o - m);
-    }
-    let inv = 1.0 / sum(out);
-    for o in out.iter_mut() {
-        *o *= inv;
-    }
+    softmax_in_place(out);
 }
 
 multiversion!(fn softmax_row(input: &[f32], out: &mut [f32], scale: f32) => softmax_row_body);
@@ -702,39 +707,23 @@ fn attend_one_body(
     out: &mut [f32],
 ) {
     let mut scores = vec![0f32; len - kbeg];
-    let keys = &k[kbeg * hd..len * hd];
+    let (keys, values) = (&k[kbeg * hd..len * hd], &v[kbeg * hd..len * hd]);
+    #[cfg(target_arch = "x86_64")]
+    let wide = hd.is_multiple_of(16) && isa() == Isa::Avx512;
     for (qh, oh) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
         #[cfg(target_arch = "x86_64")]
-        let done = if hd.is_multiple_of(16) && isa() == Isa::Avx512 {
-            // SAFETY: AVX-512 detected; qh holds hd values, keys len-kbeg rows of hd, scores
-            // len-kbeg slots.
+        if wide {
+            // SAFETY: AVX-512 detected; qh and oh hold hd values, keys and values len-kbeg
+            // rows of hd, scores len-kbeg slots.
             unsafe { x86::scores_avx512(qh, keys, hd, scale, &mut scores) };
-            true
-        } else {
-            false
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let done = false;
-        if !done {
-            for (s, kr) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
-                *s = dot(qh, kr) * scale;
-            }
-        }
-        let m = max(&scores);
-        for s in scores.iter_mut() {
-            *s = exp(*s - m);
-        }
-        let inv = 1.0 / sum(&scores);
-        for s in scores.iter_mut() {
-            *s *= inv;
-        }
-        let values = &v[kbeg * hd..len * hd];
-        #[cfg(target_arch = "x86_64")]
-        if hd.is_multiple_of(16) && isa() == Isa::Avx512 {
-            // SAFETY: AVX-512 detected; sizes as for the scores above, oh holds hd values.
+            softmax_in_place(&mut scores);
             unsafe { x86::weighted_sum_avx512(&scores, values, hd, oh) };
             continue;
         }
+        for (s, kr) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
+            *s = dot(qh, kr) * scale;
+        }
+        softmax_in_place(&mut scores);
         oh.fill(0.0);
         for (&p, vr) in scores.iter().zip(values.chunks_exact(hd)) {
             for (o, &x) in oh.iter_mut().zip(vr) {
