@@ -6,6 +6,8 @@
 //! (`RAYON_NUM_THREADS`, else all CPUs). A read-only pass (sum) is measured too, as a cross-check:
 //! decode only reads its weights.
 
+mod common;
+
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -14,17 +16,9 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 /// Per buffer; two buffers (source, destination) are allocated.
 const BYTES: usize = 512 << 20;
 
-fn threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
 fn bandwidth(c: &mut Criterion) {
     let n = BYTES / 4;
-    let t = threads();
+    let t = common::threads();
     // Written (not just allocated) so that every page is mapped before timing.
     let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
     let mut dst = vec![0f32; n];
@@ -38,11 +32,7 @@ fn bandwidth(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(2 * BYTES as u64));
     g.bench_function(format!("copy_{t}t"), |b| {
         b.iter(|| {
-            std::thread::scope(|s| {
-                for (d, sr) in dst.chunks_mut(chunk).zip(src.chunks(chunk)) {
-                    s.spawn(move || d.copy_from_slice(sr));
-                }
-            });
+            common::copy(&src, &mut dst, t);
             black_box(&dst);
         })
     });

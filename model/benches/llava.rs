@@ -13,15 +13,16 @@
 //!
 //! Besides criterion's report, lines starting `BENCH ` give a per-part breakdown for bench.sh.
 
+mod common;
+
 use std::cell::RefCell;
 use std::ops::Range;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use model::image::{decode_image, preprocess, ImageLimits};
-use model::llava::{ImageInput, LlavaModel, LoadOptions};
+use model::llava::{ImageInput, LlavaModel};
 use model::mistral::{KvCache, LayerTaps};
 use model::tokenizer::Tokenizer;
 
@@ -29,40 +30,6 @@ use model::tokenizer::Tokenizer;
 const PREFILL_TOKENS: usize = 2373;
 const IMAGE: &str = "landscape_480x640.png";
 const DECODE_BATCHES: [usize; 3] = [1, 4, 16];
-/// Context lengths of the decode sequences: 200, 217, …, 455.
-fn context_len(i: usize) -> usize {
-    200 + 17 * i
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn model_dir() -> PathBuf {
-    std::env::var_os("TGA_BENCH_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("bench/models/bench-135m"))
-}
-
-fn load() -> (LlavaModel, Tokenizer) {
-    let dir = model_dir();
-    assert!(
-        dir.join("config.json").is_file(),
-        "no bench checkpoint at {}: run tools/bench.sh (or tools/.venv/bin/python \
-         tools/make_fixtures.py --bench-135m {0})",
-        dir.display()
-    );
-    let t = Instant::now();
-    let model =
-        LlavaModel::load(&dir, &LoadOptions::default(), &Device::Cpu).expect("load bench-135m");
-    println!(
-        "BENCH load_s={:.2} dtype={:?}",
-        t.elapsed().as_secs_f64(),
-        model.dtype()
-    );
-    let tok = Tokenizer::from_dir(&dir).expect("bench-135m tokenizer");
-    (model, tok)
-}
 
 /// `<s> [INST] <image span> \n filler… [/INST]` with the filler cut so the prompt has exactly
 /// `PREFILL_TOKENS` ids; returns the ids and the image span.
@@ -98,8 +65,8 @@ fn prefill_prompt(
 }
 
 fn prefill(c: &mut Criterion) {
-    let (model, tok) = load();
-    let bytes = std::fs::read(root().join("fixtures/images").join(IMAGE)).expect("fixture image");
+    let (model, tok) = common::load();
+    let bytes = std::fs::read(common::image_path(IMAGE)).expect("fixture image");
     let t = Instant::now();
     let img = decode_image(&bytes, &ImageLimits::default()).expect("decode");
     let p = preprocess(&img, model.preprocess_config()).expect("preprocess");
@@ -173,17 +140,13 @@ fn prefill(c: &mut Criterion) {
 }
 
 fn decode(c: &mut Criterion) {
-    let (model, _) = load();
+    let (model, _) = common::load();
     let max_b = *DECODE_BATCHES.iter().max().expect("batches");
     let vocab = model.config().text.vocab_size as u32;
     let t = Instant::now();
     let mut caches: Vec<KvCache> = (0..max_b)
         .map(|i| {
-            // Deterministic, varied text ids (no image: decode cost does not depend on what the
-            // cached positions held).
-            let ids: Vec<u32> = (0..context_len(i))
-                .map(|j| 3 + ((j as u32 * 7919 + i as u32 * 104_729) % (vocab - 3)))
-                .collect();
+            let ids = common::context_ids(i, vocab);
             let mut cache = model.new_cache();
             model
                 .prefill(&ids, &[], &mut cache, &LayerTaps::default())
