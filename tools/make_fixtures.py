@@ -1725,7 +1725,12 @@ def pad_tokenizer_vocab(path: Path, size: int) -> None:
     encoding: no merge leads to it) so that whatever a random model generates can be decoded."""
     j = json.loads(path.read_text(encoding="utf-8"))
     vocab = j["model"]["vocab"]
-    taken = set(vocab.values()) | {t["id"] for t in j["added_tokens"]}
+    # Added tokens ("<image>" = 1000) go into the model vocab under their own ids: with a hole
+    # there, transformers 5 sees an added token outside the vocab and appends it again at the end
+    # (`<image>` became 31999 while config.json says 1000).
+    for t in j["added_tokens"]:
+        vocab.setdefault(t["content"], t["id"])
+    taken = set(vocab.values())
     for i in range(size):
         if i not in taken:
             vocab[f"▁tok{i}"] = i
@@ -1751,6 +1756,8 @@ def make_bench(outdir: Path) -> None:
         pad_tokenizer_vocab(outdir / "tokenizer.json", BENCH_TEXT["vocab_size"])
         proc = AutoProcessor.from_pretrained(str(outdir))
         assert len(proc.tokenizer) == BENCH_TEXT["vocab_size"]
+        image_id = proc.tokenizer.convert_tokens_to_ids("<image>")
+        assert image_id == IMAGE_TOKEN_ID, f"<image> is {image_id}, config says {IMAGE_TOKEN_ID}"
         for probe in TOKENIZER_PROBES:
             assert proc.tokenizer(probe)["input_ids"] == tok(probe)["input_ids"], probe
         log(f"bench-135m written to {outdir}: {n} parameters ({n / 1e6:.1f}M), bf16")
