@@ -128,16 +128,6 @@ impl Validator {
         &self.limits
     }
 
-    pub async fn validate(
-        &self,
-        request: ChatCompletionRequest,
-        request_id: String,
-        arrived: Instant,
-    ) -> Result<(ValidRequest, ResponseOptions), ApiError> {
-        self.validate_for(request, request_id, arrived, Purpose::Chat)
-            .await
-    }
-
     pub async fn validate_for(
         &self,
         mut request: ChatCompletionRequest,

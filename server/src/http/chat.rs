@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -22,7 +22,7 @@ use crate::openai::{
     ChoiceLogprobs, ChunkChoice, Delta, ErrorResponse, FinishReason, Role, TokenLogprob,
     TopLogprob, Usage,
 };
-use crate::validation::ResponseOptions;
+use crate::validation::{Purpose, ResponseOptions};
 
 /// Creates a chat completion (streamed as server-sent events with `stream: true`).
 #[utoipa::path(
@@ -56,14 +56,8 @@ pub(super) async fn chat_completions(
     headers: HeaderMap,
     ApiJson(request): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let arrived = Instant::now();
-    let model = state.model()?;
-    let request_id = super::request_id(&headers).to_string();
-    let (valid, options) = model
-        .validator
-        .validate(request, request_id, arrived)
-        .await?;
-    let events = model.engine.submit(valid)?;
+    let (events, options) =
+        super::validate_and_submit(&state, &headers, request, Purpose::Chat).await?;
     let completion = Completion {
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         created: unix_now(),

@@ -7,6 +7,7 @@ mod safety;
 mod system;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Uri};
@@ -26,8 +27,11 @@ use utoipa_axum::routes;
 pub use extract::ApiJson;
 
 use crate::app::AppState;
+use crate::engine::GenerationStream;
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::UNMATCHED_ROUTE;
+use crate::openai::ChatCompletionRequest;
+use crate::validation::{Purpose, ResponseOptions};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -38,6 +42,25 @@ pub(crate) fn request_id(headers: &HeaderMap) -> &str {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
 }
+
+/// What the chat and diagnose handlers share: validate a request for `purpose` (the clock starts
+/// when the handler runs) and hand it to the engine; the events and the response options.
+async fn validate_and_submit(
+    state: &AppState,
+    headers: &HeaderMap,
+    request: ChatCompletionRequest,
+    purpose: Purpose,
+) -> Result<(GenerationStream, ResponseOptions), ApiError> {
+    let arrived = Instant::now();
+    let model = state.model()?;
+    let request_id = request_id(headers).to_string();
+    let (valid, options) = model
+        .validator
+        .validate_for(request, request_id, arrived, purpose)
+        .await?;
+    Ok((model.engine.submit(valid)?, options))
+}
+
 pub const CHAT_COMPLETIONS_ROUTE: &str = "/v1/chat/completions";
 
 #[derive(OpenApi)]

@@ -4,7 +4,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -90,14 +89,8 @@ pub(super) async fn diagnose(
     headers: HeaderMap,
     ApiJson(request): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let arrived = Instant::now();
-    let model = state.model()?;
-    let request_id = super::request_id(&headers).to_string();
-    let (valid, options) = model
-        .validator
-        .validate_for(request, request_id, arrived, Purpose::Diagnose)
-        .await?;
-    let events = model.engine.submit(valid)?;
+    let (events, options) =
+        super::validate_and_submit(&state, &headers, request, Purpose::Diagnose).await?;
     if options.stream {
         Ok(stream_diagnosis(events).into_response())
     } else {
