@@ -35,6 +35,26 @@ fn register_font() {
 
 type DrawResult = std::result::Result<(), Box<dyn Error>>;
 
+/// The series legend of every plot: a framed, mostly opaque box at `position`.
+fn legend<'a, DB, CT>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> DrawResult
+where
+    DB: DrawingBackend + 'a,
+    DB::ErrorType: 'static,
+    CT: CoordTranslate,
+{
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font((FONT, 14))
+        .draw()?;
+    Ok(())
+}
+
 fn render(
     path: &Path,
     (width, height): (u32, u32),
@@ -173,13 +193,7 @@ pub fn curves(report: &EvalReport, path: &Path) -> Result<(), EvalError> {
                 labelled = true;
             }
             if labelled {
-                chart
-                    .configure_series_labels()
-                    .position(SeriesLabelPosition::UpperLeft)
-                    .background_style(WHITE.mix(0.85))
-                    .border_style(BLACK)
-                    .label_font((FONT, 14))
-                    .draw()?;
+                legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
             }
         }
         root.present()?;
@@ -274,13 +288,7 @@ pub fn dsr(report: &EvalReport, path: &Path) -> Result<(), EvalError> {
             }))?;
         }
         if !kinds.is_empty() {
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .label_font((FONT, 14))
-                .draw()?;
+            legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         }
         root.present()?;
         Ok(())
