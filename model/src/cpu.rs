@@ -5,6 +5,8 @@
 //!
 //! Every entry point takes candle tensors and returns `Ok(None)` unless they are f32 tensors on
 //! the CPU in the layout it needs, so callers fall back to candle's ops (other dtypes, GPUs).
+//! The one exception is the linear layers' weights, which may also be bf16 or f16: they are
+//! widened to f32 in registers (exact), so the arithmetic is the f32 path's, on half the bytes.
 //! The x86-64 paths are chosen at run time (AVX-512, AVX2+FMA, portable), so a portable build
 //! still uses the machine's vector units.
 
@@ -41,6 +43,7 @@ fn isa() -> Isa {
             if cap != "portable"
                 && is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
             {
                 return Isa::Avx2;
             }
@@ -64,6 +67,72 @@ fn f32_slice<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
     let (start, end) = layout.contiguous_offsets()?;
     match storage {
         Storage::Cpu(CpuStorage::F32(v)) => Some(&v[start..end]),
+        _ => None,
+    }
+}
+
+/// The element types a linear layer's weights may be stored in on the CPU.
+pub(crate) trait WeightElem: Copy + Send + Sync + 'static {
+    const KIND: WeightKind;
+    fn to_f32(self) -> f32;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WeightKind {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl WeightElem for f32 {
+    const KIND: WeightKind = WeightKind::F32;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl WeightElem for half::bf16 {
+    const KIND: WeightKind = WeightKind::Bf16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+}
+
+impl WeightElem for half::f16 {
+    const KIND: WeightKind = WeightKind::F16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
+/// A weight matrix's elements in memory order, in whichever dtype it is stored.
+#[derive(Clone, Copy)]
+enum Weights<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+    F16(&'a [half::f16]),
+}
+
+impl Weights<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Self::F32(w) => w.len(),
+            Self::Bf16(w) => w.len(),
+            Self::F16(w) => w.len(),
+        }
+    }
+}
+
+/// The elements of contiguous f32, bf16 or f16 CPU storage under `layout`.
+fn weight_slice<'a>(storage: &'a Storage, layout: &Layout) -> Option<Weights<'a>> {
+    let (start, end) = layout.contiguous_offsets()?;
+    match storage {
+        Storage::Cpu(CpuStorage::F32(v)) => Some(Weights::F32(&v[start..end])),
+        Storage::Cpu(CpuStorage::BF16(v)) => Some(Weights::Bf16(&v[start..end])),
+        Storage::Cpu(CpuStorage::F16(v)) => Some(Weights::F16(&v[start..end])),
         _ => None,
     }
 }
@@ -96,7 +165,8 @@ pub(crate) fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 // Small-batch linear layers
 // ---------------------------------------------------------------------------------------------
 
-/// `x [rows, in] · wᵀ` for `w [out, in]` (PyTorch's layout) when `rows <= MAX_ROWS`.
+/// `x [rows, in] · wᵀ` for `w [out, in]` (PyTorch's layout) when `rows <= MAX_ROWS`; `x` f32,
+/// `w` f32, bf16 or f16 (widened in registers: the same f32 arithmetic on half the bytes).
 ///
 /// gemm packs the whole weight matrix on every call at these sizes and its one-row path does not
 /// reach memory speed; here each weight row is read from memory once and dotted with all rows of
@@ -125,7 +195,7 @@ pub(crate) fn linear_many(x: &Tensor, ws: &[&Tensor]) -> candle_core::Result<Opt
     let guards: Vec<_> = ws.iter().map(|w| w.storage_and_layout()).collect();
     let Some(wsl) = guards
         .iter()
-        .map(|(s, l)| f32_slice(s, l))
+        .map(|(s, l)| weight_slice(s, l))
         .collect::<Option<Vec<_>>>()
     else {
         return Ok(None);
@@ -145,7 +215,7 @@ pub(crate) fn linear_many(x: &Tensor, ws: &[&Tensor]) -> candle_core::Result<Opt
     ))
 }
 
-fn small_gemm(x: &[f32], ws: &[&[f32]], rows: usize, k: usize, ns: &[usize], ys: &mut [Vec<f32>]) {
+fn small_gemm(x: &[f32], ws: &[Weights], rows: usize, k: usize, ns: &[usize], ys: &mut [Vec<f32>]) {
     let isa = isa();
     let threads = rayon::current_num_threads().max(1);
     // Row blocks whose slice of x stays in L2 (~256 KB) while a block of weights is swept over
@@ -179,18 +249,22 @@ fn small_gemm(x: &[f32], ws: &[&[f32]], rows: usize, k: usize, ns: &[usize], ys:
         // SAFETY: sizes checked above (ys[m] holds rows × n); this task writes only the output
         // features o0..o1 of rows r0..r1 of matrix m, which no other task touches.
         unsafe {
-            let (xr, yr) = (x.as_ptr().add(r0 * k), y.get().add(r0 * n));
-            gemm_features(isa, xr, w.as_ptr(), r1 - r0, k, n, o0, o1, yr)
+            let (xr, yr, r) = (x.as_ptr().add(r0 * k), y.get().add(r0 * n), r1 - r0);
+            match w {
+                Weights::F32(w) => gemm_features(isa, xr, w.as_ptr(), r, k, n, o0, o1, yr),
+                Weights::Bf16(w) => gemm_features(isa, xr, w.as_ptr(), r, k, n, o0, o1, yr),
+                Weights::F16(w) => gemm_features(isa, xr, w.as_ptr(), r, k, n, o0, o1, yr),
+            }
         }
     });
 }
 
 /// Output features `o0..o1` of every row: `y[r*n + o] = x[r] · w[o]`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_features(
+unsafe fn gemm_features<W: WeightElem>(
     isa: Isa,
     x: *const f32,
-    w: *const f32,
+    w: *const W,
     rows: usize,
     k: usize,
     n: usize,
@@ -208,7 +282,7 @@ unsafe fn gemm_features(
                 let wr = std::slice::from_raw_parts(w.add(o * k), k);
                 for r in 0..rows {
                     let xr = std::slice::from_raw_parts(x.add(r * k), k);
-                    *y.add(r * n + o) = dot(wr, xr);
+                    *y.add(r * n + o) = dot_w(wr, xr);
                 }
             }
         }
@@ -221,11 +295,56 @@ unsafe fn gemm_features(
 mod x86 {
     use std::arch::x86_64::*;
 
+    use super::{WeightElem, WeightKind};
+
+    /// 16 weights from `p`, widened to f32 (bf16: the bits shifted up; f16: vcvtph2ps).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16<W: WeightElem>(p: *const W) -> __m512 {
+        unsafe {
+            match W::KIND {
+                WeightKind::F32 => _mm512_loadu_ps(p as *const f32),
+                WeightKind::Bf16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)),
+                )),
+                WeightKind::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+            }
+        }
+    }
+
+    /// The last `len` (< 16) weights from `p`, widened, zero beyond.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16_tail<W: WeightElem>(p: *const W, len: usize) -> __m512 {
+        unsafe {
+            let mut buf = [0f32; 16];
+            for (j, b) in buf.iter_mut().enumerate().take(len) {
+                *b = (*p.add(j)).to_f32();
+            }
+            _mm512_loadu_ps(buf.as_ptr())
+        }
+    }
+
+    /// 8 weights from `p`, widened to f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8<W: WeightElem>(p: *const W) -> __m256 {
+        unsafe {
+            match W::KIND {
+                WeightKind::F32 => _mm256_loadu_ps(p as *const f32),
+                WeightKind::Bf16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(
+                    _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
+                )),
+                WeightKind::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+            }
+        }
+    }
+
     /// `y[b*n + a] = w[a] · x[b]` for an NW×NX tile; rows of w and x are `k` apart.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile512<const NW: usize, const NX: usize>(
-        w: *const f32,
+    unsafe fn tile512<W: WeightElem, const NW: usize, const NX: usize>(
+        w: *const W,
         x: *const f32,
         k: usize,
         y: *mut f32,
@@ -237,7 +356,7 @@ mod x86 {
             while i + 16 <= k {
                 let mut wv = [_mm512_setzero_ps(); NW];
                 for (a, v) in wv.iter_mut().enumerate() {
-                    *v = _mm512_loadu_ps(w.add(a * k + i));
+                    *v = load16(w.add(a * k + i));
                     // The next tile's weight rows: the hardware prefetcher alone left batch-1
                     // decode 16 % below this (9.1 vs 7.7 ms per step on bench-135m).
                     _mm_prefetch::<_MM_HINT_T0>(w.add((a + NW) * k + i) as *const i8);
@@ -255,7 +374,7 @@ mod x86 {
                 for b in 0..NX {
                     let xv = _mm512_maskz_loadu_ps(m, x.add(b * k + i));
                     for a in 0..NW {
-                        let wv = _mm512_maskz_loadu_ps(m, w.add(a * k + i));
+                        let wv = load16_tail(w.add(a * k + i), k - i);
                         acc[a][b] = _mm512_fmadd_ps(wv, xv, acc[a][b]);
                     }
                 }
@@ -270,9 +389,9 @@ mod x86 {
 
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn rows512<const NW: usize>(
+    unsafe fn rows512<W: WeightElem, const NW: usize>(
         x: *const f32,
-        w: *const f32,
+        w: *const W,
         rows: usize,
         k: usize,
         n: usize,
@@ -281,14 +400,14 @@ mod x86 {
         unsafe {
             let mut r = 0;
             while r + 4 <= rows {
-                tile512::<NW, 4>(w, x.add(r * k), k, y.add(r * n), n);
+                tile512::<W, NW, 4>(w, x.add(r * k), k, y.add(r * n), n);
                 r += 4;
             }
             let (x, y) = (x.add(r * k), y.add(r * n));
             match rows - r {
-                3 => tile512::<NW, 3>(w, x, k, y, n),
-                2 => tile512::<NW, 2>(w, x, k, y, n),
-                1 => tile512::<NW, 1>(w, x, k, y, n),
+                3 => tile512::<W, NW, 3>(w, x, k, y, n),
+                2 => tile512::<W, NW, 2>(w, x, k, y, n),
+                1 => tile512::<W, NW, 1>(w, x, k, y, n),
                 _ => {}
             }
         }
@@ -401,9 +520,9 @@ mod x86 {
 
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn features_avx512(
+    pub(super) unsafe fn features_avx512<W: WeightElem>(
         x: *const f32,
-        w: *const f32,
+        w: *const W,
         rows: usize,
         k: usize,
         n: usize,
@@ -414,11 +533,11 @@ mod x86 {
         unsafe {
             let mut o = o0;
             while o + 4 <= o1 {
-                rows512::<4>(x, w.add(o * k), rows, k, n, y.add(o));
+                rows512::<W, 4>(x, w.add(o * k), rows, k, n, y.add(o));
                 o += 4;
             }
             while o < o1 {
-                rows512::<1>(x, w.add(o * k), rows, k, n, y.add(o));
+                rows512::<W, 1>(x, w.add(o * k), rows, k, n, y.add(o));
                 o += 1;
             }
         }
@@ -435,9 +554,9 @@ mod x86 {
 
     /// The AVX2 tile: 16 vector registers allow 4 weight rows × 2 input rows.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile256<const NW: usize, const NX: usize>(
-        w: *const f32,
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile256<W: WeightElem, const NW: usize, const NX: usize>(
+        w: *const W,
         x: *const f32,
         k: usize,
         y: *mut f32,
@@ -449,7 +568,7 @@ mod x86 {
             while i + 8 <= k {
                 let mut wv = [_mm256_setzero_ps(); NW];
                 for (a, v) in wv.iter_mut().enumerate() {
-                    *v = _mm256_loadu_ps(w.add(a * k + i));
+                    *v = load8(w.add(a * k + i));
                     _mm_prefetch::<_MM_HINT_T0>(w.add((a + NW) * k + i) as *const i8);
                 }
                 for b in 0..NX {
@@ -464,7 +583,7 @@ mod x86 {
                 for b in 0..NX {
                     let mut s = hsum256(acc[a][b]);
                     for j in i..k {
-                        s += *w.add(a * k + j) * *x.add(b * k + j);
+                        s += (*w.add(a * k + j)).to_f32() * *x.add(b * k + j);
                     }
                     *y.add(b * n + a) = s;
                 }
@@ -473,10 +592,10 @@ mod x86 {
     }
 
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows256<const NW: usize>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows256<W: WeightElem, const NW: usize>(
         x: *const f32,
-        w: *const f32,
+        w: *const W,
         rows: usize,
         k: usize,
         n: usize,
@@ -485,20 +604,20 @@ mod x86 {
         unsafe {
             let mut r = 0;
             while r + 2 <= rows {
-                tile256::<NW, 2>(w, x.add(r * k), k, y.add(r * n), n);
+                tile256::<W, NW, 2>(w, x.add(r * k), k, y.add(r * n), n);
                 r += 2;
             }
             if r < rows {
-                tile256::<NW, 1>(w, x.add(r * k), k, y.add(r * n), n);
+                tile256::<W, NW, 1>(w, x.add(r * k), k, y.add(r * n), n);
             }
         }
     }
 
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn features_avx2(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn features_avx2<W: WeightElem>(
         x: *const f32,
-        w: *const f32,
+        w: *const W,
         rows: usize,
         k: usize,
         n: usize,
@@ -509,11 +628,11 @@ mod x86 {
         unsafe {
             let mut o = o0;
             while o + 4 <= o1 {
-                rows256::<4>(x, w.add(o * k), rows, k, n, y.add(o));
+                rows256::<W, 4>(x, w.add(o * k), rows, k, n, y.add(o));
                 o += 4;
             }
             while o < o1 {
-                rows256::<1>(x, w.add(o * k), rows, k, n, y.add(o));
+                rows256::<W, 1>(x, w.add(o * k), rows, k, n, y.add(o));
                 o += 1;
             }
         }
@@ -553,17 +672,23 @@ const LANES: usize = 16;
 
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dot_w(a, b)
+}
+
+/// `a · b` with `a` widened to f32 element by element.
+#[inline(always)]
+fn dot_w<W: WeightElem>(a: &[W], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for l in 0..LANES {
-            acc[l] += x[l] * y[l];
+            acc[l] += x[l].to_f32() * y[l];
         }
     }
     let mut s = hsum(&acc);
     for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
+        s += x.to_f32() * y;
     }
     s
 }
@@ -1009,10 +1134,81 @@ mod tests {
         for (g, w) in got.iter().zip(&ws) {
             assert!(max_diff(g, &x.matmul(&w.t().unwrap()).unwrap()) < 1e-5);
         }
-        // For other dtypes callers fall back to candle.
+        // For other input dtypes callers fall back to candle.
         let xh = rand(&[2, 8], 3).to_dtype(DType::F16).unwrap();
         let wh = rand(&[4, 8], 4).to_dtype(DType::F16).unwrap();
         assert!(linear(&xh, &wh).unwrap().is_none());
+    }
+
+    #[test]
+    fn small_gemm_with_16bit_weights_equals_the_widened_f32_weights() {
+        // Widening is exact and the arithmetic is the f32 path's: equal bit for bit, per ISA,
+        // including the k tails (37, 200) and single-feature tiles (n = 7, 11).
+        for (rows, k, n) in [(1, 768, 70), (3, 37, 11), (16, 64, 96), (5, 200, 7)] {
+            let x = rand(&[rows, k], 5);
+            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for dtype in [DType::BF16, DType::F16] {
+                let w16 = rand(&[n, k], 6).to_dtype(dtype).unwrap();
+                let w32 = w16.to_dtype(DType::F32).unwrap();
+                let ws32 = w32.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let (s16, l16) = w16.storage_and_layout();
+                let weights = weight_slice(&s16, l16).expect("16-bit cpu weights");
+                for isa in isas() {
+                    let run = |w: Weights| {
+                        let mut y = vec![0f32; rows * n];
+                        unsafe {
+                            match w {
+                                Weights::F32(w) => gemm_features(
+                                    isa,
+                                    xs.as_ptr(),
+                                    w.as_ptr(),
+                                    rows,
+                                    k,
+                                    n,
+                                    0,
+                                    n,
+                                    y.as_mut_ptr(),
+                                ),
+                                Weights::Bf16(w) => gemm_features(
+                                    isa,
+                                    xs.as_ptr(),
+                                    w.as_ptr(),
+                                    rows,
+                                    k,
+                                    n,
+                                    0,
+                                    n,
+                                    y.as_mut_ptr(),
+                                ),
+                                Weights::F16(w) => gemm_features(
+                                    isa,
+                                    xs.as_ptr(),
+                                    w.as_ptr(),
+                                    rows,
+                                    k,
+                                    n,
+                                    0,
+                                    n,
+                                    y.as_mut_ptr(),
+                                ),
+                            }
+                        }
+                        y
+                    };
+                    assert_eq!(
+                        run(weights),
+                        run(Weights::F32(&ws32)),
+                        "{isa:?} {dtype:?} {rows}x{k}x{n}"
+                    );
+                }
+                drop(s16);
+                let got = linear(&x, &w16)
+                    .unwrap()
+                    .expect("16-bit weights take the kernel");
+                let want = linear(&x, &w32).unwrap().unwrap();
+                assert_eq!(max_diff(&got, &want), 0.0, "{dtype:?} {rows}x{k}x{n}");
+            }
+        }
     }
 
     #[test]

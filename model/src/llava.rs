@@ -25,6 +25,58 @@ pub struct LoadOptions {
     /// Compute dtype; default f32 on CPU (bf16/f16 weights are widened once at load) and the
     /// checkpoint's own dtype elsewhere.
     pub dtype: Option<DType>,
+    /// How the decoder's linear weights are stored (the other weights: in the compute dtype).
+    pub linear_weights: LinearWeights,
+}
+
+/// The storage dtype of the decoder's linear weights (q/k/v/o, gate/up/down, an untied
+/// `lm_head`: nearly all of a Mistral's parameters).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LinearWeights {
+    /// In the compute dtype (converted at load).
+    #[default]
+    Compute,
+    /// As the checkpoint stores them when that is bf16 or f16 and computing in f32 on the CPU:
+    /// the CPU kernels widen them to f32 in registers, so every result is the f32 path's, from
+    /// half the memory and (decode streams the weights) nearly twice the decode speed. Otherwise
+    /// as `Compute`.
+    Checkpoint,
+    /// In this dtype (bf16 or f16, f32 compute on the CPU): rounds f32 checkpoints' weights.
+    Dtype(DType),
+}
+
+/// The dtype the decoder's linear weights are stored in, from the options and the checkpoint's
+/// own (`q_proj` of layer 0 speaks for all).
+fn linear_dtype(
+    ckpt: &Checkpoint,
+    choice: LinearWeights,
+    compute: DType,
+    device: &Device,
+) -> Result<DType> {
+    let wanted = match choice {
+        LinearWeights::Compute => return Ok(compute),
+        LinearWeights::Checkpoint => {
+            match ckpt.dtype_of("language_model.model.layers.0.self_attn.q_proj.weight") {
+                Some(d @ (DType::BF16 | DType::F16))
+                    if compute == DType::F32 && device.is_cpu() =>
+                {
+                    d
+                }
+                _ => return Ok(compute),
+            }
+        }
+        LinearWeights::Dtype(d) => d,
+    };
+    if wanted == compute {
+        return Ok(compute);
+    }
+    if !device.is_cpu() || compute != DType::F32 || !matches!(wanted, DType::BF16 | DType::F16) {
+        return Err(ModelError::InvalidInput(format!(
+            "linear weights in {wanted:?} with {compute:?} compute: only bf16 or f16 weights under \
+             f32 compute on the CPU are supported (on a GPU, choose the compute dtype instead)"
+        )));
+    }
+    Ok(wanted)
 }
 
 /// One image ready for the vision tower.
@@ -83,6 +135,7 @@ impl LlavaModel {
         } else {
             DType::BF16
         });
+        let linear = linear_dtype(&ckpt, opts.linear_weights, dtype, device)?;
         let vb = ckpt.var_builder(dtype, device);
         let needed = config.vision_layers_needed();
         for i in needed..config.vision.num_hidden_layers {
@@ -102,7 +155,7 @@ impl LlavaModel {
                 }
                 _ => None,
             };
-            let decoder = Decoder::new(&config.text, vb.pp("language_model"))?;
+            let decoder = Decoder::new(&config.text, vb.pp("language_model"), linear)?;
             Ok((vision, projector, image_newline, decoder))
         })();
         let (vision, projector, image_newline, decoder) = built.map_err(|e| ckpt.explain(e))?;
@@ -112,6 +165,7 @@ impl LlavaModel {
             layers = config.text.num_hidden_layers,
             hidden = config.text.hidden_size,
             ?dtype,
+            linear_weights = ?linear,
             "model loaded from {}",
             dir.display()
         );

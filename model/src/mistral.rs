@@ -192,12 +192,23 @@ impl Rotary {
 }
 
 /// A bias-free linear layer; at decode-sized batches on the CPU it runs the weight-streaming
-/// kernel of [`cpu::linear`] instead of gemm.
+/// kernel of [`cpu::linear`] instead of gemm. Its weight may be stored in another dtype than the
+/// compute dtype (16-bit weights under f32 compute on the CPU, `LinearWeights`).
 struct Proj(Linear);
 
 impl Proj {
-    fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(Self(linear_no_bias(in_dim, out_dim, vb)?))
+    /// `weight_dtype`: the dtype the weight is stored in.
+    fn new(
+        in_dim: usize,
+        out_dim: usize,
+        vb: VarBuilder,
+        weight_dtype: DType,
+    ) -> candle_core::Result<Self> {
+        Ok(Self(linear_no_bias(
+            in_dim,
+            out_dim,
+            vb.to_dtype(weight_dtype),
+        )?))
     }
 
     fn weight(&self) -> &Tensor {
@@ -207,8 +218,18 @@ impl Proj {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match cpu::linear(xs, self.0.weight())? {
             Some(y) => Ok(y),
-            None => self.0.forward(xs),
+            None => self.general(xs),
         }
+    }
+
+    /// candle's matmul; a weight stored in another dtype is widened for this call only (prefill
+    /// sized inputs, where the conversion is a few percent of the product).
+    fn general(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let w = self.0.weight();
+        if w.dtype() == xs.dtype() {
+            return self.0.forward(xs);
+        }
+        Linear::new(w.to_dtype(xs.dtype())?, None).forward(xs)
     }
 
     /// Several projections of the same input (one pass over the thread pool on the CPU path).
@@ -224,7 +245,7 @@ impl Proj {
         }
         let mut ys = Vec::with_capacity(N);
         for p in projs {
-            ys.push(p.0.forward(xs)?);
+            ys.push(p.general(xs)?);
         }
         Ok(<[Tensor; N]>::try_from(ys).expect("one output per projection"))
     }
@@ -248,13 +269,14 @@ struct AttnTaps<'a> {
 }
 
 impl Attention {
-    fn new(cfg: &TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(cfg: &TextConfig, vb: VarBuilder, wd: DType) -> candle_core::Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (q, kv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
         Ok(Self {
-            q_proj: Proj::new(h, cfg.num_attention_heads * hd, vb.pp("q_proj"))?,
-            k_proj: Proj::new(h, cfg.num_key_value_heads * hd, vb.pp("k_proj"))?,
-            v_proj: Proj::new(h, cfg.num_key_value_heads * hd, vb.pp("v_proj"))?,
-            o_proj: Proj::new(cfg.num_attention_heads * hd, h, vb.pp("o_proj"))?,
+            q_proj: Proj::new(h, q, vb.pp("q_proj"), wd)?,
+            k_proj: Proj::new(h, kv, vb.pp("k_proj"), wd)?,
+            v_proj: Proj::new(h, kv, vb.pp("v_proj"), wd)?,
+            o_proj: Proj::new(q, h, vb.pp("o_proj"), wd)?,
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
             head_dim: hd,
@@ -442,12 +464,12 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(cfg: &TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(cfg: &TextConfig, vb: VarBuilder, wd: DType) -> candle_core::Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: Proj::new(h, i, vb.pp("gate_proj"))?,
-            up_proj: Proj::new(h, i, vb.pp("up_proj"))?,
-            down_proj: Proj::new(i, h, vb.pp("down_proj"))?,
+            gate_proj: Proj::new(h, i, vb.pp("gate_proj"), wd)?,
+            up_proj: Proj::new(h, i, vb.pp("up_proj"), wd)?,
+            down_proj: Proj::new(i, h, vb.pp("down_proj"), wd)?,
         })
     }
 
@@ -469,13 +491,13 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(cfg: &TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(cfg: &TextConfig, vb: VarBuilder, wd: DType) -> candle_core::Result<Self> {
         let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         Ok(Self {
             input_layernorm: rms_norm(h, eps, vb.pp("input_layernorm"))?,
-            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            self_attn: Attention::new(cfg, vb.pp("self_attn"), wd)?,
             post_attention_layernorm: rms_norm(h, eps, vb.pp("post_attention_layernorm"))?,
-            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"), wd)?,
         })
     }
 
@@ -508,18 +530,20 @@ pub struct PrefillOutput {
 }
 
 impl Decoder {
-    /// `vb` points at `language_model`.
-    pub fn new(cfg: &TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    /// `vb` points at `language_model` and computes in its dtype; the linear layers' weights
+    /// (attention and MLP projections, an untied `lm_head`) are stored as `linear_dtype`.
+    pub fn new(cfg: &TextConfig, vb: VarBuilder, linear_dtype: DType) -> candle_core::Result<Self> {
+        let wd = linear_dtype;
         let m = vb.pp("model");
         let embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, m.pp("embed_tokens"))?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, m.pp("layers").pp(i)))
+            .map(|i| DecoderLayer::new(cfg, m.pp("layers").pp(i), wd))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
         let lm_head = if cfg.tie_word_embeddings {
             Proj(Linear::new(embed_tokens.embeddings().clone(), None))
         } else {
-            Proj::new(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
+            Proj::new(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"), wd)?
         };
         Ok(Self {
             embed_tokens,

@@ -79,6 +79,19 @@ impl Checkpoint {
         self.inner.entries.contains_key(canonical)
     }
 
+    /// The dtype a tensor is stored in (None: absent, or a dtype candle cannot load).
+    pub fn dtype_of(&self, canonical: &str) -> Option<DType> {
+        let entry = self.inner.entries.get(canonical)?;
+        let view = self.inner.files[entry.file].1.get(&entry.real_name).ok()?;
+        match view.dtype() {
+            safetensors::Dtype::F32 => Some(DType::F32),
+            safetensors::Dtype::BF16 => Some(DType::BF16),
+            safetensors::Dtype::F16 => Some(DType::F16),
+            safetensors::Dtype::F64 => Some(DType::F64),
+            _ => None,
+        }
+    }
+
     /// A VarBuilder that loads canonical names into `dtype` on `device`.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
         let backend: Box<dyn SimpleBackend> = Box::new(Backend {

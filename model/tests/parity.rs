@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use model::image::{decode_image, preprocess, ImageLimits};
-use model::llava::{ImageInput, LlavaModel, LoadOptions};
+use model::llava::{ImageInput, LinearWeights, LlavaModel, LoadOptions};
 use model::mistral::LayerTaps;
 use serde_json::Value;
 
@@ -47,6 +47,10 @@ fn device() -> Device {
 }
 
 fn load_variant(variant: &str) -> LlavaModel {
+    load_variant_with(variant, LinearWeights::Compute)
+}
+
+fn load_variant_with(variant: &str, linear_weights: LinearWeights) -> LlavaModel {
     let f = fixtures();
     let (dir, vt) = match variant {
         "llava_next" => ("tiny-llava-next", None),
@@ -60,6 +64,7 @@ fn load_variant(variant: &str) -> LlavaModel {
     let opts = LoadOptions {
         vision_tower: vt,
         dtype: (!dev.is_cpu()).then_some(DType::F32),
+        linear_weights,
     };
     LlavaModel::load(&f.join(dir), &opts, &dev).unwrap_or_else(|e| panic!("loading {variant}: {e}"))
 }
@@ -198,11 +203,14 @@ fn prepare(model: &LlavaModel, case: &Case) -> Prepared {
 
 /// Returns the greedy continuation of each case, for the batched-decode test.
 fn check_variant(variant: &str) {
-    let model = load_variant(variant);
+    check_model(variant, &load_variant(variant));
+}
+
+fn check_model(variant: &str, model: &LlavaModel) {
     let n = model.decoder().num_layers();
     let mut worst = [0f32; 5];
     for case in cases(variant) {
-        let prep = prepare(&model, &case);
+        let prep = prepare(model, &case);
         let j = &case.json;
         let name = format!("{variant}/{}", case.name);
 
@@ -301,6 +309,52 @@ fn original_pad_matches_transformers() {
 }
 
 /// Sequences of different lengths decoded together give the tokens each gives alone.
+/// bf16 checkpoints (tiny-llava, tiny-llava-orig-pad) with their linear weights kept in bf16
+/// under f32 compute: the same references, and the very same numbers as the f32 copy of the
+/// weights (widening bf16 is exact and the arithmetic is the same), prefill (which widens per
+/// call beyond the small-batch kernel's rows) and decode alike.
+#[test]
+fn bf16_linear_weights_give_the_f32_results() {
+    for variant in ["llava", "orig_pad"] {
+        let kept = load_variant_with(variant, LinearWeights::Checkpoint);
+        if kept.device().is_cpu() {
+            assert_eq!(
+                kept.decoder().lm_head_weight().dtype(),
+                DType::BF16,
+                "{variant}"
+            );
+        }
+        check_model(variant, &kept);
+        let widened = load_variant(variant);
+        assert_eq!(widened.decoder().lm_head_weight().dtype(), DType::F32);
+        for case in cases(variant) {
+            let prep = prepare(&kept, &case);
+            let mut logits = Vec::new();
+            for model in [&kept, &widened] {
+                let mut cache = model.new_cache();
+                let taps = LayerTaps::default();
+                let out = model
+                    .prefill(&prep.ids, &prep.images, &mut cache, &taps)
+                    .unwrap();
+                let tok = argmax(&out.logits.i(out.logits.dim(0).unwrap() - 1).unwrap());
+                let step = model.decode_step(&[tok], &mut [&mut cache]).unwrap();
+                logits.push((out.logits, step));
+            }
+            let name = format!("{variant}/{} ({} ids)", case.name, prep.ids.len());
+            assert_eq!(
+                max_abs_diff(&logits[0].0, &logits[1].0),
+                0.0,
+                "{name}: prefill"
+            );
+            assert_eq!(
+                max_abs_diff(&logits[0].1, &logits[1].1),
+                0.0,
+                "{name}: decode"
+            );
+        }
+    }
+}
+
 #[test]
 fn batched_decode_matches_single_sequence_decode() {
     let model = load_variant("llava_next");

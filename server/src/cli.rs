@@ -96,6 +96,27 @@ impl Dtype {
     }
 }
 
+/// How the decoder's linear weights are stored (`--weights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Weights {
+    Compute,
+    Checkpoint,
+    Bf16,
+    F16,
+}
+
+impl Weights {
+    pub fn linear_weights(self) -> model::llava::LinearWeights {
+        use model::llava::LinearWeights;
+        match self {
+            Self::Compute => LinearWeights::Compute,
+            Self::Checkpoint => LinearWeights::Checkpoint,
+            Self::Bf16 => LinearWeights::Dtype(candle_core::DType::BF16),
+            Self::F16 => LinearWeights::Dtype(candle_core::DType::F16),
+        }
+    }
+}
+
 /// The compute device (`--device`): `cpu`, `cuda` (GPU 0) or `cuda:N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceSpec {
@@ -163,6 +184,12 @@ pub struct ServeArgs {
     pub template: Option<String>,
     #[arg(long, env = "TGA_DTYPE", value_enum, default_value_t = Dtype::F32)]
     pub dtype: Dtype,
+    /// Storage of the decoder's linear weights (nearly all parameters): `compute` converts them
+    /// to the compute dtype at load; `checkpoint` keeps a bf16/f16 checkpoint's 16-bit weights
+    /// under f32 compute on the CPU (widened in registers: the same results from half the
+    /// memory, and faster decode); `bf16`/`f16` round them to that dtype (CPU, f32 compute).
+    #[arg(long, env = "TGA_WEIGHTS", value_enum, default_value_t = Weights::Compute)]
+    pub weights: Weights,
     /// Compute device: `cpu`, `cuda` or `cuda:N` (CUDA needs a binary built with `--features cuda`).
     #[arg(long, env = "TGA_DEVICE", default_value_t = DeviceSpec::Cpu)]
     pub device: DeviceSpec,

@@ -13,7 +13,7 @@ use model::diagnostics::{
     RefusalSet, RefusalTokens, Summary,
 };
 use model::image::{decode_image, preprocess, ImageLimits};
-use model::llava::{LlavaModel, LoadOptions};
+use model::llava::{LinearWeights, LlavaModel, LoadOptions};
 use model::mistral::{KeyMask, KvCache, LayerTaps, StateEdit};
 use model::template::{
     build_prompt, ChatMessage, ChatTemplate, ContentPart, PromptMode, PromptTokens,
@@ -44,6 +44,7 @@ pub fn load(
     dir: &Path,
     vision_tower: Option<PathBuf>,
     dtype: Option<DType>,
+    linear_weights: LinearWeights,
     template: Option<&str>,
     device: &Device,
 ) -> Result<LoadedModel, ModelError> {
@@ -52,6 +53,7 @@ pub fn load(
         &LoadOptions {
             vision_tower,
             dtype,
+            linear_weights,
         },
         device,
     )?;
@@ -786,7 +788,15 @@ mod tests {
     #[test]
     fn logprob_bytes_of_byte_fallback_pieces_are_the_raw_byte() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tiny-llava-next");
-        let loaded = load(&dir, None, Some(DType::F32), None, &Device::Cpu).unwrap();
+        let loaded = load(
+            &dir,
+            None,
+            Some(DType::F32),
+            Default::default(),
+            None,
+            &Device::Cpu,
+        )
+        .unwrap();
         let backend = LlavaBackend::new(&loaded);
         // "é" is <0xC3><0xA9> in byte fallback: each piece alone decodes to U+FFFD, but OpenAI's
         // `bytes` must carry the raw byte so that clients can join them.

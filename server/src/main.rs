@@ -156,6 +156,7 @@ fn load_model(
         &dir,
         args.vision_tower.clone(),
         Some(dtype),
+        args.weights.linear_weights(),
         args.template.as_deref(),
         &device,
     )?;

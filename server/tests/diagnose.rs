@@ -41,6 +41,7 @@ fn real_model(serving: &ServingConfig, metrics: Arc<Metrics>) -> ServingModel {
         &dir,
         None,
         Some(candle_core::DType::F32),
+        Default::default(),
         None,
         &candle_core::Device::Cpu,
     )

@@ -149,10 +149,18 @@ def assert_same_tokens(decoder: SentencePieceDecoder, result: dict, greedy: list
         assert got == expected, f"{what}: {got!r} != transformers' {expected!r}"
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_checkpoint_answers_like_transformers(variant, spawn_server):
+@pytest.mark.parametrize(
+    "variant, extra",
+    [(v, []) for v in VARIANTS]
+    # bf16 checkpoints with their linear weights kept in bf16 (widened to f32 in registers).
+    + [("llava", ["--weights", "checkpoint"]), ("orig_pad", ["--weights", "checkpoint"])],
+    ids=lambda x: " ".join(x) if isinstance(x, list) else x,
+)
+def test_checkpoint_answers_like_transformers(variant, extra, spawn_server):
     model_id, flags = VARIANTS[variant]
-    server = spawn_server(*flags)
+    server = spawn_server(*flags, *extra)
+    if extra:
+        assert "linear_weights=BF16" in server.log_text(), server.log_tail()
     models = server.session.get(server.url + "/v1/models", timeout=10).json()["data"]
     assert [(m["id"], m["builtin"]) for m in models] == [(model_id, False)]
     decoder = SentencePieceDecoder()
