@@ -8,6 +8,10 @@
 //! around its decode steps. Prints one `BENCH bound_round` line per round and a summary
 //! `BENCH bound_paired` line (median, min, max of the ratios) for tools/bench.sh.
 //!
+//! Each round also times the same steps with the checkpoint's bf16 linear weights kept in bf16
+//! (`--weights checkpoint`), right after the f32 ones: `BENCH bound_bf16` gives the median of
+//! the per-round speed-ups (the host's drift cancels in each pair).
+//!
 //! `TGA_BOUND_ROUNDS` (default 15) sets the number of rounds.
 
 mod common;
@@ -15,6 +19,7 @@ mod common;
 use std::hint::black_box;
 use std::time::Instant;
 
+use model::llava::{LinearWeights, LlavaModel};
 use model::mistral::{KvCache, LayerTaps};
 
 /// Per copy buffer (two are allocated), as in the `bandwidth` bench.
@@ -61,21 +66,34 @@ fn main() {
     let threads = common::threads();
     let weight_bytes = weight_bytes_f32();
     let (model, _) = common::load();
+    let (model16, _) = common::load_with(LinearWeights::Checkpoint);
     let vocab = model.config().text.vocab_size as u32;
 
-    let mut cache = model.new_cache();
-    model
-        .prefill(
-            &common::context_ids(0, vocab),
-            &[],
-            &mut cache,
-            &LayerTaps::default(),
-        )
-        .expect("context prefill");
-    // One step first so that the cache has grown past the prompt, as in the `llava` bench.
-    model
-        .decode_step(&[100], &mut [&mut cache])
-        .expect("decode step");
+    // The same context in each model's cache. One step first so that the cache has grown past
+    // the prompt, as in the `llava` bench.
+    let context = |m: &LlavaModel| {
+        let mut cache = m.new_cache();
+        let ids = common::context_ids(0, vocab);
+        m.prefill(&ids, &[], &mut cache, &LayerTaps::default())
+            .expect("context prefill");
+        m.decode_step(&[100], &mut [&mut cache])
+            .expect("decode step");
+        cache
+    };
+    let (cache, cache16) = (context(&model), context(&model16));
+    // Mean seconds per step over `STEPS_PER_ROUND` steps from the same context.
+    let steps = |m: &LlavaModel, cache: &KvCache| {
+        let mut total = 0.0;
+        for _ in 0..STEPS_PER_ROUND {
+            // A clone shares the buffers and writes only past its length: every step sees the
+            // same context (the clone itself is not timed).
+            let mut c = cache.clone();
+            let t = Instant::now();
+            black_box(m.decode_step(&[200], &mut [&mut c]).expect("decode step"));
+            total += t.elapsed().as_secs_f64();
+        }
+        total / STEPS_PER_ROUND as f64
+    };
 
     let n = BYTES / 4;
     let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
@@ -88,16 +106,10 @@ fn main() {
         }
         (2 * BYTES * COPIES_PER_HALF) as f64 / t.elapsed().as_secs_f64() / 1e9
     };
-    // Warm-up of both.
+    // Warm-up of all three.
     copy_gbs(&mut dst);
-    for _ in 0..10 {
-        let mut c: KvCache = cache.clone();
-        black_box(
-            model
-                .decode_step(&[200], &mut [&mut c])
-                .expect("decode step"),
-        );
-    }
+    steps(&model, &cache);
+    steps(&model16, &cache16);
 
     println!(
         "BENCH bound_setup threads={threads} weight_bytes={weight_bytes} context={} rounds={rounds} \
@@ -105,32 +117,24 @@ fn main() {
         cache.len()
     );
     let mut ratios = Vec::with_capacity(rounds);
+    let mut speedups = Vec::with_capacity(rounds);
     for r in 0..rounds {
         let before = copy_gbs(&mut dst);
-        let mut step_s = 0.0;
-        for _ in 0..STEPS_PER_ROUND {
-            // A clone shares the buffers and writes only past its length: every step sees the
-            // same context (the clone itself is not timed).
-            let mut c = cache.clone();
-            let t = Instant::now();
-            black_box(
-                model
-                    .decode_step(&[200], &mut [&mut c])
-                    .expect("decode step"),
-            );
-            step_s += t.elapsed().as_secs_f64();
-        }
-        let step_s = step_s / STEPS_PER_ROUND as f64;
+        let step_s = steps(&model, &cache);
+        let step16_s = steps(&model16, &cache16);
         let after = copy_gbs(&mut dst);
         let copy = (before + after) / 2.0;
         let bound = copy * 1e9 / weight_bytes as f64;
         let ratio = 1.0 / step_s / bound;
         ratios.push(ratio);
+        speedups.push(step_s / step16_s);
         println!(
             "BENCH bound_round round={r} copy_gbs={copy:.2} copy_before={before:.2} \
-             copy_after={after:.2} step_ms={:.3} tok_s={:.2} bound_tok_s={bound:.2} ratio={ratio:.4}",
+             copy_after={after:.2} step_ms={:.3} tok_s={:.2} bound_tok_s={bound:.2} ratio={ratio:.4} \
+             bf16_step_ms={:.3}",
             step_s * 1e3,
-            1.0 / step_s
+            1.0 / step_s,
+            step16_s * 1e3
         );
     }
     let (lo, hi) = ratios
@@ -139,5 +143,9 @@ fn main() {
     println!(
         "BENCH bound_paired rounds={rounds} median_ratio={:.4} min_ratio={lo:.4} max_ratio={hi:.4}",
         median(&mut ratios)
+    );
+    println!(
+        "BENCH bound_bf16 rounds={rounds} median_speedup={:.4}",
+        median(&mut speedups)
     );
 }

@@ -10,6 +10,8 @@
 //! - decode: one batched step of B = 1, 4, 16 sequences of different lengths (200..455 tokens of
 //!   context) through [`LlavaModel::decode_step`]; throughput counts B tokens per step. Every
 //!   iteration starts from the same caches, so the context does not grow while measuring.
+//! - decode_bf16_weights: the same steps with the linear weights kept in bf16 (`--weights
+//!   checkpoint`; f32 arithmetic, identical results).
 //!
 //! Besides criterion's report, lines starting `BENCH ` give a per-part breakdown for bench.sh.
 
@@ -22,7 +24,7 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use model::image::{decode_image, preprocess, ImageLimits};
-use model::llava::{ImageInput, LlavaModel};
+use model::llava::{ImageInput, LinearWeights, LlavaModel};
 use model::mistral::{KvCache, LayerTaps};
 use model::tokenizer::Tokenizer;
 
@@ -140,7 +142,16 @@ fn prefill(c: &mut Criterion) {
 }
 
 fn decode(c: &mut Criterion) {
-    let (model, _) = common::load();
+    decode_with(c, "decode", LinearWeights::Compute);
+}
+
+/// The same steps with the checkpoint's bf16 linear weights kept in bf16 (`--weights checkpoint`).
+fn decode_bf16_weights(c: &mut Criterion) {
+    decode_with(c, "decode_bf16_weights", LinearWeights::Checkpoint);
+}
+
+fn decode_with(c: &mut Criterion, group: &str, linear_weights: LinearWeights) {
+    let (model, _) = common::load_with(linear_weights);
     let max_b = *DECODE_BATCHES.iter().max().expect("batches");
     let vocab = model.config().text.vocab_size as u32;
     let t = Instant::now();
@@ -167,7 +178,7 @@ fn decode(c: &mut Criterion) {
         t.elapsed().as_secs_f64()
     );
 
-    let mut g = c.benchmark_group("decode");
+    let mut g = c.benchmark_group(group);
     g.sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(4));
@@ -190,5 +201,5 @@ fn decode(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, prefill, decode);
+criterion_group!(benches, prefill, decode, decode_bf16_weights);
 criterion_main!(benches);

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Device;
-use model::llava::{LlavaModel, LoadOptions};
+use model::llava::{LinearWeights, LlavaModel, LoadOptions};
 use model::tokenizer::Tokenizer;
 
 /// Threads of the measurement: `RAYON_NUM_THREADS`, else all CPUs (what the model's pool uses).
@@ -43,6 +43,11 @@ pub fn image_path(name: &str) -> PathBuf {
 }
 
 pub fn load() -> (LlavaModel, Tokenizer) {
+    load_with(LinearWeights::Compute)
+}
+
+/// [`load`] with the decoder's linear weights stored as `linear_weights` says.
+pub fn load_with(linear_weights: LinearWeights) -> (LlavaModel, Tokenizer) {
     let dir = model_dir();
     assert!(
         dir.join("config.json").is_file(),
@@ -51,8 +56,11 @@ pub fn load() -> (LlavaModel, Tokenizer) {
         dir.display()
     );
     let t = Instant::now();
-    let model =
-        LlavaModel::load(&dir, &LoadOptions::default(), &Device::Cpu).expect("load bench-135m");
+    let opts = LoadOptions {
+        linear_weights,
+        ..Default::default()
+    };
+    let model = LlavaModel::load(&dir, &opts, &Device::Cpu).expect("load bench-135m");
     println!(
         "BENCH load_s={:.2} dtype={:?}",
         t.elapsed().as_secs_f64(),
