@@ -100,10 +100,13 @@ impl LogitLens {
             }
             LensMode::Raw => x,
         };
-        // §0 of the doc: all arithmetic in f32 whatever the weights' dtype, so a bf16/f16
-        // unembedding is widened for this call (transient; the model's copy is untouched).
-        let w_u = self.unembed.to_dtype(DType::F32)?;
-        let logits = x.matmul(&w_u.t()?)?;
+        // §0 of the doc: all arithmetic in f32 whatever the weights' dtype. On the CPU the
+        // small-batch kernel widens a bf16/f16 unembedding in registers; elsewhere it is widened
+        // for this call (transient; the model's copy is untouched).
+        let logits = match crate::cpu::linear(&x, &self.unembed)? {
+            Some(logits) => logits,
+            None => x.matmul(&self.unembed.to_dtype(DType::F32)?.t()?)?,
+        };
         Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
     }
 

@@ -172,8 +172,9 @@ impl Rotary {
         Self { inv_freq }
     }
 
-    /// cos, sin [positions.len(), head_dim/2].
-    fn cos_sin(&self, positions: &[usize], dev: &Device) -> Result<(Tensor, Tensor)> {
+    /// cos, sin [positions.len(), head_dim/2], computed in f32 and then cast to `dtype` (the
+    /// compute dtype), as transformers' rotary embedding does.
+    fn cos_sin(&self, positions: &[usize], dev: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -185,8 +186,8 @@ impl Rotary {
             }
         }
         Ok((
-            Tensor::from_vec(cos, (positions.len(), half), dev)?,
-            Tensor::from_vec(sin, (positions.len(), half), dev)?,
+            Tensor::from_vec(cos, (positions.len(), half), dev)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, (positions.len(), half), dev)?.to_dtype(dtype)?,
         ))
     }
 }
@@ -380,7 +381,10 @@ impl Attention {
             let probs = match fused {
                 Some(p) => p,
                 None => {
-                    let scores = (scores * scale)?;
+                    // In f32 whatever the compute dtype, as transformers' eager attention does
+                    // its softmax; the probabilities then go back to the compute dtype.
+                    let dtype = scores.dtype();
+                    let scores = (scores.to_dtype(DType::F32)? * scale)?;
                     let mask = self.mask(start + c0, c, kbeg, klen, taps.masked)?;
                     let scores = match mask {
                         Some(m) => {
@@ -388,7 +392,7 @@ impl Attention {
                         }
                         None => scores,
                     };
-                    candle_nn::ops::softmax_last_dim(&scores)?
+                    candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?
                 }
             };
             for &qpos in taps.queries {
@@ -637,7 +641,7 @@ impl Decoder {
             }
         }
         let positions: Vec<usize> = (start..total).collect();
-        let (cos, sin) = self.rotary.cos_sin(&positions, &self.device)?;
+        let (cos, sin) = self.rotary.cos_sin(&positions, &self.device, self.dtype)?;
         let hidden_idx = if taps.hidden_positions.is_empty() {
             None
         } else {
@@ -758,7 +762,7 @@ impl Decoder {
             )));
         }
         let positions: Vec<usize> = caches.iter().map(|c| c.len).collect();
-        let (cos, sin) = self.rotary.cos_sin(&positions, &self.device)?;
+        let (cos, sin) = self.rotary.cos_sin(&positions, &self.device, self.dtype)?;
         let mut xs = self.embed(tokens)?.to_dtype(self.dtype)?;
         let (hd, heads) = (self.cfg.head_dim, self.cfg.num_attention_heads);
         for (i, layer) in self.layers.iter().enumerate() {

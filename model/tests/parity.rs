@@ -6,9 +6,12 @@
 //! greedy tokens must be identical. Tolerances: 1e-4 absolute for features, logits and hidden
 //! states (f32), 1e-5 for attention probabilities.
 //!
-//! Environment: `TGA_TEST_DEVICE` = `cpu` (default) or `cuda` (device 0; needs `--features cuda`),
-//! where the models run in f32 either way; `TGA_FIXTURES` overrides the fixtures directory (default
-//! `../fixtures` from this crate, a path fixed at compile time), for a test binary run elsewhere.
+//! Environment: `TGA_TEST_DEVICE` = `cpu` (default) or `cuda` (device 0; needs `--features cuda`);
+//! `TGA_TEST_DTYPE` = `f32` (default) or `bf16`, the compute dtype (bf16 is what GPUs serve with:
+//! the tolerances are then bf16's, [`BF16_TOL`], and only the first greedy token must agree, as
+//! bf16 rounding may flip a later near-tie); `TGA_FIXTURES` overrides the fixtures directory
+//! (default `../fixtures` from this crate, a path fixed at compile time), for a test binary run
+//! elsewhere.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -22,6 +25,53 @@ use serde_json::Value;
 
 const TOL: f32 = 1e-4;
 const ATTN_TOL: f32 = 1e-5;
+/// bf16 compute against the f32 references, relative to the reference's largest |value| (bf16
+/// keeps 8 significant bits, 2^-8 per rounding, compounded over the layers): features, logits
+/// and hidden states; then attention probabilities, absolute. Seen on the CPU: text cases 1-3 %
+/// (transformers' own bf16 on the same checkpoints: 1.0-1.3 % hidden, 1.9-2.9 % logits), image
+/// cases up to 12 % (the vision tower's bf16 error carried into the decoder); attention 0.077.
+const BF16_TOL: f32 = 0.2;
+const BF16_ATTN_TOL: f32 = 0.15;
+
+/// The compute dtype of this run, from `TGA_TEST_DTYPE`.
+fn dtype() -> DType {
+    let name = std::env::var("TGA_TEST_DTYPE").unwrap_or_default();
+    match name.to_ascii_lowercase().as_str() {
+        "" | "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        other => panic!("TGA_TEST_DTYPE={other:?}: expected `f32` or `bf16`"),
+    }
+}
+
+/// The largest difference allowed from `want` for tolerance `tol`: absolute in f32, relative
+/// to the reference's largest |value| in bf16.
+fn limit(want: &Tensor, tol: f32) -> f32 {
+    match dtype() {
+        DType::F32 => tol,
+        _ => tol * max_abs(want).max(1e-6),
+    }
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// (values, attention) tolerances and how many greedy tokens must agree, for [`dtype`].
+fn tolerances() -> (f32, f32, usize) {
+    match dtype() {
+        DType::F32 => (TOL, ATTN_TOL, usize::MAX),
+        _ => (BF16_TOL, BF16_ATTN_TOL, 1),
+    }
+}
 
 fn fixtures() -> PathBuf {
     match std::env::var_os("TGA_FIXTURES") {
@@ -63,7 +113,7 @@ fn load_variant_with(variant: &str, linear_weights: LinearWeights) -> LlavaModel
     // The references are f32; off the CPU the default dtype would be bf16.
     let opts = LoadOptions {
         vision_tower: vt,
-        dtype: (!dev.is_cpu()).then_some(DType::F32),
+        dtype: Some(dtype()),
         linear_weights,
     };
     LlavaModel::load(&f.join(dir), &opts, &dev).unwrap_or_else(|e| panic!("loading {variant}: {e}"))
@@ -207,8 +257,10 @@ fn check_variant(variant: &str) {
 }
 
 fn check_model(variant: &str, model: &LlavaModel) {
+    let (tol, attn_tol, greedy_agree) = tolerances();
     let n = model.decoder().num_layers();
     let mut worst = [0f32; 5];
+    let (mut agreed, mut greedy_total) = (0, 0);
     for case in cases(variant) {
         let prep = prepare(model, &case);
         let j = &case.json;
@@ -218,7 +270,10 @@ fn check_model(variant: &str, model: &LlavaModel) {
             let got: Vec<&Tensor> = prep.images.iter().map(|(_, t)| t).collect();
             let got = Tensor::cat(&got, 0).unwrap();
             let d = max_abs_diff(&got, want);
-            assert!(d <= TOL, "{name}: image features differ by {d}");
+            assert!(
+                d <= limit(want, tol),
+                "{name}: image features differ by {d}"
+            );
             worst[0] = worst[0].max(d);
         }
 
@@ -237,7 +292,10 @@ fn check_model(variant: &str, model: &LlavaModel) {
             .unwrap();
 
         let d = max_abs_diff(&out.logits, &case.tensors["logits"]);
-        assert!(d <= TOL, "{name}: logits differ by {d}");
+        assert!(
+            d <= limit(&case.tensors["logits"], tol),
+            "{name}: logits differ by {d}"
+        );
         worst[1] = worst[1].max(d);
 
         // HF's hidden_states[N] is normed; ours is the raw block output (DIAGNOSTICS.md).
@@ -247,13 +305,26 @@ fn check_model(variant: &str, model: &LlavaModel) {
             &hidden.narrow(0, 0, n).unwrap(),
             &want_h.narrow(0, 0, n).unwrap(),
         );
-        assert!(d <= TOL, "{name}: hidden states h[0..{n}) differ by {d}");
+        assert!(
+            d <= limit(want_h, tol),
+            "{name}: hidden states h[0..{n}) differ by {d}"
+        );
         let raw = hidden.i(n).unwrap();
         let d2 = max_abs_diff(&raw, &case.tensors["last_block_raw"]);
-        assert!(d2 <= TOL, "{name}: raw h[{n}] differs by {d2}");
-        let normed = candle_core::Module::forward(model.decoder().final_norm(), &raw).unwrap();
+        assert!(
+            d2 <= limit(want_h, tol),
+            "{name}: raw h[{n}] differs by {d2}"
+        );
+        let normed = candle_core::Module::forward(
+            model.decoder().final_norm(),
+            &raw.to_dtype(model.dtype()).unwrap(),
+        )
+        .unwrap();
         let d3 = max_abs_diff(&normed, &want_h.i(n).unwrap());
-        assert!(d3 <= TOL, "{name}: normed h[{n}] differs by {d3}");
+        assert!(
+            d3 <= limit(want_h, tol),
+            "{name}: normed h[{n}] differs by {d3}"
+        );
         worst[2] = worst[2].max(d).max(d2).max(d3);
 
         let attn = Tensor::stack(&out.taps.attention, 0)
@@ -261,7 +332,7 @@ fn check_model(variant: &str, model: &LlavaModel) {
             .squeeze(2)
             .unwrap();
         let d = max_abs_diff(&attn, &case.tensors["attn_last"]);
-        assert!(d <= ATTN_TOL, "{name}: attention rows differ by {d}");
+        assert!(d <= attn_tol, "{name}: attention rows differ by {d}");
         worst[3] = worst[3].max(d);
 
         let want: Vec<u32> = usizes(&j["greedy_tokens"])
@@ -276,11 +347,16 @@ fn check_model(variant: &str, model: &LlavaModel) {
             tok = argmax(&logits.i(0).unwrap());
             got.push(tok);
         }
-        assert_eq!(got, want, "{name}: greedy tokens");
+        let k = greedy_agree.min(want.len());
+        assert_eq!(got[..k], want[..k], "{name}: greedy tokens");
+        agreed += got.iter().zip(&want).take_while(|(g, w)| g == w).count();
+        greedy_total += want.len();
     }
     eprintln!(
-        "{variant} ({:?}): max |diff| features {:.2e}, logits {:.2e}, hidden {:.2e}, attention {:.2e}",
+        "{variant} ({:?}, {:?}): max |diff| features {:.2e}, logits {:.2e}, hidden {:.2e}, \
+         attention {:.2e}; greedy tokens agreeing before the first difference: {agreed}/{greedy_total}",
         model.device().location(),
+        model.dtype(),
         worst[0],
         worst[1],
         worst[2],
@@ -315,6 +391,9 @@ fn original_pad_matches_transformers() {
 /// call beyond the small-batch kernel's rows) and decode alike.
 #[test]
 fn bf16_linear_weights_give_the_f32_results() {
+    if dtype() != DType::F32 {
+        return eprintln!("skipped: 16-bit weights under f32 compute only");
+    }
     for variant in ["llava", "orig_pad"] {
         let kept = load_variant_with(variant, LinearWeights::Checkpoint);
         if kept.device().is_cpu() {
@@ -357,6 +436,9 @@ fn bf16_linear_weights_give_the_f32_results() {
 
 #[test]
 fn batched_decode_matches_single_sequence_decode() {
+    if dtype() != DType::F32 {
+        return eprintln!("skipped: compares 20 greedy tokens with transformers' f32 ones");
+    }
     let model = load_variant("llava_next");
     let cases = cases("llava_next");
     let mut caches = Vec::new();
