@@ -11,7 +11,7 @@ use std::time::Instant;
 use libfuzzer_sys::fuzz_target;
 use server::media::{MediaConfig, MediaFetcher};
 use server::openai::{ChatCompletionRequest, ContentPart, MessageContent};
-use server::validation::{Limits, Validator};
+use server::validation::{Limits, Purpose, Validator};
 
 struct Harness {
     runtime: tokio::runtime::Runtime,
@@ -20,8 +20,15 @@ struct Harness {
 
 static HARNESS: LazyLock<Harness> = LazyLock::new(|| {
     let dir = server::builtin::materialize().expect("write the built-in model");
-    let loaded = server::llava::load(&dir, None, None, None, &candle_core::Device::Cpu)
-        .expect("load the built-in model");
+    let loaded = server::llava::load(
+        &dir,
+        None,
+        None,
+        Default::default(),
+        None,
+        &candle_core::Device::Cpu,
+    )
+    .expect("load the built-in model");
     let processor = Arc::new(server::llava::LlavaProcessor::new(
         &loaded,
         model::image::ImageLimits::default(),
@@ -62,10 +69,11 @@ fuzz_target!(|data: &[u8]| {
     if uses_the_network(&request) {
         return;
     }
-    let result = harness.runtime.block_on(harness.validator.validate(
+    let result = harness.runtime.block_on(harness.validator.validate_for(
         request,
         "fuzz".to_string(),
         Instant::now(),
+        Purpose::Chat,
     ));
     if let Err(err) = result {
         assert!(
