@@ -175,16 +175,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
             .to_dtype(DType::F32)
             .unwrap()
     };
-    (f32_cpu(a) - f32_cpu(b))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    max_abs(&(f32_cpu(a) - f32_cpu(b)).unwrap())
 }
 
 fn argmax(row: &Tensor) -> u32 {
