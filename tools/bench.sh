@@ -109,9 +109,7 @@ copy_peak = 2 * (512 << 20) / fastest("bandwidth", f"copy_{t}")
 read_peak = (512 << 20) / fastest("bandwidth", f"read_{t}")
 tf = json.loads((out / "transformers.json").read_text())
 ours = bench_lines("llava.log")
-paired = bench_lines("decode_bound.log")
-paired_bf16 = dict(re.findall(r"(\w+)=(\S+)", next(l for l in (out / "decode_bound.log").read_text().splitlines()
-                                                    if l.startswith("BENCH bound_bf16 "))))
+paired = bench_lines("decode_bound.log")  # bound_setup, bound_paired and bound_bf16 fields
 rounds = [dict(re.findall(r"(\w+)=(\S+)", l)) for l in (out / "decode_bound.log").read_text().splitlines()
           if l.startswith("BENCH bound_round ")]
 pre_s, pre_lo, pre_hi = est("prefill", f"image_480x640_{ours['prefill_tokens']}tok")
@@ -150,7 +148,7 @@ Bandwidth bound at batch 1: {bound_all:.1f} tok/s (all weights / mean copy bandw
 for b, v, lo, hi, ms, tv, tms in rows:
     print(f"| decode batch {b} | {v:.1f} tok/s ({ms:.1f} ms/step; CI {lo:.1f}–{hi:.1f}) | {tv:.1f} tok/s ({tms:.1f} ms/step) | {v / tv:.2f}× |")
 print(f"""
-With the checkpoint's bf16 linear weights kept in bf16 (`--weights checkpoint`; f32 arithmetic, the same numbers): {', '.join(f"batch {b} {b / est('decode_bf16_weights', f'batch_{b}')[0]:.1f} tok/s ({b / est('decode_bf16_weights', f'batch_{b}')[0] / dec[b]:.2f}× f32)" for b in sorted(dec))}; paired with f32 in `decode_bound`: batch 1 {float(paired_bf16['median_speedup']):.2f}× (median of {paired_bf16['rounds']} rounds).
+With the checkpoint's bf16 linear weights kept in bf16 (`--weights checkpoint`; f32 arithmetic, the same numbers): {', '.join(f"batch {b} {b / est('decode_bf16_weights', f'batch_{b}')[0]:.1f} tok/s ({b / est('decode_bf16_weights', f'batch_{b}')[0] / dec[b]:.2f}× f32)" for b in sorted(dec))}; paired with f32 in `decode_bound`: batch 1 {float(paired['median_speedup']):.2f}× (median of {paired['rounds']} rounds).
 
 Prefill parts (ours): vision tower + projector {float(ours['vision_ms']):.0f} ms, decoder {float(ours['decoder_ms']):.0f} ms ({float(ours['decoder_tok_s']):.0f} tok/s); transformers vision {tf['prefill']['vision_ms']:.0f} ms.
 

@@ -64,9 +64,8 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
 
 /// The elements of contiguous f32 CPU storage under `layout`.
 fn f32_slice<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
-    let (start, end) = layout.contiguous_offsets()?;
-    match storage {
-        Storage::Cpu(CpuStorage::F32(v)) => Some(&v[start..end]),
+    match weight_slice(storage, layout)? {
+        Weights::F32(v) => Some(v),
         _ => None,
     }
 }
@@ -122,6 +121,31 @@ impl Weights<'_> {
             Self::F32(w) => w.len(),
             Self::Bf16(w) => w.len(),
             Self::F16(w) => w.len(),
+        }
+    }
+
+    /// [`gemm_features`] instantiated for the stored element type.
+    ///
+    /// # Safety
+    /// As [`gemm_features`], with these weights as `w`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn features(
+        self,
+        isa: Isa,
+        x: *const f32,
+        rows: usize,
+        k: usize,
+        n: usize,
+        o0: usize,
+        o1: usize,
+        y: *mut f32,
+    ) {
+        unsafe {
+            match self {
+                Self::F32(w) => gemm_features(isa, x, w.as_ptr(), rows, k, n, o0, o1, y),
+                Self::Bf16(w) => gemm_features(isa, x, w.as_ptr(), rows, k, n, o0, o1, y),
+                Self::F16(w) => gemm_features(isa, x, w.as_ptr(), rows, k, n, o0, o1, y),
+            }
         }
     }
 }
@@ -249,12 +273,8 @@ fn small_gemm(x: &[f32], ws: &[Weights], rows: usize, k: usize, ns: &[usize], ys
         // SAFETY: sizes checked above (ys[m] holds rows × n); this task writes only the output
         // features o0..o1 of rows r0..r1 of matrix m, which no other task touches.
         unsafe {
-            let (xr, yr, r) = (x.as_ptr().add(r0 * k), y.get().add(r0 * n), r1 - r0);
-            match w {
-                Weights::F32(w) => gemm_features(isa, xr, w.as_ptr(), r, k, n, o0, o1, yr),
-                Weights::Bf16(w) => gemm_features(isa, xr, w.as_ptr(), r, k, n, o0, o1, yr),
-                Weights::F16(w) => gemm_features(isa, xr, w.as_ptr(), r, k, n, o0, o1, yr),
-            }
+            let (xr, yr) = (x.as_ptr().add(r0 * k), y.get().add(r0 * n));
+            w.features(isa, xr, r1 - r0, k, n, o0, o1, yr)
         }
     });
 }
@@ -1158,43 +1178,7 @@ mod tests {
                 for isa in isas() {
                     let run = |w: Weights| {
                         let mut y = vec![0f32; rows * n];
-                        unsafe {
-                            match w {
-                                Weights::F32(w) => gemm_features(
-                                    isa,
-                                    xs.as_ptr(),
-                                    w.as_ptr(),
-                                    rows,
-                                    k,
-                                    n,
-                                    0,
-                                    n,
-                                    y.as_mut_ptr(),
-                                ),
-                                Weights::Bf16(w) => gemm_features(
-                                    isa,
-                                    xs.as_ptr(),
-                                    w.as_ptr(),
-                                    rows,
-                                    k,
-                                    n,
-                                    0,
-                                    n,
-                                    y.as_mut_ptr(),
-                                ),
-                                Weights::F16(w) => gemm_features(
-                                    isa,
-                                    xs.as_ptr(),
-                                    w.as_ptr(),
-                                    rows,
-                                    k,
-                                    n,
-                                    0,
-                                    n,
-                                    y.as_mut_ptr(),
-                                ),
-                            }
-                        }
+                        unsafe { w.features(isa, xs.as_ptr(), rows, k, n, 0, n, y.as_mut_ptr()) };
                         y
                     };
                     assert_eq!(
