@@ -19,8 +19,8 @@ struct Harness {
 }
 
 static HARNESS: LazyLock<Harness> = LazyLock::new(|| {
-    let dir = server::builtin::materialize().expect("write the built-in model");
-    let loaded = server::llava::load(
+    let dir = server::backend::builtin::materialize().expect("write the built-in model");
+    let loaded = server::backend::llava::load(
         &dir,
         None,
         None,
@@ -29,7 +29,7 @@ static HARNESS: LazyLock<Harness> = LazyLock::new(|| {
         &candle_core::Device::Cpu,
     )
     .expect("load the built-in model");
-    let processor = Arc::new(server::llava::LlavaProcessor::new(
+    let processor = Arc::new(server::backend::llava::LlavaProcessor::new(
         &loaded,
         model::image::ImageLimits::default(),
     ));
@@ -40,7 +40,7 @@ static HARNESS: LazyLock<Harness> = LazyLock::new(|| {
         processor,
         media,
         limits,
-        server::builtin::BUILTIN_MODEL_ID.to_string(),
+        server::backend::builtin::BUILTIN_MODEL_ID.to_string(),
         true,
     );
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -559,6 +559,21 @@ pub fn mean_pool(hidden: &Tensor, spans: &[Range<usize>]) -> Result<Tensor> {
         .mean(seq_dim)?)
 }
 
+/// The mean over the union of `spans` from the decoder's per-span means `pooled [L, k, H]`
+/// (`LayerTaps::pooled_spans`): weighted by span length, so the spans must be disjoint. Gives
+/// `[L, H]`, the same mean as [`mean_pool`] over the full states.
+pub fn span_mean(pooled: &Tensor, spans: &[Range<usize>]) -> Result<Tensor> {
+    let lens: Vec<f32> = spans.iter().map(|s| s.len() as f32).collect();
+    let total: f32 = lens.iter().sum();
+    if total == 0.0 {
+        return Err(ModelError::InvalidInput(
+            "span_mean over an empty span".into(),
+        ));
+    }
+    let weights = Tensor::from_vec(lens, (1, spans.len(), 1), pooled.device())?;
+    Ok((pooled.broadcast_mul(&weights)?.sum(1)? / f64::from(total))?)
+}
+
 /// Cosine similarity of matching rows of `a` and `b` (`[L, H]` each), computed in f64 on the host
 /// with torch's `F.cosine_similarity` guard (norm product floored at 1e-8).
 pub fn cosine_per_layer(a: &Tensor, b: &Tensor) -> Result<Vec<f64>> {

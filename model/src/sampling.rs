@@ -31,21 +31,18 @@ pub const MAX_TOP_LOGPROBS: usize = 20;
 /// OpenAI's upper bound on `temperature`.
 pub const MAX_TEMPERATURE: f32 = 2.0;
 
-/// One request's sampling settings, already mapped from the OpenAI request fields.
+/// One request's sampling settings, already mapped from the OpenAI request fields. Stopping
+/// (`max_tokens`, stop strings) is the engine's, not the sampler's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SamplingParams {
     /// 0 = greedy. OpenAI's default is 1.
     pub temperature: f32,
-    /// Nucleus mass in [0, 1]; 1 disables it.
+    /// Nucleus mass in (0, 1]; 1 disables it.
     pub top_p: f32,
     /// Number of highest logits kept; 0 disables it.
     pub top_k: usize,
     /// `None` draws a random seed.
     pub seed: Option<u64>,
-    /// Most tokens to generate; `None` leaves the bound to the context length (the engine's job).
-    pub max_tokens: Option<usize>,
-    /// Stop strings: generation ends before the first occurrence, which is not emitted.
-    pub stop: Vec<String>,
     /// Return the chosen token's logprob.
     pub logprobs: bool,
     /// Also return this many most likely tokens with their logprobs (0..=20).
@@ -53,19 +50,26 @@ pub struct SamplingParams {
 }
 
 impl Default for SamplingParams {
-    /// OpenAI's defaults: temperature 1, top_p 1, no top-k, no seed, no stops, no logprobs.
+    /// OpenAI's defaults: temperature 1, top_p 1, no top-k, no seed, no logprobs.
     fn default() -> Self {
         Self {
             temperature: 1.0,
             top_p: 1.0,
             top_k: 0,
             seed: None,
-            max_tokens: None,
-            stop: Vec::new(),
             logprobs: false,
             top_logprobs: 0,
         }
     }
+}
+
+/// A sampling setting out of its range: the request field it came from and the client's message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct InvalidSampling {
+    /// The OpenAI request field (`temperature`, `top_p`, `top_logprobs`).
+    pub param: &'static str,
+    pub message: String,
 }
 
 impl SamplingParams {
@@ -82,32 +86,40 @@ impl SamplingParams {
         self.temperature < GREEDY_TEMPERATURE_EPS || self.top_k == 1
     }
 
-    /// Checks the ranges OpenAI enforces; errors are the client's (`InvalidInput`).
-    pub fn validate(&self) -> Result<()> {
-        let bad = |msg: String| Err(ModelError::InvalidInput(msg));
+    /// The ranges the server enforces (the one definition of them): temperature in
+    /// [0, [`MAX_TEMPERATURE`]], top_p in (0, 1], top_logprobs at most [`MAX_TOP_LOGPROBS`] and
+    /// only with logprobs.
+    pub fn validate(&self) -> std::result::Result<(), InvalidSampling> {
+        let bad = |param, message: String| Err(InvalidSampling { param, message });
         if !self.temperature.is_finite() || !(0.0..=MAX_TEMPERATURE).contains(&self.temperature) {
-            return bad(format!(
-                "temperature must be between 0 and {MAX_TEMPERATURE}, got {}",
-                self.temperature
-            ));
+            return bad(
+                "temperature",
+                format!(
+                    "temperature must be between 0 and {MAX_TEMPERATURE}, got {}",
+                    self.temperature
+                ),
+            );
         }
-        if !self.top_p.is_finite() || !(0.0..=1.0).contains(&self.top_p) {
-            return bad(format!("top_p must be between 0 and 1, got {}", self.top_p));
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(
+                "top_p",
+                format!("top_p must be in (0, 1], got {}", self.top_p),
+            );
         }
         if self.top_logprobs > MAX_TOP_LOGPROBS {
-            return bad(format!(
-                "top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {}",
-                self.top_logprobs
-            ));
+            return bad(
+                "top_logprobs",
+                format!(
+                    "top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {}",
+                    self.top_logprobs
+                ),
+            );
         }
         if self.top_logprobs > 0 && !self.logprobs {
-            return bad("top_logprobs requires logprobs to be true".into());
-        }
-        if self.max_tokens == Some(0) {
-            return bad("max_tokens must be at least 1".into());
-        }
-        if self.stop.iter().any(String::is_empty) {
-            return bad("stop strings must not be empty".into());
+            return bad(
+                "top_logprobs",
+                "top_logprobs requires logprobs to be true".into(),
+            );
         }
         Ok(())
     }
@@ -281,7 +293,8 @@ fn log_normalizer(logits: &[f32]) -> Result<f64> {
 }
 
 /// Index of the largest value, the lowest index on ties (`torch.argmax`'s documented choice).
-pub(crate) fn argmax(values: &[f32]) -> usize {
+/// The one argmax of the project: greedy sampling, the model's own caption, the lens.
+pub fn argmax(values: &[f32]) -> usize {
     let mut best = 0;
     for (i, &v) in values.iter().enumerate() {
         if v > values[best] {
@@ -314,31 +327,12 @@ pub(crate) fn top_n(values: &[f32], n: usize) -> Vec<usize> {
     idx
 }
 
-/// Why a sequence stopped, as OpenAI names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FinishReason {
-    /// EOS, or a stop string.
-    Stop,
-    /// `max_tokens` or the context length reached.
-    Length,
-}
-
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Stop => "stop",
-            Self::Length => "length",
-        }
-    }
-}
-
 /// What [`StopMatcher::push`] lets out.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StopOutput {
     /// Text safe to send now: never part of a stop string, nothing after a stop.
     pub text: String,
-    /// A stop string was found; the sequence is finished with [`FinishReason::Stop`].
+    /// A stop string was found; the sequence is finished (finish reason `stop`).
     pub stopped: bool,
 }
 
@@ -354,7 +348,7 @@ pub struct StopMatcher {
 }
 
 impl StopMatcher {
-    /// Empty stop strings are ignored ([`SamplingParams::validate`] refuses them).
+    /// Empty stop strings are ignored (validation refuses them).
     pub fn new(stops: impl IntoIterator<Item = String>) -> Self {
         Self {
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
@@ -724,19 +718,12 @@ mod tests {
                 ..Default::default()
             },
             SamplingParams {
-                stop: vec![String::new()],
-                ..Default::default()
-            },
-            SamplingParams {
-                max_tokens: Some(0),
+                top_p: 0.0,
                 ..Default::default()
             },
         ];
         for p in bad {
-            assert!(
-                matches!(p.validate(), Err(ModelError::InvalidInput(_))),
-                "{p:?}"
-            );
+            assert!(p.validate().is_err(), "{p:?}");
         }
     }
 
@@ -810,12 +797,50 @@ mod tests {
         assert_eq!(stream(&["éa"], &["ééb"]), ("ééb".into(), false));
     }
 
+    /// Per-delta output of a matcher fed `deltas`, the flushed tail last unless a stop was hit.
+    fn run_stops(stops: &[&str], deltas: &[&str]) -> (Vec<String>, bool) {
+        let mut matcher = StopMatcher::new(stops.iter().map(|s| s.to_string()));
+        let mut out = Vec::new();
+        for delta in deltas {
+            let o = matcher.push(delta);
+            out.push(o.text);
+            if o.stopped {
+                return (out, true);
+            }
+        }
+        out.push(matcher.finish());
+        (out, false)
+    }
+
     #[test]
-    fn finish_reason_serialises_as_openai_names() {
-        assert_eq!(
-            serde_json::to_string(&FinishReason::Stop).unwrap(),
-            "\"stop\""
-        );
-        assert_eq!(FinishReason::Length.as_str(), "length");
+    fn stop_string_split_across_deltas_is_never_shown() {
+        let (out, stopped) = run_stops(&["END"], &["abc E", "N", "D tail"]);
+        assert!(stopped);
+        assert_eq!(out, vec!["abc ", "", ""]);
+    }
+
+    #[test]
+    fn held_back_text_is_released_when_it_is_not_a_stop() {
+        let (out, stopped) = run_stops(&["END"], &["abc E", "Nx", " more"]);
+        assert!(!stopped);
+        assert_eq!(out.concat(), "abc ENx more");
+        assert_eq!(out[0], "abc ");
+    }
+
+    #[test]
+    fn stop_strings_with_multibyte_characters_hold_back_on_boundaries() {
+        let (out, stopped) = run_stops(&["éé"], &["caf", "é", "é!"]);
+        assert!(stopped);
+        assert_eq!(out.concat(), "caf");
+        let (out, stopped) = run_stops(&["éé"], &["café", " ok"]);
+        assert!(!stopped);
+        assert_eq!(out, vec!["caf", "é ok", ""]);
+    }
+
+    #[test]
+    fn no_stop_strings_pass_text_through() {
+        let (out, stopped) = run_stops(&[], &["a", "b"]);
+        assert!(!stopped);
+        assert_eq!(out, vec!["a", "b", ""]);
     }
 }

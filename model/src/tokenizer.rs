@@ -33,17 +33,12 @@ fn tok_err(msg: impl std::fmt::Display) -> ModelError {
     ModelError::Tokenizer(msg.to_string())
 }
 
+/// `config::read_json` of a file that may be absent.
 fn read_json(path: &Path) -> Result<Option<Value>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| ModelError::config(path, e))
+    crate::config::read_json(path).map(Some)
 }
 
 /// A token as `tokenizer_config.json` / `tokenizer.json` describe it (`AddedToken` fields).
@@ -852,73 +847,76 @@ fn set_template(
 // ---------------------------------------------------------------------------------------------
 // Streaming.
 
-/// Turns generated ids into text pieces as they arrive, like TGI's `decode_token`: it decodes a
-/// small window `ids[prefix_offset..]` and emits what the newest ids added to
-/// `ids[prefix_offset..read_offset]`. Decoding a window that starts one token group back keeps
-/// the Llama decoder's first-token `Strip` and `▁` rules consistent, and nothing is emitted while
-/// the decoded window ends in U+FFFD (an incomplete byte-fallback UTF-8 sequence), so no partial
-/// character ever goes out. The pieces concatenate to `decode(all ids)` (without
-/// `clean_up_tokenization_spaces`, which can rewrite earlier text).
-#[derive(Debug, Clone, Default)]
-pub struct IncrementalDecoder {
+/// Incremental detokenisation with a prefix window, as TGI's `decode_token` and transformers'
+/// `TextStreamer` do it (the one detokenizer: the engine drives it through its backend's
+/// `decode_text` and `is_byte_token`): decoding a token alone loses SentencePiece's leading-space handling and
+/// splits multi-byte characters, so each step decodes the window `ids[prefix_offset..]` and emits
+/// only what it adds to `ids[prefix_offset..read_offset]`, and only once it no longer ends in
+/// U+FFFD (an incomplete UTF-8 sequence that the next token will finish).
+#[derive(Debug, Default)]
+pub struct IncrementalDetokenizer {
     ids: Vec<u32>,
     prefix_offset: usize,
     read_offset: usize,
-    skip_special_tokens: bool,
 }
 
-impl IncrementalDecoder {
-    pub fn new(skip_special_tokens: bool) -> Self {
-        Self {
-            skip_special_tokens,
-            ..Self::default()
-        }
+impl IncrementalDetokenizer {
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    /// All ids pushed so far.
-    pub fn ids(&self) -> &[u32] {
-        &self.ids
+    /// Adds one token; returns the text it completes (often empty while a character is pending).
+    pub fn push(&mut self, id: u32, decode: impl Fn(&[u32]) -> String) -> String {
+        self.push_token(id, false, decode)
     }
 
-    /// Adds one id; returns the new text, if any is complete.
-    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>> {
+    /// [`Self::push`] for a token that may be a byte-fallback piece (`<0x46>`). tokenizers'
+    /// `ByteFallback` decoder turns a run of byte pieces that is not valid UTF-8 into one U+FFFD
+    /// per byte, so a byte that decodes to "F" alone becomes U+FFFD once an invalid byte follows:
+    /// the text of a byte run is held back until a non-byte token (or the end) completes it, and
+    /// the streamed text then equals the decode of all ids.
+    pub fn push_token(
+        &mut self,
+        id: u32,
+        is_byte: bool,
+        decode: impl Fn(&[u32]) -> String,
+    ) -> String {
         self.ids.push(id);
-        self.emit(tok, false)
+        if is_byte {
+            return String::new();
+        }
+        self.advance(decode, false)
     }
 
-    /// Emits whatever is still held back (an unfinished UTF-8 sequence becomes U+FFFD), e.g.
-    /// when generation stops.
-    pub fn flush(&mut self, tok: &Tokenizer) -> Result<Option<String>> {
-        self.emit(tok, true)
+    /// Whatever is still pending (a trailing incomplete character comes out as U+FFFD).
+    pub fn flush(&mut self, decode: impl Fn(&[u32]) -> String) -> String {
+        self.advance(decode, true)
     }
 
-    fn emit(&mut self, tok: &Tokenizer, force: bool) -> Result<Option<String>> {
-        if self.read_offset >= self.ids.len() {
-            return Ok(None);
+    fn advance(&mut self, decode: impl Fn(&[u32]) -> String, at_end: bool) -> String {
+        if self.read_offset == self.ids.len() {
+            return String::new();
         }
-        let skip = self.skip_special_tokens;
-        let prefix_text = tok.decode_raw(&self.ids[self.prefix_offset..self.read_offset], skip)?;
-        let new_text = tok.decode_raw(&self.ids[self.prefix_offset..], skip)?;
-        let complete = force || !new_text.ends_with('\u{FFFD}');
-        if new_text.len() > prefix_text.len() && complete {
-            let piece = match new_text.strip_prefix(prefix_text.as_str()) {
-                Some(rest) => rest.to_string(),
-                // A decoder that rewrote earlier text: fall back to TGI's length cut, on a
-                // character boundary.
-                None => new_text.chars().skip(prefix_text.chars().count()).collect(),
-            };
-            self.prefix_offset = self.read_offset;
-            self.read_offset = self.ids.len();
-            Ok(Some(piece))
-        } else {
-            if force {
-                // Nothing new to say (e.g. only skipped special tokens): consume them.
-                self.prefix_offset = self.read_offset;
-                self.read_offset = self.ids.len();
-            }
-            Ok(None)
+        let prefix_text = decode(&self.ids[self.prefix_offset..self.read_offset]);
+        let new_text = decode(&self.ids[self.prefix_offset..]);
+        if new_text.len() <= prefix_text.len() || (!at_end && new_text.ends_with('\u{FFFD}')) {
+            return String::new();
         }
+        let start = common_prefix_len(&prefix_text, &new_text);
+        let delta = new_text[start..].to_string();
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        delta
     }
+}
+
+/// Length in bytes of the longest common prefix of `a` and `b` that ends on a character boundary.
+/// Normally `a` is a prefix of `b`; a tokenizer that rewrites earlier text must not make us panic.
+fn common_prefix_len(a: &str, b: &str) -> usize {
+    a.char_indices()
+        .zip(b.chars())
+        .find(|((_, ca), cb)| ca != cb)
+        .map_or(a.len().min(b.len()), |((i, _), _)| i)
 }
 
 #[cfg(test)]
@@ -944,10 +942,13 @@ mod tests {
         t
     }
 
+    /// Each push's text (`None` when it completes nothing), then the flush's.
     fn stream(tok: &Tokenizer, ids: &[u32], skip: bool) -> Vec<Option<String>> {
-        let mut d = IncrementalDecoder::new(skip);
-        let mut out: Vec<Option<String>> = ids.iter().map(|&id| d.push(tok, id).unwrap()).collect();
-        out.push(d.flush(tok).unwrap());
+        let decode = |ids: &[u32]| tok.decode(ids, skip).unwrap();
+        let some = |s: String| (!s.is_empty()).then_some(s);
+        let mut d = IncrementalDetokenizer::new();
+        let mut out: Vec<Option<String>> = ids.iter().map(|&id| some(d.push(id, decode))).collect();
+        out.push(some(d.flush(decode)));
         out
     }
 
@@ -1073,5 +1074,106 @@ mod tests {
             clean_up_tokenization("Hi , I 'm here . Do n't !"),
             "Hi, I'm here. Don't!"
         );
+    }
+
+    /// Byte-level "tokenizer": token id = byte, decoded lossily like tokenizers' byte fallback.
+    fn decode(ids: &[u32]) -> String {
+        let bytes: Vec<u8> = ids.iter().map(|&id| id as u8).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    #[test]
+    fn byte_runs_are_held_until_they_are_complete() {
+        // Pieces: 0 "▁has", 1 <0x46>, 2 <0xA3>, 3 "▁smok"; decoded like ByteFallback: a byte
+        // run that is not valid UTF-8 gives one U+FFFD per byte.
+        let decode = |ids: &[u32]| {
+            let mut out = String::new();
+            let mut bytes = Vec::new();
+            let flush = |bytes: &mut Vec<u8>, out: &mut String| {
+                match String::from_utf8(bytes.clone()) {
+                    Ok(s) => out.push_str(&s),
+                    Err(_) => out.extend(std::iter::repeat_n('\u{FFFD}', bytes.len())),
+                }
+                bytes.clear();
+            };
+            for &id in ids {
+                match id {
+                    1 => bytes.push(0x46),
+                    2 => bytes.push(0xA3),
+                    _ => {
+                        flush(&mut bytes, &mut out);
+                        out.push_str(if id == 0 { " has" } else { " smok" });
+                    }
+                }
+            }
+            flush(&mut bytes, &mut out);
+            out.trim_start().to_string()
+        };
+        let all = decode(&[0, 1, 2, 3]);
+        assert_eq!(all, "has\u{FFFD}\u{FFFD} smok");
+        let mut detok = IncrementalDetokenizer::new();
+        let mut streamed: String = [(0, false), (1, true), (2, true), (3, false)]
+            .iter()
+            .map(|&(id, byte)| detok.push_token(id, byte, decode))
+            .collect();
+        streamed.push_str(&detok.flush(decode));
+        assert_eq!(streamed, all);
+        // Without the hint the "F" escapes before the invalid byte rewrites it.
+        let mut naive = IncrementalDetokenizer::new();
+        let streamed: String = [0, 1, 2, 3]
+            .iter()
+            .map(|&id| naive.push(id, decode))
+            .collect();
+        assert_ne!(streamed, all);
+        // A run at the very end comes out with the flush.
+        let mut detok = IncrementalDetokenizer::new();
+        assert_eq!(detok.push_token(0, false, decode), "has");
+        assert_eq!(detok.push_token(1, true, decode), "");
+        assert_eq!(detok.flush(decode), "F");
+    }
+
+    fn detokenize_all(text: &str) -> Vec<String> {
+        let mut detok = IncrementalDetokenizer::new();
+        let mut deltas: Vec<String> = text.bytes().map(|b| detok.push(b as u32, decode)).collect();
+        deltas.push(detok.flush(decode));
+        deltas
+    }
+
+    #[test]
+    fn detokenizer_never_splits_a_multibyte_character() {
+        let text = "héllo wörld 😀 ok";
+        let deltas = detokenize_all(text);
+        assert_eq!(deltas.concat(), text);
+        for delta in &deltas {
+            assert!(!delta.contains('\u{FFFD}'), "split character in {delta:?}");
+        }
+        // The 4-byte emoji arrives in one delta, on the token that completes it.
+        assert!(deltas.iter().any(|d| d == "😀"));
+    }
+
+    #[test]
+    fn detokenizer_flushes_an_incomplete_character_at_the_end() {
+        let mut detok = IncrementalDetokenizer::new();
+        assert_eq!(detok.push(b'a' as u32, decode), "a");
+        assert_eq!(detok.push(0xF0, decode), "");
+        assert_eq!(detok.flush(decode), "\u{FFFD}");
+        assert_eq!(detok.flush(decode), "");
+    }
+
+    #[test]
+    fn detokenizer_keeps_the_window_context_for_leading_spaces() {
+        // A SentencePiece-like decoder that drops the leading space of the first piece, as
+        // transformers does for "▁word" at the start of a decode.
+        let vocab = ["▁Hello", "▁world", "!"];
+        let sp_decode = |ids: &[u32]| {
+            let joined: String = ids.iter().map(|&i| vocab[i as usize]).collect();
+            joined.replace('▁', " ").trim_start().to_string()
+        };
+        let mut detok = IncrementalDetokenizer::new();
+        let out: String = [0u32, 1, 2]
+            .iter()
+            .map(|&id| detok.push(id, sp_decode))
+            .collect();
+        assert_eq!(out, "Hello world!");
     }
 }

@@ -1,18 +1,18 @@
-//! The application: its shared state (no globals, so a test process can run several), the
-//! model it serves once loaded, and serving with graceful shutdown.
+//! The application: its shared state (no globals, so a test process can run several) and the
+//! model it serves once loaded. [`crate::http::serve`] serves it.
 
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::diagnose::DiagnosticsConfig;
-use crate::engine::backend::{ModelBackend, PromptProcessor};
+use crate::backend::{ModelBackend, PromptProcessor};
 use crate::engine::{Engine, EngineConfig};
 use crate::error::{ApiError, ErrorCode};
+use crate::firehose::Firehose;
 use crate::media::{MediaConfig, MediaFetcher};
 use crate::metrics::Metrics;
-use crate::validation::{Limits, Validator};
+use crate::validation::diagnostics::DiagnosticsConfig;
+use crate::validation::{Limits, Validator, DEFAULT_MAX_IMAGES_PER_REQUEST};
 
 /// What `/v1/models` and `tga_model_info` say about the served model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,7 +73,7 @@ impl Default for ServingConfig {
             engine: EngineConfig::default(),
             media: MediaConfig::default(),
             max_model_len: None,
-            max_images_per_request: 8,
+            max_images_per_request: DEFAULT_MAX_IMAGES_PER_REQUEST,
             diagnostics: DiagnosticsConfig::default(),
         }
     }
@@ -87,13 +87,15 @@ pub struct ServingModel {
 }
 
 impl ServingModel {
-    /// Starts the engine thread for `backend`, with `processor` validating in front of it.
+    /// Starts the engine thread for `backend`, with `processor` validating in front of it; the
+    /// engine reports diagnosed requests to `metrics` and the `firehose`.
     pub fn start<B: ModelBackend>(
         backend: B,
         processor: Arc<dyn PromptProcessor>,
         mut card: ModelCard,
         config: &ServingConfig,
         metrics: Arc<Metrics>,
+        firehose: Arc<Firehose>,
     ) -> std::io::Result<Self> {
         if let Some(limit) = config.max_model_len {
             card.max_model_len = card.max_model_len.min(limit);
@@ -112,7 +114,7 @@ impl ServingModel {
             card.supports_images,
         )
         .with_diagnostics(config.diagnostics.clone());
-        let engine = Engine::start(backend, config.engine.clone(), metrics)?;
+        let engine = Engine::start(backend, config.engine.clone(), metrics, firehose)?;
         Ok(Self {
             card,
             validator,
@@ -124,15 +126,18 @@ impl ServingModel {
 pub struct AppState {
     pub http: HttpConfig,
     pub metrics: Arc<Metrics>,
+    /// The firehose of diagnosed requests (`GET /v1/safety/events`); the engine publishes.
+    pub firehose: Arc<Firehose>,
     model: OnceLock<ServingModel>,
     shutting_down: AtomicBool,
 }
 
 impl AppState {
-    pub fn new(http: HttpConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(http: HttpConfig, metrics: Arc<Metrics>, firehose: Arc<Firehose>) -> Arc<Self> {
         Arc::new(Self {
             http,
             metrics,
+            firehose,
             model: OnceLock::new(),
             shutting_down: AtomicBool::new(false),
         })
@@ -174,7 +179,7 @@ impl AppState {
     pub fn begin_shutdown(&self, grace: Duration) {
         self.shutting_down.store(true, Ordering::SeqCst);
         // Open /v1/safety/events streams end, so they do not hold the drain.
-        self.metrics.safety_events.close();
+        self.firehose.close();
         if let Some(model) = self.model.get() {
             model.engine.shutdown(grace);
         }
@@ -186,50 +191,4 @@ impl AppState {
             model.engine.stopped().await;
         }
     }
-}
-
-/// How long past the grace period open connections may take to drain.
-const DRAIN_MARGIN: Duration = Duration::from_secs(5);
-
-/// Serves `state` on `listener` until `shutdown` resolves, then shuts down gracefully: new
-/// requests get 503, running generations get `grace` to finish (then are cut), open connections
-/// are drained, and the engine thread is joined.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    state: Arc<AppState>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    grace: Duration,
-) -> std::io::Result<()> {
-    let router = crate::http::router(state.clone());
-    let signal_state = state.clone();
-    let (signalled_tx, signalled) = tokio::sync::oneshot::channel::<()>();
-    // Token streams are many small writes: without TCP_NODELAY the first chunk waits for the
-    // peer's delayed ACK (~40 ms) and later ones get merged, which distorts TTFT and ITL.
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::warn!(error = %err, "cannot set TCP_NODELAY");
-        }
-    });
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
-        shutdown.await;
-        tracing::info!(grace_s = grace.as_secs_f64(), "shutting down");
-        signal_state.begin_shutdown(grace);
-        let _ = signalled_tx.send(());
-    });
-    // Connections that outlive the engine (a client that never reads) must not hold the exit.
-    let drain_limit = async move {
-        if signalled.await.is_ok() {
-            tokio::time::sleep(grace + DRAIN_MARGIN).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::select! {
-        result = server => result?,
-        () = drain_limit => tracing::warn!("connections still open after the grace period; closing"),
-    }
-    state.engine_stopped().await;
-    tracing::info!("stopped");
-    Ok(())
 }

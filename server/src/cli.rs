@@ -8,9 +8,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::app::{HttpConfig, ServingConfig};
-use crate::diagnose::DiagnosticsConfig;
 use crate::engine::EngineConfig;
 use crate::media::MediaConfig;
+use crate::validation::diagnostics::DiagnosticsConfig;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -236,7 +236,7 @@ pub struct ServeArgs {
     /// Allow image URLs that resolve to loopback, private or link-local addresses.
     #[arg(long, env = "TGA_ALLOW_PRIVATE_IMAGE_URLS")]
     pub allow_private_image_urls: bool,
-    #[arg(long, env = "TGA_MAX_IMAGES_PER_REQUEST", default_value_t = 8)]
+    #[arg(long, env = "TGA_MAX_IMAGES_PER_REQUEST", default_value_t = crate::validation::DEFAULT_MAX_IMAGES_PER_REQUEST)]
     pub max_images_per_request: usize,
     /// Largest image in bytes (URL or data URI).
     #[arg(long, env = "TGA_MAX_IMAGE_BYTES", default_value_t = 20 * 1024 * 1024)]

@@ -5,7 +5,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use crate::engine::backend::ProcessError;
+use crate::backend::ProcessError;
 use crate::engine::{GenerationError, SubmitError};
 use crate::media::MediaError;
 use crate::openai::{ErrorBody, ErrorResponse};

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::app::ServingModel;
-use crate::diagnose::DiagnosticsReport;
+use crate::engine::plan::Diagnosis;
 use crate::engine::{Event, GenerationStream};
 use crate::eval_plots;
 use crate::openai::ChatCompletionRequest;
@@ -243,8 +243,9 @@ async fn run_one(
     })
 }
 
-async fn collect(mut events: GenerationStream) -> Result<(DiagnosticsReport, String), String> {
-    let mut report: Option<Box<DiagnosticsReport>> = None;
+/// The request's diagnosis (its summary judged) and answer.
+async fn collect(mut events: GenerationStream) -> Result<(Diagnosis, String), String> {
+    let mut report: Option<Box<Diagnosis>> = None;
     let mut answer = String::new();
     while let Some(event) = events.next().await {
         match event {
@@ -258,7 +259,7 @@ async fn collect(mut events: GenerationStream) -> Result<(DiagnosticsReport, Str
             Event::Finished { .. } => {
                 return report
                     .map(|r| (*r, answer))
-                    .ok_or_else(|| "no diagnostics report".to_string())
+                    .ok_or_else(|| "no diagnosis".to_string())
             }
             Event::Failed(err) => return Err(err.to_string()),
         }

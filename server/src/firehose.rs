@@ -1,5 +1,5 @@
-//! The safety firehose (`GET /v1/safety/events`) and the safety metrics, both fed once per
-//! diagnosed request when it finishes.
+//! The safety firehose (`GET /v1/safety/events`): one [`SafetyEvent`] per diagnosed request
+//! when it finishes, published by the engine. The app state owns it.
 //!
 //! Events go through a bounded broadcast channel: publishing never waits, and a subscriber that
 //! falls more than [`EVENT_BUFFER`] events behind loses the oldest ones (counted in
@@ -9,13 +9,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use model::diagnostics::{Band, Modality};
+use model::diagnostics::{Band, Modality, Summary};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use utoipa::ToSchema;
-
-use crate::diagnose::{DiagnosePlan, DiagnosticsReport};
-use crate::metrics::Metrics;
 
 /// Events a subscriber may fall behind before it loses the oldest.
 pub const EVENT_BUFFER: usize = 1024;
@@ -44,15 +41,42 @@ pub struct SafetyEvent {
     pub sampled: bool,
 }
 
+impl SafetyEvent {
+    /// The event of a request that finished now.
+    pub fn new(
+        request_id: &str,
+        summary: &Summary,
+        safety_layer: usize,
+        p_refusal: Option<f64>,
+        cos_band: Band,
+        cos_band_mean: Option<f64>,
+        sampled: bool,
+    ) -> Self {
+        let Band(lo, hi) = cos_band;
+        Self {
+            request_id: request_id.to_string(),
+            time: unix_time(),
+            modality: summary.modality,
+            activation_layer: summary.activation_layer,
+            safety_layer,
+            p_refusal,
+            cos_band: [lo, hi],
+            cos_band_mean,
+            refused: summary.refused,
+            sampled,
+        }
+    }
+}
+
 /// The broadcast side of the firehose. Closing it (at shutdown) ends every subscriber's stream
 /// once it has read what was already published, so open dashboards do not hold the exit.
 #[derive(Debug)]
-pub struct EventHub {
+pub struct Firehose {
     sender: Mutex<Option<broadcast::Sender<Arc<SafetyEvent>>>>,
     capacity: usize,
 }
 
-impl EventHub {
+impl Firehose {
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.max(1);
         let (sender, _) = broadcast::channel(capacity);
@@ -97,7 +121,7 @@ impl EventHub {
     }
 }
 
-impl Default for EventHub {
+impl Default for Firehose {
     fn default() -> Self {
         Self::new(EVENT_BUFFER)
     }
@@ -107,40 +131,6 @@ fn unix_time() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
-}
-
-/// Feeds the safety metrics and the firehose with one finished diagnosed request.
-pub fn record_diagnosed(
-    metrics: &Metrics,
-    request_id: &str,
-    plan: &DiagnosePlan,
-    report: &DiagnosticsReport,
-) {
-    let summary = &report.summary;
-    let p_refusal = report.p_refusal_at(plan.safety_layer);
-    let cos_band_mean = report.band_mean_cos(plan.metrics_band);
-    if let Some(safety) = metrics.safety() {
-        safety.observe(
-            summary.modality,
-            summary.refused,
-            summary.activation_layer,
-            p_refusal,
-            cos_band_mean,
-        );
-    }
-    let Band(lo, hi) = plan.metrics_band;
-    metrics.safety_events.publish(SafetyEvent {
-        request_id: request_id.to_string(),
-        time: unix_time(),
-        modality: summary.modality,
-        activation_layer: summary.activation_layer,
-        safety_layer: plan.safety_layer,
-        p_refusal,
-        cos_band: [lo, hi],
-        cos_band_mean,
-        refused: summary.refused,
-        sampled: !plan.deliver,
-    });
 }
 
 #[cfg(test)]
@@ -164,7 +154,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_subscriber_loses_the_oldest_events_and_publishing_never_waits() {
-        let hub = EventHub::new(4);
+        let hub = Firehose::new(4);
         let mut fast = hub.subscribe();
         let mut slow = hub.subscribe();
         for i in 0..3 {
@@ -188,7 +178,7 @@ mod tests {
 
     #[tokio::test]
     async fn closing_ends_subscriptions_after_what_was_published() {
-        let hub = EventHub::new(4);
+        let hub = Firehose::new(4);
         let mut rx = hub.subscribe();
         hub.publish(event(1));
         hub.close();

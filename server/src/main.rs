@@ -4,8 +4,9 @@ use std::sync::Arc;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use server::app::{self, AppState, ModelCard, ServingModel};
+use server::app::{AppState, ModelCard, ServingModel};
 use server::cli::{Cli, Command, Dtype, EvalArgs, ServeArgs};
+use server::firehose::Firehose;
 use server::metrics::Metrics;
 
 fn main() -> ExitCode {
@@ -62,7 +63,8 @@ fn run(
 
 async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let metrics = Arc::new(Metrics::new());
-    let state = AppState::new(args.http_config(), metrics.clone());
+    let firehose = Arc::new(Firehose::default());
+    let state = AppState::new(args.http_config(), metrics.clone(), firehose.clone());
     let listener = tokio::net::TcpListener::bind(args.address()).await?;
     tracing::info!(address = %listener.local_addr()?, "listening (/ready answers 503 until the model is loaded)");
 
@@ -70,7 +72,7 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send +
     let (failed_tx, failed) = tokio::sync::oneshot::channel::<String>();
     let loader_state = state.clone();
     let grace = args.shutdown_grace();
-    tokio::task::spawn_blocking(move || match load_model(&args, metrics) {
+    tokio::task::spawn_blocking(move || match load_model(&args, metrics, firehose) {
         Ok(model) => loader_state.set_model(model),
         Err(err) => {
             let _ = failed_tx.send(err.to_string());
@@ -86,7 +88,7 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send +
             }
         }
     };
-    app::serve(listener, state, shutdown, grace).await?;
+    server::http::serve(listener, state, shutdown, grace).await?;
     match load_error.await {
         Ok(err) => Err(format!("loading the model failed: {err}").into()),
         Err(_) => Ok(()),
@@ -99,7 +101,9 @@ async fn eval(args: EvalArgs) -> Result<(), Box<dyn std::error::Error + Send + S
     let config = args.eval_config();
     let serve = args.serve.clone();
     let metrics = Arc::new(Metrics::new());
-    let model = tokio::task::spawn_blocking(move || load_model(&serve, metrics)).await??;
+    let firehose = Arc::new(Firehose::default());
+    let model =
+        tokio::task::spawn_blocking(move || load_model(&serve, metrics, firehose)).await??;
     let cancel = async {
         if tokio::signal::ctrl_c().await.is_ok() {
             eprintln!("\ninterrupted: writing the report of the finished runs");
@@ -131,15 +135,16 @@ async fn eval(args: EvalArgs) -> Result<(), Box<dyn std::error::Error + Send + S
 fn load_model(
     args: &ServeArgs,
     metrics: Arc<Metrics>,
+    firehose: Arc<Firehose>,
 ) -> Result<ServingModel, Box<dyn std::error::Error + Send + Sync>> {
     let device = args.device.open()?;
     let (dir, builtin) = match &args.model {
         Some(dir) => (dir.clone(), false),
         None => {
-            let dir = server::builtin::materialize()?;
+            let dir = server::backend::builtin::materialize()?;
             tracing::warn!(
                 "no --model given: serving the built-in tiny random-weight model `{}` (for trying the API; its answers are noise)",
-                server::builtin::BUILTIN_MODEL_ID
+                server::backend::builtin::BUILTIN_MODEL_ID
             );
             (dir, true)
         }
@@ -152,7 +157,7 @@ fn load_model(
         tracing::warn!("bf16 on CPU is slow in candle (weights are widened on every matmul); f32 is recommended");
     }
     let started = std::time::Instant::now();
-    let loaded = server::llava::load(
+    let loaded = server::backend::llava::load(
         &dir,
         args.vision_tower.clone(),
         Some(dtype),
@@ -170,7 +175,7 @@ fn load_model(
     let card = ModelCard {
         id: args.served_model_name.clone().unwrap_or_else(|| {
             if builtin {
-                server::builtin::BUILTIN_MODEL_ID.to_string()
+                server::backend::builtin::BUILTIN_MODEL_ID.to_string()
             } else {
                 dir.file_name()
                     .map(|n| n.to_string_lossy().into_owned())
@@ -198,8 +203,8 @@ fn load_model(
         max_bytes: args.max_image_bytes,
         ..Default::default()
     };
-    let processor = Arc::new(server::llava::LlavaProcessor::new(&loaded, limits));
-    let mut backend = server::llava::LlavaBackend::new(&loaded);
+    let processor = Arc::new(server::backend::llava::LlavaProcessor::new(&loaded, limits));
+    let mut backend = server::backend::llava::LlavaBackend::new(&loaded);
     backend.warm_up()?;
     tracing::info!(
         model = %card.id,
@@ -214,6 +219,7 @@ fn load_model(
         card,
         &args.serving_config(),
         metrics,
+        firehose,
     )?)
 }
 

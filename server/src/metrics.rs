@@ -9,8 +9,6 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::events::EventHub;
-
 /// Metric names, the one definition that code and tests share.
 pub mod names {
     pub const REQUESTS_TOTAL: &str = "tga_requests_total";
@@ -145,8 +143,6 @@ pub struct Metrics {
     pub client_disconnects: IntCounter,
     pub model_info: IntGaugeVec,
     pub diagnostics_events_dropped: IntCounter,
-    /// The firehose of diagnosed requests (`GET /v1/safety/events`).
-    pub safety_events: EventHub,
     safety: OnceLock<SafetyMetrics>,
 }
 
@@ -251,7 +247,6 @@ impl Metrics {
                 names::DIAGNOSTICS_EVENTS_DROPPED_TOTAL,
                 "Safety events a slow /v1/safety/events subscriber lost.",
             ),
-            safety_events: EventHub::default(),
             safety: OnceLock::new(),
             registry,
         }

@@ -15,7 +15,8 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use server::app::{AppState, HttpConfig, ModelCard, ServingConfig, ServingModel};
-use server::llava::{LlavaBackend, LlavaProcessor};
+use server::backend::llava::{LlavaBackend, LlavaProcessor};
+use server::firehose::Firehose;
 use server::metrics::{names, Metrics};
 
 /// The reference's tolerance (the 1e-4).
@@ -29,15 +30,20 @@ fn fixtures() -> PathBuf {
 struct RealServer {
     base: String,
     metrics: Arc<Metrics>,
+    firehose: Arc<Firehose>,
     client: reqwest::Client,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 /// The tiny fixture model with its validator and engine, as `tga-serve serve` builds it.
-fn real_model(serving: &ServingConfig, metrics: Arc<Metrics>) -> ServingModel {
+fn real_model(
+    serving: &ServingConfig,
+    metrics: Arc<Metrics>,
+    firehose: Arc<Firehose>,
+) -> ServingModel {
     let dir = fixtures().join("tiny-llava-next");
-    let loaded = server::llava::load(
+    let loaded = server::backend::llava::load(
         &dir,
         None,
         Some(candle_core::DType::F32),
@@ -60,19 +66,20 @@ fn real_model(serving: &ServingConfig, metrics: Arc<Metrics>) -> ServingModel {
         dtype: "f32".into(),
         device: "cpu".into(),
     };
-    ServingModel::start(backend, processor, card, serving, metrics).unwrap()
+    ServingModel::start(backend, processor, card, serving, metrics, firehose).unwrap()
 }
 
 impl RealServer {
     /// The tiny fixture model behind the real app.
     async fn start(serving: ServingConfig) -> Self {
         let metrics = Arc::new(Metrics::new());
-        let state = AppState::new(HttpConfig::default(), metrics.clone());
-        state.set_model(real_model(&serving, metrics.clone()));
+        let firehose = Arc::new(Firehose::default());
+        let state = AppState::new(HttpConfig::default(), metrics.clone(), firehose.clone());
+        state.set_model(real_model(&serving, metrics.clone(), firehose.clone()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (shutdown, signal) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(server::app::serve(
+        let task = tokio::spawn(server::http::serve(
             listener,
             state,
             async move {
@@ -83,6 +90,7 @@ impl RealServer {
         Self {
             base,
             metrics,
+            firehose,
             client: reqwest::Client::new(),
             shutdown: Some(shutdown),
             task,
@@ -602,24 +610,21 @@ async fn firehose_sees_every_diagnosed_request_once_under_concurrency() {
 async fn a_subscriber_that_never_reads_loses_events_and_serving_goes_on() {
     let server = RealServer::start(ServingConfig::default()).await;
     // Subscribed but never read: its events pile up in the broadcast buffer until it lags.
-    let mut stalled = server.metrics.safety_events.subscribe();
-    let total = server::events::EVENT_BUFFER + 20;
+    let mut stalled = server.firehose.subscribe();
+    let total = server::firehose::EVENT_BUFFER + 20;
     for i in 0..total {
-        server
-            .metrics
-            .safety_events
-            .publish(server::events::SafetyEvent {
-                request_id: format!("synthetic-{i}"),
-                time: 0.0,
-                modality: model::diagnostics::Modality::Text,
-                activation_layer: None,
-                safety_layer: 2,
-                p_refusal: None,
-                cos_band: [1, 2],
-                cos_band_mean: None,
-                refused: None,
-                sampled: false,
-            });
+        server.firehose.publish(server::firehose::SafetyEvent {
+            request_id: format!("synthetic-{i}"),
+            time: 0.0,
+            modality: model::diagnostics::Modality::Text,
+            activation_layer: None,
+            safety_layer: 2,
+            p_refusal: None,
+            cos_band: [1, 2],
+            cos_band_mean: None,
+            refused: None,
+            sampled: false,
+        });
     }
     // Serving is unaffected while the subscriber is behind.
     let started = std::time::Instant::now();
@@ -800,7 +805,11 @@ async fn eval_writes_reports_whose_dsr_matches_the_per_item_records() {
     }
     let data = dir.join("data.jsonl");
     std::fs::write(&data, lines.join("\n") + "\n\n").unwrap();
-    let model = real_model(&ServingConfig::default(), Arc::new(Metrics::new()));
+    let model = real_model(
+        &ServingConfig::default(),
+        Arc::new(Metrics::new()),
+        Arc::new(Firehose::default()),
+    );
     let out = dir.join("out");
     let config = server::eval::EvalConfig {
         data: data.clone(),

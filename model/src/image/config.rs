@@ -198,12 +198,12 @@ impl PreprocessConfig {
     pub fn from_hf_dir(dir: &Path) -> Result<Option<Self>> {
         let pre = dir.join("preprocessor_config.json");
         if pre.is_file() {
-            let v = read_json(&pre)?;
+            let v = crate::config::read_json(&pre)?;
             return Self::from_hf_preprocessor(&v, &pre).map(Some);
         }
         let proc = dir.join("processor_config.json");
         if proc.is_file() {
-            let v = read_json(&proc)?;
+            let v = crate::config::read_json(&proc)?;
             if let Some(ip) = v.get("image_processor") {
                 return Self::from_hf_preprocessor(ip, &proc).map(Some);
             }
@@ -304,14 +304,6 @@ impl PreprocessConfig {
             SizeSpec::Exact { height, width } => (height, width),
         }
     }
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    serde_json::from_str(&text).map_err(|e| ModelError::config(path, e))
 }
 
 fn as_u32(v: &Value) -> std::result::Result<u32, String> {

@@ -10,7 +10,7 @@ pub const BUILTIN_MODEL_ID: &str = "tga-tiny-llava-next";
 
 macro_rules! fixture_files {
     ($($name:literal),* $(,)?) => {
-        &[$(($name, include_bytes!(concat!("../../fixtures/tiny-llava-next/", $name)) as &[u8])),*]
+        &[$(($name, include_bytes!(concat!("../../../fixtures/tiny-llava-next/", $name)) as &[u8])),*]
     };
 }
 

@@ -1,4 +1,4 @@
-//! The `model` crate behind the engine seam: [`LlavaProcessor`] (template, tokenizer, images; runs
+//! The `model` crate behind the seam: [`LlavaProcessor`] (template, tokenizer, images; runs
 //! on the blocking pool) and [`LlavaBackend`] (prefill, batched decode, sampling; runs on the
 //! engine thread). Both share one [`LlavaModel`]; the processor only reads its configuration.
 
@@ -9,8 +9,8 @@ use std::sync::Arc;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use model::config::CheckpointFormat;
 use model::diagnostics::{
-    after_image_span, cosine_per_layer, layer_records, merge_spans, AttentionShares, LogitLens,
-    RefusalSet, RefusalTokens, Summary,
+    after_image_span, cosine_per_layer, layer_records, merge_spans, span_mean, AttentionShares,
+    LogitLens, RefusalSet, RefusalTokens, Summary,
 };
 use model::image::{decode_image, preprocess, ImageLimits};
 use model::llava::{LinearWeights, LlavaModel, LoadOptions};
@@ -22,13 +22,15 @@ use model::template::{
 use model::tokenizer::Tokenizer;
 use model::ModelError;
 
-use crate::diagnose::{
-    CaptionPassMeta, CaptionPlan, DiagnosePlan, Diagnosis, TextSpan, DESCRIBE_PROMPT,
+use model::sampling::{argmax, SampledToken, Sampler, SamplingParams};
+
+use super::{
+    BackendError, DiagnosticsProcessor, ModelBackend, ProcessError, PromptProcessor, TokenSampler,
 };
-use crate::engine::backend::{
-    BackendError, ChatTurn, DiagnosticsProcessor, ImageInput, ModelBackend, ProcessError, Prompt,
-    PromptLayout, PromptProcessor, Role, SampledToken, SamplingParams, TokenSampler, TurnPart,
+use crate::engine::plan::{
+    CaptionPass, CaptionPlan, CaptionPooling, DiagnosePlan, Diagnosis, DESCRIBE_PROMPT,
 };
+use crate::engine::request::{ChatTurn, ImageInput, Prompt, PromptLayout, Role, TurnPart};
 
 /// Everything loaded from a checkpoint directory.
 pub struct LoadedModel {
@@ -219,6 +221,41 @@ fn user_text_ranges(rendered: &str, turns: &[ChatTurn]) -> Vec<Range<usize>> {
     ranges
 }
 
+/// Where the user text and every occurrence of each needle are in the tokens of `rendered`.
+fn layout(
+    rendered: &str,
+    tokens: &PromptTokens,
+    turns: &[ChatTurn],
+    needles: &[String],
+) -> PromptLayout {
+    let ranges = user_text_ranges(rendered, turns);
+    let chars: Vec<(usize, char)> = rendered.char_indices().collect();
+    let char_at = |byte: usize| chars.partition_point(|&(b, _)| b < byte);
+    let user_text = ranges
+        .iter()
+        .filter_map(|r| tokens.token_span_of_chars(r.clone()))
+        .collect();
+    let needles = needles
+        .iter()
+        .map(|needle| {
+            let mut spans = Vec::new();
+            for r in &ranges {
+                let (b0, b1) = (
+                    chars[r.start].0,
+                    chars.get(r.end).map_or(rendered.len(), |c| c.0),
+                );
+                for (at, m) in rendered[b0..b1].match_indices(needle.as_str()) {
+                    let c0 = char_at(b0 + at);
+                    let c1 = char_at(b0 + at + m.len());
+                    spans.extend(tokens.token_span_of_chars(c0..c1));
+                }
+            }
+            spans
+        })
+        .collect();
+    PromptLayout { user_text, needles }
+}
+
 impl DiagnosticsProcessor for LlavaProcessor {
     fn num_layers(&self) -> usize {
         self.model.config().text.num_hidden_layers
@@ -228,45 +265,6 @@ impl DiagnosticsProcessor for LlavaProcessor {
         RefusalSet::resolve(spec, self.tokenizer.inner()).map_err(|e| match e {
             ModelError::InvalidInput(message) => message,
             other => other.to_string(),
-        })
-    }
-
-    fn locate(
-        &self,
-        turns: &[ChatTurn],
-        image_token_counts: &[usize],
-        needles: &[String],
-    ) -> Result<PromptLayout, ProcessError> {
-        let (rendered, tokens) = self.tokens(turns, image_token_counts)?;
-        let ranges = user_text_ranges(&rendered, turns);
-        let chars: Vec<(usize, char)> = rendered.char_indices().collect();
-        let char_at = |byte: usize| chars.partition_point(|&(b, _)| b < byte);
-        let user_text = ranges
-            .iter()
-            .filter_map(|r| tokens.token_span_of_chars(r.clone()))
-            .collect();
-        let needles = needles
-            .iter()
-            .map(|needle| {
-                let mut spans = Vec::new();
-                for r in &ranges {
-                    let (b0, b1) = (
-                        chars[r.start].0,
-                        chars.get(r.end).map_or(rendered.len(), |c| c.0),
-                    );
-                    for (at, m) in rendered[b0..b1].match_indices(needle.as_str()) {
-                        let c0 = char_at(b0 + at);
-                        let c1 = char_at(b0 + at + m.len());
-                        spans.extend(tokens.token_span_of_chars(c0..c1));
-                    }
-                }
-                spans
-            })
-            .collect();
-        Ok(PromptLayout {
-            user_text,
-            needles,
-            token_count: tokens.len(),
         })
     }
 }
@@ -293,6 +291,7 @@ impl PromptProcessor for LlavaProcessor {
         &self,
         turns: &[ChatTurn],
         images: Vec<ImageInput>,
+        needles: &[String],
     ) -> Result<Prompt, ProcessError> {
         // Images appear in the prompt in the order of their parts; the parts index `images`.
         let order: Vec<usize> = turns
@@ -312,11 +311,13 @@ impl PromptProcessor for LlavaProcessor {
             ordered.push(img);
         }
         let counts: Vec<usize> = ordered.iter().map(|i| i.num_tokens).collect();
-        let (_, tokens) = self.tokens(turns, &counts)?;
+        let (rendered, tokens) = self.tokens(turns, &counts)?;
+        let layout = layout(&rendered, &tokens, turns, needles);
         Ok(Prompt {
             token_ids: tokens.ids,
             image_spans: tokens.image_spans,
             images: ordered,
+            layout,
         })
     }
 }
@@ -377,10 +378,11 @@ impl LlavaBackend {
                 token_ids: vec![bos, bos],
                 image_spans: vec![],
                 images: vec![],
+                layout: PromptLayout::default(),
             },
             &mut cache,
         )?;
-        let tok = argmax(&logits);
+        let tok = argmax(&logits) as u32;
         self.decode_batch(&[tok], &mut [&mut cache])?;
         Ok(())
     }
@@ -434,7 +436,7 @@ impl LlavaBackend {
         let mut logits = row(&out.logits)?;
         let mut ids = Vec::new();
         while ids.len() < max_tokens {
-            let next = first_argmax(&logits);
+            let next = argmax(&logits) as u32;
             if self.stop_ids.contains(&next) {
                 break;
             }
@@ -458,15 +460,15 @@ impl LlavaBackend {
         &self,
         turns: &[ChatTurn],
         caption: &str,
-        text_span: TextSpan,
-    ) -> Result<CaptionPass, BackendError> {
+        pooling: CaptionPooling,
+    ) -> Result<CaptionStates, BackendError> {
         let (ids, caption_spans) = self
             .prompts
             .caption_prompt(turns, caption)
             .map_err(internal)?;
-        let pooled_text = match text_span {
-            TextSpan::Caption => caption_spans.clone(),
-            TextSpan::AfterImage => {
+        let pooled_text = match pooling {
+            CaptionPooling::Caption => caption_spans.clone(),
+            CaptionPooling::AfterImage => {
                 let start = caption_spans[0].start;
                 // The caption stands where the image stood: "after the image" starts there.
                 let span = after_image_span(std::slice::from_ref(&(start..start)), ids.len());
@@ -494,19 +496,20 @@ impl LlavaBackend {
             .pooled
             .ok_or_else(|| BackendError::new("the caption pass recorded no pooled states"))?;
         let k = caption_spans.len();
-        let caption_states = span_mean(&pooled.narrow(1, 0, k).map_err(internal)?, &caption_spans)?;
-        let text_states = match text_span {
-            TextSpan::Caption => caption_states.clone(),
-            TextSpan::AfterImage => {
-                span_mean(&pooled.narrow(1, k, 1).map_err(internal)?, &pooled_text)?
+        let caption_states = span_mean(&pooled.narrow(1, 0, k).map_err(internal)?, &caption_spans)
+            .map_err(internal)?;
+        let text_states = match pooling {
+            CaptionPooling::Caption => caption_states.clone(),
+            CaptionPooling::AfterImage => {
+                span_mean(&pooled.narrow(1, k, 1).map_err(internal)?, &pooled_text)
+                    .map_err(internal)?
             }
         };
-        let pair = |r: &Range<usize>| [r.start, r.end];
-        Ok(CaptionPass {
-            meta: CaptionPassMeta {
+        Ok(CaptionStates {
+            pass: CaptionPass {
                 prompt_tokens: ids.len(),
-                caption_spans: caption_spans.iter().map(pair).collect(),
-                pooled_spans: pooled_text.iter().map(pair).collect(),
+                caption_spans,
+                pooled_spans: pooled_text,
             },
             caption_states,
             text_states,
@@ -515,25 +518,12 @@ impl LlavaBackend {
 }
 
 /// What the caption pass gives the request pass.
-struct CaptionPass {
-    meta: CaptionPassMeta,
+struct CaptionStates {
+    pass: CaptionPass,
     /// `[N+1, H]`: mean caption-token state per layer (the alignment vector T).
     caption_states: Tensor,
     /// `[N+1, H]`: mean state of the `text_span` tokens per layer.
     text_states: Tensor,
-}
-
-/// The mean over the union of `spans` from per-span means `pooled [L, k, H]`: weighted by
-/// span length (the spans are disjoint).
-fn span_mean(pooled: &Tensor, spans: &[Range<usize>]) -> Result<Tensor, BackendError> {
-    let lens: Vec<f32> = spans.iter().map(|s| s.len() as f32).collect();
-    let total: f32 = lens.iter().sum();
-    let weights = Tensor::from_vec(lens, (1, spans.len(), 1), pooled.device()).map_err(internal)?;
-    pooled
-        .broadcast_mul(&weights)
-        .and_then(|t| t.sum(1))
-        .and_then(|t| t / f64::from(total))
-        .map_err(internal)
 }
 
 /// SentencePiece's byte-fallback pieces `<0x00>`..`<0xFF>`: their byte, by id.
@@ -555,24 +545,6 @@ fn row(logits: &Tensor) -> Result<Vec<f32>, BackendError> {
         .i(0)
         .and_then(|r| r.to_vec1::<f32>())
         .map_err(internal)
-}
-
-/// Index of the largest value, the lowest index on ties (`torch.argmax`).
-fn first_argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    v.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(0, |(i, _)| i as u32)
 }
 
 fn internal(e: impl std::fmt::Display) -> BackendError {
@@ -628,7 +600,7 @@ impl ModelBackend for LlavaBackend {
         };
         let caption_pass = caption
             .as_deref()
-            .map(|c| self.caption_pass(&plan.turns, c, plan.text_span))
+            .map(|c| self.caption_pass(&plan.turns, c, plan.caption_pooling))
             .transpose()?;
 
         // The request pass: the lens position's states, its attention rows, the pooled image
@@ -684,8 +656,11 @@ impl ModelBackend for LlavaBackend {
                 .map_err(internal)?;
         let cosines = match (&caption_pass, &out.taps.pooled) {
             (Some(pass), Some(pooled)) => Some(
-                cosine_per_layer(&span_mean(pooled, &prompt.image_spans)?, &pass.text_states)
-                    .map_err(internal)?,
+                cosine_per_layer(
+                    &span_mean(pooled, &prompt.image_spans).map_err(internal)?,
+                    &pass.text_states,
+                )
+                .map_err(internal)?,
             ),
             _ => None,
         };
@@ -713,7 +688,7 @@ impl ModelBackend for LlavaBackend {
                 layers,
                 summary,
                 caption,
-                caption_pass: caption_pass.map(|p| p.meta),
+                caption_pass: caption_pass.map(|p| p.pass),
                 warnings,
             },
         ))
@@ -732,18 +707,7 @@ impl ModelBackend for LlavaBackend {
     }
 
     fn sampler(&self, params: &SamplingParams) -> LlavaSampler {
-        LlavaSampler(model::sampling::Sampler::new(
-            model::sampling::SamplingParams {
-                temperature: params.temperature,
-                top_p: params.top_p,
-                top_k: params.top_k.unwrap_or(0),
-                seed: params.seed,
-                max_tokens: None,
-                stop: vec![],
-                logprobs: params.logprobs.is_some(),
-                top_logprobs: params.logprobs.unwrap_or(0),
-            },
-        ))
+        LlavaSampler(Sampler::new(params.clone()))
     }
 
     fn stop_token_ids(&self) -> &[u32] {
@@ -768,16 +732,11 @@ impl ModelBackend for LlavaBackend {
     }
 }
 
-pub struct LlavaSampler(model::sampling::Sampler);
+pub struct LlavaSampler(Sampler);
 
 impl TokenSampler for LlavaSampler {
     fn sample(&mut self, logits: &[f32]) -> Result<SampledToken, BackendError> {
-        let t = self.0.sample_logits(logits).map_err(internal)?;
-        Ok(SampledToken {
-            id: t.id,
-            logprob: t.logprob,
-            top_logprobs: t.top_logprobs,
-        })
+        self.0.sample_logits(logits).map_err(internal)
     }
 }
 

@@ -1,78 +1,23 @@
 //! The seam between the server and a model: what validation needs (chat template, tokenizer,
 //! image preprocessing) and what the engine thread needs (prefill, batched decode, sampling,
-//! detokenisation). The `model` crate implements these; tests implement them with a scripted fake.
+//! detokenisation). [`llava`] implements it with the `model` crate; tests implement it with a
+//! scripted fake. The data crossing it are the engine's request types ([`crate::engine::request`])
+//! and diagnostics plan ([`crate::engine::plan`]).
 //!
 //! The split follows transformers' `LlavaNextProcessor` / `LlavaNextForConditionalGeneration`: the
 //! processor turns messages and images into `input_ids` (image positions expanded) plus
 //! `pixel_values` and `image_sizes`; the model only ever sees those.
 
+pub mod builtin;
+pub mod llava;
+
 use std::fmt;
-use std::ops::Range;
 
 use model::diagnostics::{RefusalSet, RefusalTokens};
+use model::sampling::{SampledToken, SamplingParams};
 
-use crate::diagnose::{DiagnosePlan, Diagnosis};
-
-/// Who said a turn of the conversation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    System,
-    User,
-    Assistant,
-}
-
-/// One piece of a turn, in order of appearance.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TurnPart {
-    Text(String),
-    /// The image at this index of the images passed to [`PromptProcessor::build_prompt`].
-    Image(usize),
-}
-
-/// One message of the conversation, already checked against the wire schema.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChatTurn {
-    pub role: Role,
-    pub parts: Vec<TurnPart>,
-}
-
-/// One preprocessed image, as the processor hands it to the model.
-#[derive(Debug, Clone)]
-pub struct ImageInput {
-    /// Original `(height, width)`, which anyres packing needs (transformers' `image_sizes`).
-    pub image_size: (u32, u32),
-    /// Preprocessed pixel values, row-major, laid out as `shape` (e.g. `[views, 3, 336, 336]`).
-    pub pixel_values: Vec<f32>,
-    pub shape: Vec<usize>,
-    /// How many prompt positions this image occupies once expanded.
-    pub num_tokens: usize,
-}
-
-/// A tokenized prompt, ready for prefill.
-#[derive(Debug, Clone)]
-pub struct Prompt {
-    /// Token ids as fed to the model, with each image placeholder expanded to its positions.
-    pub token_ids: Vec<u32>,
-    /// The positions each image's features occupy, in order (one per entry of `images`).
-    pub image_spans: Vec<std::ops::Range<usize>>,
-    /// The images, in the order their placeholders appear in `token_ids`.
-    pub images: Vec<ImageInput>,
-}
-
-impl Prompt {
-    pub fn len(&self) -> usize {
-        self.token_ids.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.token_ids.is_empty()
-    }
-
-    /// Prompt positions taken by images (part of [`Prompt::len`]).
-    pub fn image_tokens(&self) -> usize {
-        self.images.iter().map(|image| image.num_tokens).sum()
-    }
-}
+use crate::engine::plan::{DiagnosePlan, Diagnosis};
+use crate::engine::request::{ChatTurn, ImageInput, Prompt};
 
 /// Why the processor refused a request. Bad input is the client's fault (400); `Internal` is ours.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -94,11 +39,13 @@ pub trait PromptProcessor: Send + Sync + 'static {
     fn prepare_image(&self, bytes: &[u8]) -> Result<ImageInput, ProcessError>;
 
     /// Renders the chat template (with the generation prompt) and tokenizes it, expanding every
-    /// [`TurnPart::Image`] to `images[i].num_tokens` positions.
+    /// [`crate::engine::request::TurnPart::Image`] to `images[i].num_tokens` positions; the
+    /// prompt's layout locates the user text and every occurrence of each of `needles` in it.
     fn build_prompt(
         &self,
         turns: &[ChatTurn],
         images: Vec<ImageInput>,
+        needles: &[String],
     ) -> Result<Prompt, ProcessError>;
 
     /// What safety diagnostics need from the processor; `None` when this model cannot be
@@ -108,17 +55,6 @@ pub trait PromptProcessor: Send + Sync + 'static {
     }
 }
 
-/// Where things are in a prompt, for the diagnostics' attention shares and interventions.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct PromptLayout {
-    /// Token spans of the user messages' text parts.
-    pub user_text: Vec<Range<usize>>,
-    /// Per needle, the token spans of its occurrences inside the user text (empty: not found).
-    pub needles: Vec<Vec<Range<usize>>>,
-    /// Length of the prompt the spans refer to (the same as [`PromptProcessor::build_prompt`]'s).
-    pub token_count: usize,
-}
-
 /// The model knowledge that validating a `diagnostics` request needs (DIAGNOSTICS.md).
 pub trait DiagnosticsProcessor: Send + Sync {
     /// Decoder blocks N (layer records run 0..=N).
@@ -126,40 +62,6 @@ pub trait DiagnosticsProcessor: Send + Sync {
 
     /// The refusal set K, resolved through the served tokenizer; `Err` is the client's message.
     fn refusal_set(&self, spec: &RefusalTokens) -> Result<RefusalSet, String>;
-
-    /// Locates the user text and `needles` (substrings of it) in the prompt that
-    /// [`PromptProcessor::build_prompt`] makes of `turns` with images of these token counts.
-    fn locate(
-        &self,
-        turns: &[ChatTurn],
-        image_token_counts: &[usize],
-        needles: &[String],
-    ) -> Result<PromptLayout, ProcessError>;
-}
-
-/// How to pick the next token; built from the request by validation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SamplingParams {
-    /// 0 means greedy.
-    pub temperature: f32,
-    /// Nucleus mass in (0, 1]; 1 disables it.
-    pub top_p: f32,
-    /// `None` disables top-k.
-    pub top_k: Option<usize>,
-    /// `None`: the sampler seeds itself from entropy.
-    pub seed: Option<u64>,
-    /// `Some(n)`: report the chosen token's log-probability and the `n` most likely alternatives.
-    pub logprobs: Option<usize>,
-}
-
-/// One sampled token, with its log-probability under the (temperature-free) model distribution.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SampledToken {
-    pub id: u32,
-    pub logprob: f32,
-    /// The `n` most likely tokens with their log-probabilities, most likely first; empty unless
-    /// [`SamplingParams::logprobs`] asked for them.
-    pub top_logprobs: Vec<(u32, f32)>,
 }
 
 /// A per-sequence sampler: it owns the sequence's RNG, so a seed gives the same output whatever

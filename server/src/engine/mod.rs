@@ -6,8 +6,8 @@
 //! `max_batch_tokens` prefilled tokens per step; a sequence that finishes, fails or whose client
 //! went away leaves the batch before the next step.
 
-pub mod backend;
-pub mod text;
+pub mod plan;
+pub mod request;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,9 +17,35 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
+use model::sampling::SamplingParams;
+
+use crate::backend::ModelBackend;
+use crate::firehose::Firehose;
 use crate::metrics::Metrics;
-use crate::validation::ValidRequest;
-pub use backend::ModelBackend;
+use plan::DiagnosePlan;
+use request::Prompt;
+
+/// When generation ends besides the model's stop tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoppingCriteria {
+    pub max_new_tokens: usize,
+    /// Stop strings (not part of the output).
+    pub stop: Vec<String>,
+}
+
+/// A request the engine can run as it is: every limit checked, images preprocessed, the prompt
+/// tokenized, the diagnostics planned.
+#[derive(Debug, Clone)]
+pub struct ValidRequest {
+    pub request_id: String,
+    pub prompt: Prompt,
+    pub sampling: SamplingParams,
+    pub stopping: StoppingCriteria,
+    /// When the request arrived (start of its TTFT and queue time).
+    pub arrived: Instant,
+    /// Safety diagnostics to run with the prefill (asked for, or sampled).
+    pub diagnose: Option<Arc<DiagnosePlan>>,
+}
 
 /// Scheduler limits (SERVING.md's `max_num_seqs`, `max_batch_tokens`, `max_waiting`).
 #[derive(Debug, Clone)]
@@ -97,9 +123,9 @@ pub enum Event {
         usage: Usage,
     },
     Failed(GenerationError),
-    /// A diagnosed request's report, right after its prefill (before any delta); its summary
-    /// is not judged yet. Only sent when the client asked for diagnostics.
-    Diagnosed(Box<crate::diagnose::DiagnosticsReport>),
+    /// A diagnosed request's measurements, right after its prefill (before any delta); its
+    /// summary is not judged yet. Only sent when the client asked for diagnostics.
+    Diagnosed(Box<plan::Diagnosis>),
     /// The diagnosed request's final summary, the answer judged, right before `Finished`.
     Judged(Box<model::diagnostics::Summary>),
 }
@@ -158,16 +184,18 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Moves `backend` onto a new OS thread named `tga-engine` and starts scheduling.
+    /// Moves `backend` onto a new OS thread named `tga-engine` and starts scheduling. Every
+    /// finished diagnosed request feeds the safety metrics of `metrics` and the `firehose`.
     pub fn start<B: ModelBackend>(
         backend: B,
         config: EngineConfig,
         metrics: Arc<Metrics>,
+        firehose: Arc<Firehose>,
     ) -> std::io::Result<Self> {
         let (commands, receiver) = mpsc::unbounded_channel();
         let (stopped_tx, stopped) = watch::channel(false);
         let permits = Arc::new(Semaphore::new(config.max_num_seqs + config.max_waiting));
-        let worker = worker::Worker::new(backend, config, receiver, metrics.clone());
+        let worker = worker::Worker::new(backend, config, receiver, metrics.clone(), firehose);
         std::thread::Builder::new()
             .name("tga-engine".into())
             .spawn(move || {

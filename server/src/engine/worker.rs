@@ -8,12 +8,15 @@ use std::time::Instant;
 use tokio::sync::mpsc::{self, error::TryRecvError};
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::backend::{BackendError, ModelBackend, TokenSampler};
-use super::text::{IncrementalDetokenizer, StopMatcher};
+use model::sampling::StopMatcher;
+use model::tokenizer::IncrementalDetokenizer;
+
+use super::plan::{DiagnosePlan, Diagnosis};
 use super::{
     Command, EngineConfig, Event, FinishReason, GenerationError, Job, TokenLogprob, Usage,
 };
-use crate::diagnose::{DiagnosePlan, DiagnosticsReport};
+use crate::backend::{BackendError, ModelBackend, TokenSampler};
+use crate::firehose::Firehose;
 use crate::metrics::Metrics;
 
 pub(super) struct Worker<B: ModelBackend> {
@@ -21,6 +24,7 @@ pub(super) struct Worker<B: ModelBackend> {
     config: EngineConfig,
     commands: mpsc::UnboundedReceiver<Command>,
     metrics: Arc<Metrics>,
+    firehose: Arc<Firehose>,
     waiting: VecDeque<Job>,
     running: Vec<Sequence<B>>,
     /// Set once shutdown began: running sequences are cut when it passes.
@@ -33,12 +37,14 @@ impl<B: ModelBackend> Worker<B> {
         config: EngineConfig,
         commands: mpsc::UnboundedReceiver<Command>,
         metrics: Arc<Metrics>,
+        firehose: Arc<Firehose>,
     ) -> Self {
         Self {
             backend,
             config,
             commands,
             metrics,
+            firehose,
             waiting: VecDeque::new(),
             running: Vec::new(),
             deadline: None,
@@ -221,13 +227,12 @@ impl<B: ModelBackend> Worker<B> {
         );
         let diagnosis = match (&request.diagnose, diagnosis) {
             (Some(plan), Some(diagnosis)) => {
-                let report = DiagnosticsReport::new(plan, diagnosis);
                 if plan.deliver {
-                    let _ = events.send(Event::Diagnosed(Box::new(report.clone())));
+                    let _ = events.send(Event::Diagnosed(Box::new(diagnosis.clone())));
                 }
                 Some(Box::new(SequenceDiagnosis {
                     plan: plan.clone(),
-                    report,
+                    diagnosis,
                     answer: String::new(),
                 }))
             }
@@ -239,7 +244,7 @@ impl<B: ModelBackend> Worker<B> {
         let mut seq = Sequence {
             request_id: request.request_id,
             sampler: self.backend.sampler(&request.sampling),
-            want_logprobs: request.sampling.logprobs.is_some(),
+            want_logprobs: request.sampling.logprobs,
             events,
             _permit: permit,
             cache,
@@ -259,13 +264,13 @@ impl<B: ModelBackend> Worker<B> {
         };
         // `max_tokens: 0` (the diagnose endpoint): the prompt pass was the whole point.
         if seq.max_new_tokens == 0 {
-            seq.finish(FinishReason::Length, &self.metrics);
+            seq.finish(FinishReason::Length, &self.metrics, &self.firehose);
             return None;
         }
         match seq.on_logits(&logits, &self.backend, &self.metrics) {
             Ok(None) => Some(seq),
             Ok(Some(reason)) => {
-                seq.finish(reason, &self.metrics);
+                seq.finish(reason, &self.metrics, &self.firehose);
                 None
             }
             Err(err) => {
@@ -303,7 +308,7 @@ impl<B: ModelBackend> Worker<B> {
         for (mut seq, logits) in running.into_iter().zip(all_logits) {
             match seq.on_logits(&logits, &self.backend, &self.metrics) {
                 Ok(None) => self.running.push(seq),
-                Ok(Some(reason)) => seq.finish(reason, &self.metrics),
+                Ok(Some(reason)) => seq.finish(reason, &self.metrics, &self.firehose),
                 Err(err) => {
                     tracing::error!(request_id = %seq.request_id, error = %err, "sampling failed");
                     seq.fail(GenerationError::Internal(err.0), &self.metrics);
@@ -354,10 +359,10 @@ struct Sequence<B: ModelBackend> {
     diagnosis: Option<Box<SequenceDiagnosis>>,
 }
 
-/// A diagnosed sequence's report while its answer is generated.
+/// A diagnosed sequence's measurements while its answer is generated.
 struct SequenceDiagnosis {
-    plan: std::sync::Arc<DiagnosePlan>,
-    report: DiagnosticsReport,
+    plan: Arc<DiagnosePlan>,
+    diagnosis: Diagnosis,
     /// The answer so far (what the client was shown), for the refusal judge.
     answer: String,
 }
@@ -370,21 +375,53 @@ impl SequenceDiagnosis {
         request_id: &str,
         generated: bool,
         metrics: &Metrics,
+        firehose: &Firehose,
         events: &mpsc::UnboundedSender<Event>,
     ) {
         let Self {
             plan,
-            mut report,
+            mut diagnosis,
             answer,
         } = self;
         if generated {
-            report.summary.judge_answer(&answer);
+            diagnosis.summary.judge_answer(&answer);
         }
-        crate::events::record_diagnosed(metrics, request_id, &plan, &report);
+        record_diagnosed(metrics, firehose, request_id, &plan, &diagnosis);
         if plan.deliver {
-            let _ = events.send(Event::Judged(Box::new(report.summary)));
+            let _ = events.send(Event::Judged(Box::new(diagnosis.summary)));
         }
     }
+}
+
+/// Feeds the safety metrics and the firehose with one finished diagnosed request.
+fn record_diagnosed(
+    metrics: &Metrics,
+    firehose: &Firehose,
+    request_id: &str,
+    plan: &DiagnosePlan,
+    diagnosis: &Diagnosis,
+) {
+    let summary = &diagnosis.summary;
+    let p_refusal = diagnosis.p_refusal_at(plan.safety_layer);
+    let cos_band_mean = diagnosis.band_mean_cos(plan.metrics_band);
+    if let Some(safety) = metrics.safety() {
+        safety.observe(
+            summary.modality,
+            summary.refused,
+            summary.activation_layer,
+            p_refusal,
+            cos_band_mean,
+        );
+    }
+    firehose.publish(crate::firehose::SafetyEvent::new(
+        request_id,
+        summary,
+        plan.safety_layer,
+        p_refusal,
+        plan.metrics_band,
+        cos_band_mean,
+        !plan.deliver,
+    ));
 }
 
 impl<B: ModelBackend> Sequence<B> {
@@ -433,8 +470,9 @@ impl<B: ModelBackend> Sequence<B> {
                 .push_token(sampled.id, backend.is_byte_token(sampled.id), |ids| {
                     backend.decode_text(ids)
                 });
-        let (text, stopped) = self.stops.push(&delta);
-        if stopped {
+        let out = self.stops.push(&delta);
+        let text = out.text;
+        if out.stopped {
             self.emit(text, true);
             return Ok(Some(FinishReason::Stop));
         }
@@ -454,12 +492,13 @@ impl<B: ModelBackend> Sequence<B> {
     /// stop string after all.
     fn emit_rest(&mut self, backend: &B) -> bool {
         let delta = self.detokenizer.flush(|ids| backend.decode_text(ids));
-        let (mut text, stopped) = self.stops.push(&delta);
-        if !stopped {
-            text.push_str(&self.stops.flush());
+        let out = self.stops.push(&delta);
+        let mut text = out.text;
+        if !out.stopped {
+            text.push_str(&self.stops.finish());
         }
         self.emit(text, true);
-        stopped
+        out.stopped
     }
 
     fn emit(&mut self, text: String, last: bool) {
@@ -476,14 +515,14 @@ impl<B: ModelBackend> Sequence<B> {
         let _ = self.events.send(Event::Delta { text, logprobs });
     }
 
-    fn finish(mut self, reason: FinishReason, metrics: &Metrics) {
+    fn finish(mut self, reason: FinishReason, metrics: &Metrics, firehose: &Firehose) {
         metrics.running.dec();
         metrics
             .request_duration
             .observe(self.arrived.elapsed().as_secs_f64());
         if let Some(diagnosis) = self.diagnosis.take() {
             let generated = self.usage.completion_tokens > 0;
-            diagnosis.complete(&self.request_id, generated, metrics, &self.events);
+            diagnosis.complete(&self.request_id, generated, metrics, firehose, &self.events);
         }
         tracing::debug!(request_id = %self.request_id, ?reason, completion_tokens = self.usage.completion_tokens, "finished");
         let _ = self.events.send(Event::Finished {

@@ -12,15 +12,15 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, Stream, StreamExt};
 
+use super::sse::{done_frame, error_frame, json_frame};
 use super::ApiJson;
 use crate::app::AppState;
-use crate::diagnose::DiagnosticsReport;
-use crate::engine::{self, Event, GenerationStream};
+use crate::engine::{Event, GenerationStream};
 use crate::error::ApiError;
+use crate::openai::diagnostics::DiagnosticsReport;
 use crate::openai::{
     AssistantMessage, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice,
-    ChoiceLogprobs, ChunkChoice, Delta, ErrorResponse, FinishReason, Role, TokenLogprob,
-    TopLogprob, Usage,
+    ChoiceLogprobs, ChunkChoice, Delta, ErrorResponse, FinishReason, Role, Usage,
 };
 use crate::validation::{Purpose, ResponseOptions};
 
@@ -94,7 +94,7 @@ impl Completion {
                     logprobs: token_logprobs,
                 } => {
                     content.push_str(&text);
-                    logprobs.extend(token_logprobs.into_iter().map(wire_logprob));
+                    logprobs.extend(token_logprobs.into_iter().map(Into::into));
                 }
                 Event::Finished { reason, usage } => {
                     return Ok(ChatCompletionResponse {
@@ -112,9 +112,9 @@ impl Completion {
                                 .options
                                 .logprobs
                                 .then_some(ChoiceLogprobs { content: logprobs }),
-                            finish_reason: wire_finish(reason),
+                            finish_reason: reason.into(),
                         }],
-                        usage: wire_usage(usage),
+                        usage: usage.into(),
                         diagnostics: self.diagnostics.take(),
                     })
                 }
@@ -126,10 +126,14 @@ impl Completion {
     }
 
     /// Keeps the diagnostics events for the response (the engine sends them only to requests
-    /// that asked).
+    /// that asked, whose options carry the report's meta).
     fn on_diagnostics(&mut self, event: Event) {
         match event {
-            Event::Diagnosed(report) => self.diagnostics = Some(report),
+            Event::Diagnosed(diagnosis) => {
+                if let Some(meta) = self.options.diagnostics.take() {
+                    self.diagnostics = Some(Box::new(DiagnosticsReport::new(*meta, *diagnosis)));
+                }
+            }
             Event::Judged(summary) => {
                 if let Some(report) = &mut self.diagnostics {
                     report.summary = *summary;
@@ -177,7 +181,7 @@ impl Completion {
         match event {
             Some(Event::Delta { text, logprobs }) => {
                 let logprobs = self.options.logprobs.then(|| ChoiceLogprobs {
-                    content: logprobs.into_iter().map(wire_logprob).collect(),
+                    content: logprobs.into_iter().map(Into::into).collect(),
                 });
                 let delta = Delta {
                     role: None,
@@ -192,14 +196,14 @@ impl Completion {
                         index: 0,
                         delta: Delta::default(),
                         logprobs: None,
-                        finish_reason: Some(wire_finish(reason)),
+                        finish_reason: Some(reason.into()),
                     }],
                     None,
                 );
                 last.diagnostics = self.diagnostics.take();
                 let mut frames = vec![json_frame(&last)];
                 if self.options.include_usage {
-                    frames.push(self.chunk(Vec::new(), Some(wire_usage(usage))));
+                    frames.push(self.chunk(Vec::new(), Some(usage.into())));
                 }
                 frames.push(done_frame());
                 (frames, true)
@@ -245,56 +249,8 @@ fn stream_response(
     Sse::new(frames).keep_alive(KeepAlive::default())
 }
 
-fn json_frame<T: serde::Serialize>(value: &T) -> SseEvent {
-    SseEvent::default().data(serde_json::to_string(value).expect("wire types serialise"))
-}
-
-fn done_frame() -> SseEvent {
-    SseEvent::default().data("[DONE]")
-}
-
-/// An error after the stream started: OpenAI's error object as a data frame (vLLM does this).
-fn error_frame(err: &ApiError) -> SseEvent {
-    if err.status().is_server_error() {
-        tracing::error!(code = err.code.as_str(), message = %err.message, "generation failed mid-stream");
-    }
-    json_frame(&err.body())
-}
-
 fn engine_vanished() -> ApiError {
     ApiError::internal("the engine stopped without finishing the request")
-}
-
-fn wire_finish(reason: engine::FinishReason) -> FinishReason {
-    match reason {
-        engine::FinishReason::Stop => FinishReason::Stop,
-        engine::FinishReason::Length => FinishReason::Length,
-    }
-}
-
-fn wire_usage(usage: engine::Usage) -> Usage {
-    Usage {
-        prompt_tokens: usage.prompt_tokens,
-        completion_tokens: usage.completion_tokens,
-        total_tokens: usage.prompt_tokens + usage.completion_tokens,
-    }
-}
-
-fn wire_logprob(logprob: engine::TokenLogprob) -> TokenLogprob {
-    TokenLogprob {
-        bytes: logprob.bytes,
-        token: logprob.token,
-        logprob: logprob.logprob,
-        top_logprobs: logprob
-            .top
-            .into_iter()
-            .map(|(token, bytes, logprob)| TopLogprob {
-                bytes,
-                token,
-                logprob,
-            })
-            .collect(),
-    }
 }
 
 fn unix_now() -> u64 {

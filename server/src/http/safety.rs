@@ -11,47 +11,21 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, Stream, StreamExt};
-use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
-use utoipa::ToSchema;
 
+use super::sse::{done_frame, error_frame, json_frame, named_frame};
 use super::ApiJson;
 use crate::app::AppState;
-use crate::diagnose::{DiagnosticsMeta, DiagnosticsReport, LayerRecordSchema, SummarySchema};
-use crate::engine::{self, Event, GenerationStream};
+use crate::engine::{Event, GenerationStream};
 use crate::error::ApiError;
-use crate::events::SafetyEvent;
+use crate::firehose::SafetyEvent;
+use crate::openai::diagnostics::{
+    DiagnoseResponse, DiagnosticsMeta, DiagnosticsReport, FinishEvent, TokenEvent,
+};
 use crate::openai::{ChatCompletionRequest, ErrorResponse, FinishReason, Usage};
 use crate::validation::Purpose;
 
 pub const DIAGNOSE_ROUTE: &str = "/v1/safety/diagnose";
-
-/// A piece of the answer (`token` event).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct TokenEvent {
-    pub text: String,
-}
-
-/// How generation ended (`finish` event, after the tokens).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct FinishEvent {
-    pub finish_reason: FinishReason,
-    pub usage: Usage,
-}
-
-/// `POST /v1/safety/diagnose` with `stream: false`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct DiagnoseResponse {
-    pub meta: DiagnosticsMeta,
-    #[schema(value_type = Vec<LayerRecordSchema>)]
-    pub layers: Vec<model::diagnostics::LayerRecord>,
-    #[schema(value_type = SummarySchema)]
-    pub summary: model::diagnostics::Summary,
-    /// The generated answer (empty with `max_tokens: 0`).
-    pub answer: String,
-    pub finish_reason: FinishReason,
-    pub usage: Usage,
-}
 
 /// Runs one request with safety diagnostics (DIAGNOSTICS.md).
 ///
@@ -91,16 +65,22 @@ pub(super) async fn diagnose(
 ) -> Result<Response, ApiError> {
     let (events, options) =
         super::validate_and_submit(&state, &headers, request, Purpose::Diagnose).await?;
+    let collected = Collected {
+        meta: options.diagnostics,
+        report: None,
+        tokens: Vec::new(),
+    };
     if options.stream {
-        Ok(stream_diagnosis(events).into_response())
+        Ok(stream_diagnosis(events, collected).into_response())
     } else {
-        Ok(Json(collect(events).await?).into_response())
+        Ok(Json(collect(events, collected).await?).into_response())
     }
 }
 
 /// What a diagnose request has received from the engine so far.
-#[derive(Default)]
 struct Collected {
+    /// The report's meta from validation, until the engine's diagnosis completes it.
+    meta: Option<Box<DiagnosticsMeta>>,
     report: Option<Box<DiagnosticsReport>>,
     tokens: Vec<String>,
 }
@@ -109,7 +89,11 @@ impl Collected {
     /// Takes one engine event; `Some` once the request ended.
     fn take(&mut self, event: Event) -> Option<Result<(FinishReason, Usage), ApiError>> {
         match event {
-            Event::Diagnosed(report) => self.report = Some(report),
+            Event::Diagnosed(diagnosis) => {
+                if let Some(meta) = self.meta.take() {
+                    self.report = Some(Box::new(DiagnosticsReport::new(*meta, *diagnosis)));
+                }
+            }
             Event::Judged(summary) => {
                 if let Some(report) = &mut self.report {
                     report.summary = *summary;
@@ -120,17 +104,17 @@ impl Collected {
                     self.tokens.push(text);
                 }
             }
-            Event::Finished { reason, usage } => {
-                return Some(Ok((wire_finish(reason), wire_usage(usage))))
-            }
+            Event::Finished { reason, usage } => return Some(Ok((reason.into(), usage.into()))),
             Event::Failed(err) => return Some(Err(err.into())),
         }
         None
     }
 }
 
-async fn collect(mut events: GenerationStream) -> Result<DiagnoseResponse, ApiError> {
-    let mut collected = Collected::default();
+async fn collect(
+    mut events: GenerationStream,
+    mut collected: Collected,
+) -> Result<DiagnoseResponse, ApiError> {
     while let Some(event) = events.next().await {
         if let Some(end) = collected.take(event) {
             let (finish_reason, usage) = end?;
@@ -157,33 +141,24 @@ async fn collect(mut events: GenerationStream) -> Result<DiagnoseResponse, ApiEr
     ))
 }
 
-fn named<T: Serialize>(name: &str, value: &T) -> SseEvent {
-    SseEvent::default()
-        .event(name)
-        .data(serde_json::to_string(value).expect("diagnostics serialise"))
-}
-
-fn done_frame() -> SseEvent {
-    SseEvent::default().data("[DONE]")
-}
-
-fn error_frame(err: &ApiError) -> SseEvent {
-    if err.status().is_server_error() {
-        tracing::error!(code = err.code.as_str(), message = %err.message, "diagnose request failed mid-stream");
-    }
-    SseEvent::default().data(serde_json::to_string(&err.body()).expect("errors serialise"))
-}
-
 /// The frames for one engine event, and whether the stream is over.
 fn frames(collected: &mut Collected, event: Option<Event>) -> (Vec<SseEvent>, bool) {
     let Some(event) = event else {
         let err = ApiError::internal("the engine stopped without finishing the request");
         return (vec![error_frame(&err), done_frame()], true);
     };
-    if let Event::Diagnosed(report) = &event {
-        let mut out = vec![named("meta", &report.meta)];
-        out.extend(report.layers.iter().map(|layer| named("layer", layer)));
+    if let Event::Diagnosed(_) = &event {
         collected.take(event);
+        let Some(report) = &collected.report else {
+            return (Vec::new(), false);
+        };
+        let mut out = vec![named_frame("meta", &report.meta)];
+        out.extend(
+            report
+                .layers
+                .iter()
+                .map(|layer| named_frame("layer", layer)),
+        );
         return (out, false);
     }
     match collected.take(event) {
@@ -192,7 +167,7 @@ fn frames(collected: &mut Collected, event: Option<Event>) -> (Vec<SseEvent>, bo
         Some(Ok((finish_reason, usage))) => {
             let mut out = Vec::new();
             match &collected.report {
-                Some(report) => out.push(named("summary", &report.summary)),
+                Some(report) => out.push(named_frame("summary", &report.summary)),
                 None => {
                     let err = ApiError::internal(
                         "the engine finished a diagnose request without its report",
@@ -204,9 +179,9 @@ fn frames(collected: &mut Collected, event: Option<Event>) -> (Vec<SseEvent>, bo
                 collected
                     .tokens
                     .drain(..)
-                    .map(|text| named("token", &TokenEvent { text })),
+                    .map(|text| named_frame("token", &TokenEvent { text })),
             );
-            out.push(named(
+            out.push(named_frame(
                 "finish",
                 &FinishEvent {
                     finish_reason,
@@ -222,8 +197,9 @@ fn frames(collected: &mut Collected, event: Option<Event>) -> (Vec<SseEvent>, bo
 /// Dropping the response body (client gone) drops `events`, which cancels the request.
 fn stream_diagnosis(
     events: GenerationStream,
+    collected: Collected,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let body = stream::unfold(Some((events, Collected::default())), |state| async move {
+    let body = stream::unfold(Some((events, collected)), |state| async move {
         let (mut events, mut collected) = state?;
         let (out, last) = frames(&mut collected, events.next().await);
         let next = (!last).then_some((events, collected));
@@ -251,15 +227,11 @@ fn stream_diagnosis(
 pub(super) async fn events(
     State(state): State<Arc<AppState>>,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let receiver = state.metrics.safety_events.subscribe();
+    let receiver = state.firehose.subscribe();
     let body = stream::unfold((receiver, state), |(mut receiver, state)| async move {
         loop {
             match receiver.recv().await {
-                Ok(event) => {
-                    let frame = SseEvent::default()
-                        .data(serde_json::to_string(&*event).expect("events serialise"));
-                    return Some((Ok(frame), (receiver, state)));
-                }
+                Ok(event) => return Some((Ok(json_frame(&*event)), (receiver, state))),
                 Err(broadcast::error::RecvError::Lagged(lost)) => {
                     tracing::warn!(lost, "a slow /v1/safety/events subscriber lost events");
                     state.metrics.diagnostics_events_dropped.inc_by(lost);
@@ -269,19 +241,4 @@ pub(super) async fn events(
         }
     });
     Sse::new(body).keep_alive(KeepAlive::default())
-}
-
-fn wire_finish(reason: engine::FinishReason) -> FinishReason {
-    match reason {
-        engine::FinishReason::Stop => FinishReason::Stop,
-        engine::FinishReason::Length => FinishReason::Length,
-    }
-}
-
-fn wire_usage(usage: engine::Usage) -> Usage {
-    Usage {
-        prompt_tokens: usage.prompt_tokens,
-        completion_tokens: usage.completion_tokens,
-        total_tokens: usage.prompt_tokens + usage.completion_tokens,
-    }
 }

@@ -1,6 +1,12 @@
 //! OpenAI's chat-completions wire types, as the handlers (and so `/openapi.json`) use them.
 //! Unknown request fields are ignored, as OpenAI-compatible servers do; semantic checks live in
 //! `validation`, not here.
+//!
+//! - [`diagnostics`]: the safety-diagnostics options, report and diagnose-endpoint types.
+//! - [`convert`]: the one set of engine → wire conversions.
+
+mod convert;
+pub mod diagnostics;
 
 use std::fmt;
 
@@ -55,7 +61,7 @@ pub struct ChatCompletionRequest {
     /// tga-serve extension: safety diagnostics of this request (DIAGNOSTICS.md §7). The
     /// response then carries them under `diagnostics`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub diagnostics: Option<crate::diagnose::DiagnosticsOptions>,
+    pub diagnostics: Option<diagnostics::DiagnosticsOptions>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
@@ -223,7 +229,7 @@ pub struct ChatCompletionResponse {
     /// tga-serve extension, present when the request asked for `diagnostics`: meta, per-layer
     /// records and the summary (the answer judged).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub diagnostics: Option<Box<crate::diagnose::DiagnosticsReport>>,
+    pub diagnostics: Option<Box<diagnostics::DiagnosticsReport>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, ToSchema)]
@@ -258,7 +264,7 @@ pub struct ChatCompletionChunk {
     /// tga-serve extension: on the frame with `finish_reason`, when the request asked for
     /// `diagnostics`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub diagnostics: Option<Box<crate::diagnose::DiagnosticsReport>>,
+    pub diagnostics: Option<Box<diagnostics::DiagnosticsReport>>,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,21 +1,29 @@
 //! One step from a raw request to a [`ValidRequest`], as TGI's `validation.rs` does it: every
 //! limit is checked, images are fetched, decoded and preprocessed, and the prompt is tokenized
 //! before anything is queued, so the engine only ever sees requests it can run.
+//!
+//! - [`diagnostics`]: the `diagnostics` options planned into what the engine runs.
+
+pub mod diagnostics;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::future::try_join_all;
+use model::sampling::{SamplingParams, MAX_TOP_LOGPROBS};
 
-use crate::diagnose::{
-    self, DiagnosePlan, DiagnosticsConfig, DiagnosticsOptions, PromptShape, Sampler,
-};
-use crate::engine::backend::{
-    ChatTurn, ImageInput, Prompt, PromptProcessor, Role, SamplingParams, TurnPart,
-};
+use crate::backend::PromptProcessor;
+use crate::engine::plan::DiagnosePlan;
+use crate::engine::request::{ChatTurn, ImageInput, Prompt, Role, TurnPart};
+use crate::engine::{StoppingCriteria, ValidRequest};
 use crate::error::{ApiError, ErrorCode};
 use crate::media::MediaFetcher;
+use crate::openai::diagnostics::{DiagnosticsMeta, DiagnosticsOptions};
 use crate::openai::{self, ChatCompletionRequest, ContentPart, MessageContent};
+use diagnostics::{DiagnosticsConfig, ShareSelector};
+
+/// Images one request may carry unless the operator says otherwise (`--max-images-per-request`).
+pub const DEFAULT_MAX_IMAGES_PER_REQUEST: usize = 8;
 
 /// Request limits (besides the body size, which the HTTP layer enforces).
 #[derive(Debug, Clone)]
@@ -24,49 +32,28 @@ pub struct Limits {
     pub max_model_len: usize,
     pub max_images_per_request: usize,
     pub max_stop_sequences: usize,
-    /// OpenAI's maximum for `top_logprobs`.
-    pub max_top_logprobs: usize,
 }
 
 impl Limits {
     pub fn new(max_model_len: usize) -> Self {
         Self {
             max_model_len,
-            max_images_per_request: 8,
+            max_images_per_request: DEFAULT_MAX_IMAGES_PER_REQUEST,
             max_stop_sequences: 16,
-            max_top_logprobs: 20,
         }
     }
 }
 
-/// When generation ends besides the model's stop tokens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoppingCriteria {
-    pub max_new_tokens: usize,
-    /// Stop strings (not part of the output).
-    pub stop: Vec<String>,
-}
-
-/// A request the engine can run as it is.
-#[derive(Debug, Clone)]
-pub struct ValidRequest {
-    pub request_id: String,
-    pub prompt: Prompt,
-    pub sampling: SamplingParams,
-    pub stopping: StoppingCriteria,
-    /// When the request arrived (start of its TTFT and queue time).
-    pub arrived: Instant,
-    /// Safety diagnostics to run with the prefill (asked for, or sampled).
-    pub diagnose: Option<Arc<crate::diagnose::DiagnosePlan>>,
-}
-
 /// How the HTTP layer should shape the answer; the engine does not need these.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ResponseOptions {
     pub model: String,
     pub stream: bool,
     pub include_usage: bool,
     pub logprobs: bool,
+    /// The diagnostics report's meta, for a request that asked for diagnostics; the HTTP layer
+    /// completes it with the engine's [`crate::engine::plan::Diagnosis`].
+    pub diagnostics: Option<Box<DiagnosticsMeta>>,
 }
 
 pub struct Validator {
@@ -76,7 +63,7 @@ pub struct Validator {
     model_id: String,
     supports_images: bool,
     diagnostics: DiagnosticsConfig,
-    sampler: Sampler,
+    background: ShareSelector,
 }
 
 /// Which endpoint a request came through.
@@ -109,7 +96,7 @@ impl Validator {
             model_id,
             supports_images,
             diagnostics: DiagnosticsConfig::default(),
-            sampler: Sampler::default(),
+            background: ShareSelector::default(),
         }
     }
 
@@ -184,6 +171,19 @@ impl Validator {
         };
 
         let (turns, image_refs) = self.conversation(&request.messages)?;
+        let diagnose = match (purpose, diagnostics) {
+            (Purpose::Diagnose, options) => Some((options.unwrap_or_default(), true)),
+            (Purpose::Chat, Some(options)) => Some((options, true)),
+            (Purpose::Chat, None) if self.background.take(self.diagnostics.sample_rate) => {
+                // Sampled: caption-free, lens and attention only, never shown to the client.
+                Some((DiagnosticsOptions::default(), false))
+            }
+            (Purpose::Chat, None) => None,
+        };
+        let needles = diagnose
+            .as_ref()
+            .map(|(options, _)| diagnostics::needles(options))
+            .unwrap_or_default();
         let images = try_join_all(image_refs.iter().map(|image| async move {
             self.media
                 .load(&image.url)
@@ -191,23 +191,15 @@ impl Validator {
                 .map_err(|err| ApiError::from_media(err, image.param.clone()))
         }))
         .await?;
-        let prompt = self.build_prompt(turns.clone(), images, image_refs).await?;
+        let prompt = self
+            .build_prompt(turns.clone(), images, image_refs, needles)
+            .await?;
         let max_new_tokens = self.check_context(prompt.len(), max_tokens)?;
-        let diagnose = match (purpose, diagnostics) {
-            (Purpose::Diagnose, options) => Some((options.unwrap_or_default(), true)),
-            (Purpose::Chat, Some(options)) => Some((options, true)),
-            (Purpose::Chat, None) if self.sampler.take(self.diagnostics.sample_rate) => {
-                // Sampled: caption-free, lens and attention only, never shown to the client.
-                Some((DiagnosticsOptions::default(), false))
-            }
-            (Purpose::Chat, None) => None,
-        };
-        let diagnose = match diagnose {
+        let (diagnose, meta) = match diagnose {
             Some((options, deliver)) => {
-                self.plan_diagnostics(options, turns, &prompt, deliver)
-                    .await?
+                self.plan_diagnostics(&options, &turns, &prompt, deliver)?
             }
-            None => None,
+            None => (None, None),
         };
 
         let options = ResponseOptions {
@@ -217,7 +209,8 @@ impl Validator {
                 .stream_options
                 .as_ref()
                 .is_some_and(|options| options.include_usage),
-            logprobs: sampling.logprobs.is_some(),
+            logprobs: sampling.logprobs,
+            diagnostics: meta,
         };
         if let Some(user) = &request.user {
             tracing::debug!(user = %user, "request user");
@@ -236,64 +229,46 @@ impl Validator {
         Ok((valid, options))
     }
 
-    /// Validates the diagnostics options against the prompt (spans are located by tokenizing,
-    /// so this runs on the blocking pool). A sampled request on a model without diagnostics is
-    /// simply not diagnosed; one that asked gets a 400.
-    async fn plan_diagnostics(
+    /// Validates the diagnostics options against the prompt; the plan, and the meta when the
+    /// client asked for the report. A sampled request on a model without diagnostics is simply
+    /// not diagnosed; one that asked gets a 400.
+    #[allow(clippy::type_complexity)]
+    fn plan_diagnostics(
         &self,
-        options: DiagnosticsOptions,
-        turns: Vec<ChatTurn>,
+        options: &DiagnosticsOptions,
+        turns: &[ChatTurn],
         prompt: &Prompt,
         deliver: bool,
-    ) -> Result<Option<Arc<DiagnosePlan>>, ApiError> {
-        if self.processor.diagnostics().is_none() {
+    ) -> Result<(Option<Arc<DiagnosePlan>>, Option<Box<DiagnosticsMeta>>), ApiError> {
+        let Some(dx) = self.processor.diagnostics() else {
             return if deliver {
                 Err(ApiError::invalid(
                     "diagnostics",
                     "the served model does not support safety diagnostics",
                 ))
             } else {
-                Ok(None)
+                Ok((None, None))
             };
-        }
-        let shape = PromptShape {
-            len: prompt.len(),
-            image_spans: prompt.image_spans.clone(),
-            image_token_counts: prompt.images.iter().map(|i| i.num_tokens).collect(),
         };
-        let processor = self.processor.clone();
-        let model_id = self.model_id.clone();
-        let config = self.diagnostics.clone();
-        let plan = tokio::task::spawn_blocking(move || {
-            let dx = processor
-                .diagnostics()
-                .expect("checked above: the processor supports diagnostics");
-            diagnose::plan(dx, &options, &turns, &shape, &model_id, &config, deliver)
-        })
-        .await
-        .map_err(|err| ApiError::internal(format!("diagnostics planning failed: {err}")))??;
-        Ok(Some(Arc::new(plan)))
+        let (plan, meta) = diagnostics::plan(
+            dx,
+            options,
+            turns,
+            prompt,
+            &self.model_id,
+            &self.diagnostics,
+            deliver,
+        )?;
+        Ok((Some(Arc::new(plan)), deliver.then(|| Box::new(meta))))
     }
 
+    /// The request's sampling fields mapped to the sampler's settings, checked against their one
+    /// set of limits ([`SamplingParams::validate`]).
     fn sampling_params(&self, request: &ChatCompletionRequest) -> Result<SamplingParams, ApiError> {
-        let temperature = request.temperature.unwrap_or(1.0);
-        if !(0.0..=2.0).contains(&temperature) {
-            return Err(ApiError::invalid(
-                "temperature",
-                format!("temperature must be between 0 and 2, got {temperature}"),
-            ));
-        }
-        let top_p = request.top_p.unwrap_or(1.0);
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(ApiError::invalid(
-                "top_p",
-                format!("top_p must be in (0, 1], got {top_p}"),
-            ));
-        }
         // vLLM's convention: -1 (or 0) means no top-k.
         let top_k = match request.top_k {
-            None | Some(-1) | Some(0) => None,
-            Some(k) if k > 0 => Some(k as usize),
+            None | Some(-1) | Some(0) => 0,
+            Some(k) if k > 0 => k as usize,
             Some(k) => {
                 return Err(ApiError::invalid(
                     "top_k",
@@ -301,33 +276,35 @@ impl Validator {
                 ))
             }
         };
-        let logprobs = match (request.logprobs.unwrap_or(false), request.top_logprobs) {
-            (_, Some(n)) if n < 0 || n as usize > self.limits.max_top_logprobs => {
+        let top_logprobs = match request.top_logprobs {
+            Some(n) if n < 0 => {
                 return Err(ApiError::invalid(
                     "top_logprobs",
-                    format!(
-                        "top_logprobs must be between 0 and {}, got {n}",
-                        self.limits.max_top_logprobs
-                    ),
+                    format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {n}"),
                 ))
             }
-            (false, Some(_)) => {
-                return Err(ApiError::invalid(
-                    "top_logprobs",
-                    "top_logprobs requires logprobs to be true",
-                ))
-            }
-            (false, None) => None,
-            (true, n) => Some(n.unwrap_or(0) as usize),
+            n => n.unwrap_or(0) as usize,
         };
-        Ok(SamplingParams {
-            temperature: temperature as f32,
-            top_p: top_p as f32,
+        let params = SamplingParams {
+            temperature: request.temperature.unwrap_or(1.0) as f32,
+            top_p: request.top_p.unwrap_or(1.0) as f32,
             top_k,
             // Any 64-bit pattern is a valid seed; negative ones just reinterpret.
             seed: request.seed.map(|seed| seed as u64),
-            logprobs,
-        })
+            logprobs: request.logprobs.unwrap_or(false),
+            top_logprobs,
+        };
+        params
+            .validate()
+            .map_err(|e| ApiError::invalid(e.param, e.message))?;
+        // `top_logprobs` without `logprobs` is refused even when it is 0 (OpenAI's rule).
+        if request.top_logprobs.is_some() && !params.logprobs {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "top_logprobs requires logprobs to be true",
+            ));
+        }
+        Ok(params)
     }
 
     fn stop_sequences(&self, stop: Option<openai::StopSequences>) -> Result<Vec<String>, ApiError> {
@@ -423,6 +400,7 @@ impl Validator {
         turns: Vec<ChatTurn>,
         images: Vec<Vec<u8>>,
         refs: Vec<ImageRef>,
+        needles: Vec<String>,
     ) -> Result<Prompt, ApiError> {
         let processor = self.processor.clone();
         let prompt = tokio::task::spawn_blocking(move || {
@@ -436,7 +414,7 @@ impl Validator {
                 })
                 .collect::<Result<Vec<ImageInput>, ApiError>>()?;
             processor
-                .build_prompt(&turns, inputs)
+                .build_prompt(&turns, inputs, &needles)
                 .map_err(|err| ApiError::from_process(err, "messages".into()))
         })
         .await

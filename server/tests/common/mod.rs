@@ -10,11 +10,11 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use model::sampling::{SampledToken, SamplingParams};
 use server::app::{AppState, HttpConfig, ModelCard, ServingConfig, ServingModel};
-use server::engine::backend::{
-    BackendError, ChatTurn, ImageInput, ModelBackend, ProcessError, Prompt, PromptProcessor, Role,
-    SampledToken, SamplingParams, TokenSampler, TurnPart,
-};
+use server::backend::{BackendError, ModelBackend, ProcessError, PromptProcessor, TokenSampler};
+use server::engine::request::{ChatTurn, ImageInput, Prompt, PromptLayout, Role, TurnPart};
+use server::firehose::Firehose;
 use server::metrics::Metrics;
 
 pub const BOS: u32 = 256;
@@ -64,6 +64,7 @@ impl PromptProcessor for FakeProcessor {
         &self,
         turns: &[ChatTurn],
         images: Vec<ImageInput>,
+        _needles: &[String],
     ) -> Result<Prompt, ProcessError> {
         let mut ids = vec![BOS];
         let mut image_spans = Vec::new();
@@ -97,6 +98,7 @@ impl PromptProcessor for FakeProcessor {
             token_ids: ids,
             image_spans,
             images,
+            layout: PromptLayout::default(),
         })
     }
 }
@@ -251,7 +253,7 @@ impl ModelBackend for FakeModel {
         FakeSampler {
             temperature: params.temperature,
             state: params.seed.unwrap_or(0x1234_5678),
-            top: params.logprobs.unwrap_or(0),
+            top: params.top_logprobs,
         }
     }
 
@@ -376,7 +378,11 @@ pub fn card(max_model_len: usize) -> ModelCard {
 impl TestServer {
     pub async fn start(options: TestOptions) -> Self {
         let metrics = Arc::new(Metrics::new());
-        let state = AppState::new(options.http.clone(), metrics.clone());
+        let state = AppState::new(
+            options.http.clone(),
+            metrics.clone(),
+            Arc::new(Firehose::default()),
+        );
         let observed = Arc::new(Observed::default());
         let server = Self::bind(state, metrics, observed.clone(), options.grace).await;
         if options.load_model {
@@ -394,7 +400,7 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (shutdown, signal) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(server::app::serve(
+        let task = tokio::spawn(server::http::serve(
             listener,
             state.clone(),
             async move {
@@ -425,6 +431,7 @@ impl TestServer {
             card(options.max_model_len),
             &options.serving,
             self.metrics.clone(),
+            self.state.firehose.clone(),
         )
         .unwrap();
         self.state.set_model(serving);
