@@ -3,12 +3,35 @@
 //!
 //! Written here rather than taken from candle-transformers because LLaVA needs hidden state −2 with
 //! HF's indexing (entry 0 = embeddings after `pre_layrnorm`), which candle's model does not give.
+//! The encoder layer is shared with the CLIP text tower (`clip_embed`), which runs it causally.
 
 use candle_core::{Module, Tensor};
 use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
 
 use crate::config::{VisionAct, VisionConfig};
 use crate::cpu;
+
+/// The shape of one pre-LN CLIP encoder layer (the vision and text towers differ only in these).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LayerDims {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub eps: f64,
+    pub act: VisionAct,
+}
+
+impl From<&VisionConfig> for LayerDims {
+    fn from(cfg: &VisionConfig) -> Self {
+        Self {
+            hidden: cfg.hidden_size,
+            intermediate: cfg.intermediate_size,
+            heads: cfg.num_attention_heads,
+            eps: cfg.layer_norm_eps,
+            act: cfg.hidden_act,
+        }
+    }
+}
 
 struct Attention {
     q_proj: Linear,
@@ -20,19 +43,20 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &VisionConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let h = cfg.hidden_size;
+    fn new(cfg: LayerDims, vb: VarBuilder) -> candle_core::Result<Self> {
+        let h = cfg.hidden;
         Ok(Self {
             q_proj: linear(h, h, vb.pp("q_proj"))?,
             k_proj: linear(h, h, vb.pp("k_proj"))?,
             v_proj: linear(h, h, vb.pp("v_proj"))?,
             out_proj: linear(h, h, vb.pp("out_proj"))?,
-            heads: cfg.num_attention_heads,
-            head_dim: h / cfg.num_attention_heads,
+            heads: cfg.heads,
+            head_dim: h / cfg.heads,
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+    /// `causal`: query i sees keys 0..=i only (the text tower).
+    fn forward(&self, xs: &Tensor, causal: bool) -> candle_core::Result<Tensor> {
         let (b, n, h) = xs.dims3()?;
         let split = |t: Tensor| {
             t.reshape((b, n, self.heads, self.head_dim))?
@@ -43,13 +67,38 @@ impl Attention {
         let q = split((self.q_proj.forward(xs)? * scale)?)?;
         let k = split(self.k_proj.forward(xs)?)?;
         let v = split(self.v_proj.forward(xs)?)?;
+        let keys = if causal {
+            // Scores are [heads, n, n] per sequence: row r is the query at position r % n.
+            cpu::KeyRange::Causal {
+                q0: 0,
+                rows_per_head: n,
+                kbeg: 0,
+                window: None,
+            }
+        } else {
+            cpu::KeyRange::All
+        };
         // One image (view) at a time: all views' scores at once (B × heads × n × n, 40 MB for
         // five anyres views of a small tower) would miss the caches and page-fault on every op.
         let mut outs = Vec::with_capacity(b);
         for i in 0..b {
             let scores = q.get(i)?.matmul(&k.get(i)?.t()?)?;
-            let w = match cpu::masked_softmax(&scores, 1.0, cpu::KeyRange::All)? {
+            let w = match cpu::masked_softmax(&scores, 1.0, keys)? {
                 Some(w) => w,
+                None if causal => {
+                    let mask: Vec<f32> = (0..n * n)
+                        .map(|r| {
+                            if r % n > r / n {
+                                f32::NEG_INFINITY
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect();
+                    let mask = Tensor::from_vec(mask, (n, n), scores.device())?
+                        .to_dtype(scores.dtype())?;
+                    candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?
+                }
                 None => candle_nn::ops::softmax_last_dim(&scores)?,
             };
             outs.push(w.matmul(&v.get(i)?)?);
@@ -61,7 +110,7 @@ impl Attention {
     }
 }
 
-struct EncoderLayer {
+pub(crate) struct EncoderLayer {
     layer_norm1: LayerNorm,
     self_attn: Attention,
     layer_norm2: LayerNorm,
@@ -71,20 +120,23 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(cfg: &VisionConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let h = cfg.hidden_size;
+    pub(crate) fn new(cfg: LayerDims, vb: VarBuilder) -> candle_core::Result<Self> {
+        let h = cfg.hidden;
         Ok(Self {
-            layer_norm1: layer_norm(h, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
+            layer_norm1: layer_norm(h, cfg.eps, vb.pp("layer_norm1"))?,
             self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
-            layer_norm2: layer_norm(h, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: linear(h, cfg.intermediate_size, vb.pp("mlp").pp("fc1"))?,
-            fc2: linear(cfg.intermediate_size, h, vb.pp("mlp").pp("fc2"))?,
-            act: cfg.hidden_act,
+            layer_norm2: layer_norm(h, cfg.eps, vb.pp("layer_norm2"))?,
+            fc1: linear(h, cfg.intermediate, vb.pp("mlp").pp("fc1"))?,
+            fc2: linear(cfg.intermediate, h, vb.pp("mlp").pp("fc2"))?,
+            act: cfg.act,
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let xs = (xs + self.self_attn.forward(&self.layer_norm1.forward(xs)?)?)?;
+    pub(crate) fn forward(&self, xs: &Tensor, causal: bool) -> candle_core::Result<Tensor> {
+        let xs = (xs
+            + self
+                .self_attn
+                .forward(&self.layer_norm1.forward(xs)?, causal)?)?;
         let h = self.fc1.forward(&self.layer_norm2.forward(&xs)?)?;
         let h = match self.act {
             // transformers' QuickGELUActivation: x * sigmoid(1.702 x).
@@ -120,7 +172,7 @@ impl VisionTower {
         let h = cfg.hidden_size;
         let emb = vb.pp("embeddings");
         let layers = (0..layers_needed)
-            .map(|i| EncoderLayer::new(cfg, vb.pp("encoder").pp("layers").pp(i)))
+            .map(|i| EncoderLayer::new(cfg.into(), vb.pp("encoder").pp("layers").pp(i)))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             patch_embedding: emb.get(
@@ -163,7 +215,7 @@ impl VisionTower {
         let xs = xs.broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
         let mut xs = self.pre_layrnorm.forward(&xs)?;
         for layer in &self.layers {
-            xs = layer.forward(&xs)?;
+            xs = layer.forward(&xs, false)?;
         }
         Ok(xs)
     }

@@ -446,7 +446,9 @@ fn clip_large_336() -> VisionConfig {
     }
 }
 
-fn parse_vision(path: &Path, raw: &Value, llava_default: bool) -> Result<VisionConfig> {
+/// A `CLIPVisionConfig` dict; `llava_default`: missing fields take CLIP-L/14-336 (LlavaConfig's
+/// default tower) instead of `CLIPVisionConfig`'s own ViT-B/32 defaults.
+pub(crate) fn parse_vision(path: &Path, raw: &Value, llava_default: bool) -> Result<VisionConfig> {
     let r: RawVision = if raw.is_null() {
         RawVision::default()
     } else {

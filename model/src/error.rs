@@ -48,6 +48,17 @@ pub enum ModelError {
     #[error("cannot decode image: {0}")]
     ImageDecode(String),
 
+    /// A retrieval corpus line that cannot be a caption; `line` is 1-based.
+    #[error("caption corpus {path}, line {line}: {msg}")]
+    Corpus {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
+    /// A retrieval index file that is malformed or does not match its corpus / CLIP model.
+    #[error("retrieval index {path}: {msg}")]
+    Index { path: PathBuf, msg: String },
+
     #[error("invalid input: {0}")]
     InvalidInput(String),
     /// Logits the sampler cannot draw from (NaN, +inf, or all −inf): a model fault, not bad input.

@@ -8,17 +8,21 @@
 //! - `clip`, `mistral`, `llava`: vision tower, decoder with [`mistral::LayerTaps`], the assembled model.
 //! - `sampling`: logits to tokens (greedy, temperature, top-k/top-p, seeds, logprobs, stops).
 //! - `diagnostics`: the DIAGNOSTICS.md math (logit lens, refusal sets, attention shares, cosines).
+//! - `clip_embed`: [`clip_embed::ClipEmbedder`], CLIP text and image embeddings of a full `CLIPModel`.
+//! - `retrieval`: the TGA caption corpus, its memory-mapped f16 embedding index, exact cosine search.
 
 pub mod error;
 pub use error::{ModelError, Result};
 
 pub mod clip;
+pub mod clip_embed;
 pub mod config;
 mod cpu;
 pub mod diagnostics;
 pub mod image;
 pub mod llava;
 pub mod mistral;
+pub mod retrieval;
 pub mod sampling;
 pub mod sentencepiece;
 pub mod template;
