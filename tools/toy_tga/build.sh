@@ -12,8 +12,8 @@ fi
 PY=.venv/bin/python
 mkdir -p work
 start=$(date +%s)
-$PY train.py --work work --threads "$THREADS" --per-obj 100 --lm-steps 500 --safety-steps 500 \
-  --clip-steps 600 --s1-steps 150 --s2-steps 500 2>&1 | grep -v -i warn | tee work/train.log
+$PY train.py --work work --threads "$THREADS" --per-obj 300 --lm-steps 500 --safety-steps 500 \
+  --clip-steps 1500 --s1-steps 200 --s2-steps 500 2>&1 | grep -v -i warn | tee work/train.log
 echo "training wall time: $(( $(date +%s) - start )) s" | tee -a work/train.log
 # held-out eval set: a generator seed never used in training (training uses 1000-5000)
 $PY make_eval_set.py --seed 424242 --n 210 --out work/eval_seed424242

@@ -27,7 +27,7 @@ N_IMG_TOK = (IMG_SIZE // PATCH) ** 2
 
 TEXT_DIMS = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=8, num_attention_heads=4,
                  num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=512)
-VISION_DIMS = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+VISION_DIMS = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                    image_size=IMG_SIZE, patch_size=PATCH, hidden_act="quick_gelu", layer_norm_eps=1e-5,
                    projection_dim=64)
 CLIP_TEXT_DIMS = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,

@@ -141,24 +141,31 @@ def stage_safety(work, tok, pool, lm, steps, bs=24):
     torch.save(lm.state_dict(), work / "safety.pt")
 
 
-def stage_clip(work, tok, pool, px, steps, bs=96):
+def stage_clip(work, tok, pool, px, steps, bs=128):
     torch.manual_seed(SEED_INIT + 1)
     V = vocab_of(tok)
     clip = CLIPModel(toy.clip_config(V))
     caps = [s["caption"] for s in pool]
+    short = [f"{world.art(world.NAME[s['object']])} {world.NAME[s['object']]}" for s in pool]
     ids_all = [toy.clip_text_ids(tok, c, V) for c in caps]
+    ids_short = [toy.clip_text_ids(tok, c, V) for c in short]
     rng = np.random.default_rng(SEED_TEXT + 4)
     opt = torch.optim.AdamW(clip.parameters(), lr=1e-3, weight_decay=0.05)
     t0 = time.time()
     for step in range(steps):
         idx = rng.choice(len(pool), bs, replace=False)
-        ids, mask = toy.pad_ids([ids_all[i] for i in idx])
+        use_short = rng.random(bs) < 0.4
+        texts = [short[i] if u else caps[i] for i, u in zip(idx, use_short)]
+        ids, mask = toy.pad_ids([ids_short[i] if u else ids_all[i] for i, u in zip(idx, use_short)])
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, 1e-3)
         im = F.normalize(toy._feat(clip.get_image_features(pixel_values=px[idx])), dim=-1)
         tx = F.normalize(toy._feat(clip.get_text_features(input_ids=ids, attention_mask=mask)), dim=-1)
         # same caption = positive too (multi-positive targets)
-        same = torch.tensor([[caps[i] == caps[j] for j in idx] for i in idx], dtype=torch.float32)
+        # an image is a positive for every text in the batch that describes it (its caption, or its
+        # object's name); a short text is a positive for every image of its object
+        same = torch.tensor([[texts[b] == texts[c] or (use_short[c] and pool[i]["object"] == pool[j]["object"])
+                              for c, j in enumerate(idx)] for b, i in enumerate(idx)], dtype=torch.float32)
         logits = clip.logit_scale.exp().clamp(max=100) * im @ tx.T
         tgt = same / same.sum(1, keepdim=True)
         loss = 0.5 * (torch.sum(-tgt * F.log_softmax(logits, 1), 1).mean()
@@ -170,6 +177,12 @@ def stage_clip(work, tok, pool, px, steps, bs=96):
             log(f"  clip step {step} loss {loss.item():.3f} scale {clip.logit_scale.exp().item():.1f} ({time.time() - t0:.0f}s)")
     clip.eval()
     torch.save(clip.state_dict(), work / "clip.pt")
+    held = data.scene_pool(777, 8)
+    hpx = torch.from_numpy(np.stack([toy.pixels(s["image"]) for s in held]))
+    names = [f"{world.art(world.NAME[o])} {world.NAME[o]}" for o in world.OBJECTS]
+    pred = (toy.image_embeds(clip, hpx) @ toy.text_embeds(clip, tok, names, V).T).argmax(1).tolist()
+    acc = np.mean([world.OBJECTS[p] == s["object"] for p, s in zip(pred, held)])
+    log(f"  clip zero-shot object accuracy on {len(held)} held-out images: {acc:.1%}")
     return clip
 
 
@@ -333,6 +346,14 @@ def main():
     t = time.time()
     tok = stage_tok(a.work, pool) if "tok" in stages else Tok((a.work / "tokenizer.model").read_bytes())
     T["tok"] = time.time() - t
+    V = vocab_of(tok)
+    if "clip" in stages:
+        t = time.time()
+        clip = stage_clip(a.work, tok, pool, px, a.clip_steps)
+        T["clip"] = time.time() - t
+        toy.save_clip(out / "clip", clip, tok)
+        corpus = data.retrieval_corpus(SEED_CORPUS, 3000, 28)
+        (out / "corpus.txt").write_text("\n".join(corpus) + "\n")
     if "lm" in stages:
         t = time.time()
         lm = stage_lm(a.work, tok, pool, a.lm_steps)
@@ -343,14 +364,6 @@ def main():
         lm.load_state_dict(torch.load(a.work / "lm.pt"))
         stage_safety(a.work, tok, pool, lm, a.safety_steps)
         T["safety"] = time.time() - t
-    V = vocab_of(tok)
-    if "clip" in stages:
-        t = time.time()
-        clip = stage_clip(a.work, tok, pool, px, a.clip_steps)
-        T["clip"] = time.time() - t
-        toy.save_clip(out / "clip", clip, tok)
-        corpus = data.retrieval_corpus(SEED_CORPUS, 3000, 28)
-        (out / "corpus.txt").write_text("\n".join(corpus) + "\n")
     if "vl" in stages:
         t = time.time()
         clip = CLIPModel(toy.clip_config(V))
