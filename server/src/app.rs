@@ -31,6 +31,10 @@ pub struct ModelCard {
     pub device: String,
 }
 
+/// Requests read and validated at once unless `--max-concurrent-requests` says otherwise (TGI's
+/// `max_concurrent_requests` default).
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 128;
+
 /// The HTTP layer's settings.
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
@@ -42,6 +46,14 @@ pub struct HttpConfig {
     pub cors_origins: Vec<String>,
     /// Largest request body (413 beyond).
     pub max_body_bytes: usize,
+    /// Generation requests (chat, diagnose) between arrival and their place in the engine's
+    /// queue: the permit is taken before the body is read (429 beyond).
+    pub max_concurrent_requests: usize,
+    /// Whether the server listens on a loopback address only: then the Host header must be a
+    /// loopback name or one of `allowed_hosts` (against DNS rebinding from a browser).
+    pub loopback_only: bool,
+    /// Extra Host names served when `loopback_only` (`--allowed-host`).
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for HttpConfig {
@@ -51,6 +63,9 @@ impl Default for HttpConfig {
             protect_public_routes: false,
             cors_origins: Vec::new(),
             max_body_bytes: 32 * 1024 * 1024,
+            max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS,
+            loopback_only: false,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -125,6 +140,8 @@ impl ServingModel {
 
 pub struct AppState {
     pub http: HttpConfig,
+    /// Permits for generation requests being read and validated (`max_concurrent_requests`).
+    pub(crate) admission: Arc<tokio::sync::Semaphore>,
     pub metrics: Arc<Metrics>,
     /// The firehose of diagnosed requests (`GET /v1/safety/events`); the engine publishes.
     pub firehose: Arc<Firehose>,
@@ -135,6 +152,9 @@ pub struct AppState {
 impl AppState {
     pub fn new(http: HttpConfig, metrics: Arc<Metrics>, firehose: Arc<Firehose>) -> Arc<Self> {
         Arc::new(Self {
+            admission: Arc::new(tokio::sync::Semaphore::new(
+                http.max_concurrent_requests.max(1),
+            )),
             http,
             metrics,
             firehose,
@@ -167,12 +187,25 @@ impl AppState {
                 "the server is shutting down",
             ));
         }
-        self.model.get().ok_or_else(|| {
+        let model = self.model.get().ok_or_else(|| {
             ApiError::new(
                 ErrorCode::NotReady,
                 "the model is still loading; retry later",
             )
-        })
+        })?;
+        self.check_engine()?;
+        Ok(model)
+    }
+
+    /// `Err` once the loaded model's engine thread has ended (the process can no longer serve).
+    pub fn check_engine(&self) -> Result<(), ApiError> {
+        match self.model.get() {
+            Some(model) if !model.engine.is_alive() => Err(ApiError::new(
+                ErrorCode::EngineStopped,
+                "the engine thread has stopped; the server must be restarted",
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Stops accepting requests (503) and lets running ones finish within `grace`.

@@ -215,7 +215,8 @@ pub struct ServeArgs {
     #[arg(long, env = "TGA_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
 
-    /// Accepted API key (repeat for several; the variable takes a comma-separated list).
+    /// Accepted API key (repeat for several; the variable takes a comma-separated list, spaces
+    /// around each key ignored).
     #[arg(
         long = "api-key",
         env = "TGA_API_KEYS",
@@ -226,6 +227,18 @@ pub struct ServeArgs {
     /// Also require the API key for /health, /ready, /metrics and /openapi.json.
     #[arg(long, env = "TGA_PROTECT_PUBLIC_ROUTES")]
     pub protect_public_routes: bool,
+    /// Generation requests read and validated at once (before they reach the engine's queue);
+    /// beyond it a 429 "Model is overloaded" before the body is read.
+    #[arg(long, env = "TGA_MAX_CONCURRENT_REQUESTS", default_value_t = crate::app::DEFAULT_MAX_CONCURRENT_REQUESTS as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_requests: u32,
+    /// A Host name to serve besides localhost, 127.0.0.1 and [::1] when bound to a loopback
+    /// address (repeat for several); other names get 421 (DNS-rebinding defence).
+    #[arg(
+        long = "allowed-host",
+        env = "TGA_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    pub allowed_hosts: Vec<String>,
     /// Allowed CORS origin (repeat for several; `*` for any).
     #[arg(long = "cors", env = "TGA_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
@@ -304,13 +317,33 @@ impl ServeArgs {
             api_keys: self
                 .api_keys
                 .iter()
+                .map(|k| k.trim())
                 .filter(|k| !k.is_empty())
-                .cloned()
+                .map(str::to_string)
                 .collect(),
             protect_public_routes: self.protect_public_routes,
             cors_origins: self.cors_origins.clone(),
             max_body_bytes: self.max_body_bytes,
+            max_concurrent_requests: self.max_concurrent_requests as usize,
+            loopback_only: self.binds_loopback(),
+            allowed_hosts: self
+                .allowed_hosts
+                .iter()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .collect(),
         }
+    }
+
+    /// Whether `--host` is a loopback address (or `localhost`).
+    pub fn binds_loopback(&self) -> bool {
+        self.host.eq_ignore_ascii_case("localhost")
+            || self
+                .host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
     }
 
     pub fn serving_config(&self) -> ServingConfig {
@@ -405,6 +438,39 @@ mod tests {
         assert!(serving.media.allow_private);
         assert_eq!(serving.max_model_len, Some(512));
         assert!(Cli::try_parse_from(["tga-serve", "serve", "--max-num-seqs", "0"]).is_err());
+    }
+
+    #[test]
+    fn keys_are_trimmed_and_loopback_binds_check_the_host() {
+        let args = serve(&["--api-key", " a", "--api-key", "b ", "--api-key", " "]);
+        assert_eq!(args.http_config().api_keys, vec!["a", "b"]);
+        for (host, loopback) in [
+            ("127.0.0.1", true),
+            ("::1", true),
+            ("[::1]", true),
+            ("localhost", true),
+            ("0.0.0.0", false),
+            ("192.168.1.2", false),
+        ] {
+            assert_eq!(
+                serve(&["--host", host]).binds_loopback(),
+                loopback,
+                "{host}"
+            );
+        }
+        let http = serve(&[
+            "--allowed-host",
+            "box.lan",
+            "--max-concurrent-requests",
+            "3",
+        ])
+        .http_config();
+        assert!(http.loopback_only);
+        assert_eq!(http.allowed_hosts, vec!["box.lan"]);
+        assert_eq!(http.max_concurrent_requests, 3);
+        assert!(
+            Cli::try_parse_from(["tga-serve", "serve", "--max-concurrent-requests", "0"]).is_err()
+        );
     }
 
     #[test]

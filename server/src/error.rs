@@ -30,13 +30,19 @@ pub enum ErrorCode {
     RequestTooLarge,
     UnsupportedMediaType,
     QueueFull,
+    /// More requests are being read and validated than `--max-concurrent-requests` allows.
+    Overloaded,
+    /// The Host header names neither a loopback name nor an `--allowed-host` (DNS rebinding).
+    InvalidHost,
     NotReady,
     ShuttingDown,
+    /// The engine thread ended: nothing can be served until the server is restarted.
+    EngineStopped,
     InternalError,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 19] = [
         Self::InvalidJson,
         Self::InvalidValue,
         Self::InvalidImage,
@@ -50,8 +56,11 @@ impl ErrorCode {
         Self::RequestTooLarge,
         Self::UnsupportedMediaType,
         Self::QueueFull,
+        Self::Overloaded,
+        Self::InvalidHost,
         Self::NotReady,
         Self::ShuttingDown,
+        Self::EngineStopped,
         Self::InternalError,
     ];
 
@@ -70,8 +79,11 @@ impl ErrorCode {
             Self::RequestTooLarge => "request_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::QueueFull => "queue_full",
+            Self::Overloaded => "model_overloaded",
+            Self::InvalidHost => "invalid_host",
             Self::NotReady => "not_ready",
             Self::ShuttingDown => "shutting_down",
+            Self::EngineStopped => "engine_stopped",
             Self::InternalError => "internal_error",
         }
     }
@@ -89,8 +101,11 @@ impl ErrorCode {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::QueueFull => StatusCode::TOO_MANY_REQUESTS,
-            Self::NotReady | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::QueueFull | Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+            Self::InvalidHost => StatusCode::MISDIRECTED_REQUEST,
+            Self::NotReady | Self::ShuttingDown | Self::EngineStopped => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -210,7 +225,7 @@ impl IntoResponse for ApiError {
             tracing::error!(message = %self.message, "internal error");
         }
         let mut response = (self.status(), Json(self.body())).into_response();
-        if self.code == ErrorCode::QueueFull {
+        if self.status() == StatusCode::TOO_MANY_REQUESTS {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
@@ -258,8 +273,11 @@ mod tests {
             (RequestTooLarge, 413),
             (UnsupportedMediaType, 415),
             (QueueFull, 429),
+            (Overloaded, 429),
+            (InvalidHost, 421),
             (NotReady, 503),
             (ShuttingDown, 503),
+            (EngineStopped, 503),
             (InternalError, 500),
         ];
         for (code, status) in expect {

@@ -16,6 +16,9 @@ use utoipa::ToSchema;
 
 /// Events a subscriber may fall behind before it loses the oldest.
 pub const EVENT_BUFFER: usize = 1024;
+/// Open `/v1/safety/events` streams at most (each costs a task and a buffer cursor); beyond it
+/// a 429.
+pub const MAX_SUBSCRIBERS: usize = 64;
 
 /// One diagnosed request, as dashboards see it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -76,7 +76,10 @@ impl MediaFetcher {
             .connect_timeout(config.fetch_timeout)
             // An operator's HTTP_PROXY would connect on our behalf, past the guard.
             .no_proxy()
-            .dns_resolver(Arc::new(GuardedResolver { allow_private }))
+            .dns_resolver(Arc::new(GuardedResolver {
+                allow_private,
+                timeout: config.fetch_timeout,
+            }))
             .redirect(redirect::Policy::custom(move |attempt| {
                 if attempt.previous().len() >= 5 {
                     return attempt.error("too many redirects");
@@ -196,6 +199,22 @@ pub fn is_public(ip: IpAddr) -> bool {
                 return is_public_v4(v4);
             }
             let seg = v6.segments();
+            let v4_at = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+            // Transition spellings that route to an embedded IPv4 address are judged by it.
+            if seg[0] == 0x2002 {
+                // 6to4 2002:V4ADDR::/48
+                return is_public_v4(v4_at(seg[1], seg[2]));
+            }
+            if seg[0] == 0x2001 && seg[1] == 0 {
+                // Teredo 2001::/32: server IPv4 in bits 32..64, client IPv4 (inverted) in the
+                // last 32; both must be public.
+                let client = v4_at(!seg[6], !seg[7]);
+                return is_public_v4(v4_at(seg[2], seg[3])) && is_public_v4(client);
+            }
+            if seg[..4] == [0; 4] && seg[4] == 0xffff && seg[5] == 0 {
+                // SIIT IPv4-translated ::ffff:0:a.b.c.d (RFC 2765)
+                return is_public_v4(v4_at(seg[6], seg[7]));
+            }
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
@@ -225,24 +244,34 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
         || a >= 240) // reserved
 }
 
-/// A DNS resolver that refuses names resolving to non-public addresses.
+/// A DNS resolver that refuses names resolving to non-public addresses, and gives up when the
+/// fetch's time is over (reqwest's timeout does not bound the system resolver's thread).
 struct GuardedResolver {
     allow_private: bool,
+    timeout: Duration,
 }
 
 impl Resolve for GuardedResolver {
     fn resolve(&self, name: Name) -> Resolving {
         let allow_private = self.allow_private;
+        let timeout = self.timeout;
         Box::pin(async move {
             let host = name.as_str().to_string();
-            let addrs: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            if !allow_private {
-                if let Some(bad) = addrs.iter().find(|addr| !is_public(addr.ip())) {
+            let lookup = tokio::net::lookup_host((host.as_str(), 0));
+            let addrs: Vec<SocketAddr> = match tokio::time::timeout(timeout, lookup).await {
+                Ok(found) => found?.collect(),
+                Err(_) => {
                     let err: Box<dyn std::error::Error + Send + Sync> =
-                        Box::new(MediaError::Forbidden(format!("{host} ({})", bad.ip())));
+                        Box::new(MediaError::Timeout);
                     return Err(err);
                 }
+            };
+            // The resolved address is not named: the client must not learn the server's
+            // internal addresses from our errors.
+            if !allow_private && addrs.iter().any(|addr| !is_public(addr.ip())) {
+                let err: Box<dyn std::error::Error + Send + Sync> =
+                    Box::new(MediaError::Forbidden(host));
+                return Err(err);
             }
             let addrs: Addrs = Box::new(addrs.into_iter());
             Ok(addrs)
@@ -346,6 +375,13 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:10.0.0.1",
             "64:ff9b::a00:1",
+            // 6to4 of 127.0.0.1 and 192.168.0.1; Teredo with a private server or client; SIIT
+            "2002:7f00:1::",
+            "2002:c0a8:1::1",
+            "2001:0:c0a8:1::ffff:ffff",
+            "2001:0:808:808::3f57:fefe",
+            "::ffff:0:7f00:1",
+            "::ffff:0:a00:1",
         ];
         for ip in refused {
             assert!(!is_public(ip.parse().unwrap()), "{ip} should be refused");
@@ -355,6 +391,8 @@ mod tests {
             "1.1.1.1",
             "2606:4700:4700::1111",
             "::ffff:8.8.8.8",
+            "2002:808:808::1",
+            "2001:0:808:808::f7f7:f7f7",
         ] {
             assert!(is_public(ip.parse().unwrap()), "{ip} should be allowed");
         }

@@ -495,12 +495,22 @@ async fn a_model_fault_fails_only_its_own_request() {
         assert_eq!(error_code(&body), "internal_error");
         let (status, _) = server.chat(&text_request("FAIL please")).await;
         assert_eq!(status, 500);
+        // A panic in the per-token step (sampling) is caught like one in the model.
+        let (status, body) = server.chat(&text_request("POISON please")).await;
+        assert_eq!(status, 500, "{body}");
     };
     let ((status, body), ()) = tokio::join!(bystander, faults);
     assert_eq!(status, 200);
     assert_eq!(body["usage"]["completion_tokens"], 100);
     let (status, _) = server.chat(&text_request("after")).await;
     assert_eq!(status, 200);
+    let health = server
+        .client
+        .get(server.url("/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
 }
 
 #[tokio::test]
@@ -998,4 +1008,128 @@ async fn served_openapi_matches_the_committed_document() {
         served,
         serde_json::to_value(server::http::openapi()).unwrap()
     );
+}
+
+/// A request whose body never finishes arriving (a slow drip): it holds an admission permit
+/// while its body is read.
+async fn dripping_request(server: &TestServer) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let address = server.url("").trim_start_matches("http://").to_string();
+    let mut tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    tcp.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+          Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{\"messages\"",
+    )
+    .await
+    .unwrap();
+    tcp
+}
+
+#[tokio::test]
+async fn concurrency_permits_are_taken_before_the_body_is_read() {
+    let mut options = TestOptions::default();
+    options.http.max_concurrent_requests = 2;
+    let server = TestServer::start(options).await;
+    let first = dripping_request(&server).await;
+    let second = dripping_request(&server).await;
+    // Both permits are held by bodies that never end: the next request is refused at once.
+    let mut refused = None;
+    for _ in 0..100 {
+        let response = server
+            .client
+            .post(server.url("/v1/chat/completions"))
+            .json(&text_request("hi"))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 429 {
+            refused = Some(response);
+            break;
+        }
+        // The drips may not have reached the handler yet.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = refused.expect("a third request is refused while two bodies drip");
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(error_code(&body), "model_overloaded");
+    // Health and metrics are not generation requests.
+    let health = server
+        .client
+        .get(server.url("/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    // A closed connection gives its permit back.
+    drop((first, second));
+    let mut served = false;
+    for _ in 0..100 {
+        if server.chat(&text_request("hi")).await.0 == 200 {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        served,
+        "permits come back when the dripping clients go away"
+    );
+}
+
+#[tokio::test]
+async fn a_loopback_server_answers_only_to_loopback_host_names() {
+    let mut options = TestOptions::default();
+    options.http.loopback_only = true;
+    options.http.allowed_hosts = vec!["box.lan".into()];
+    let server = TestServer::start(options).await;
+    for (host, status) in [
+        ("127.0.0.1:8000", 200),
+        ("localhost", 200),
+        ("[::1]:1", 200),
+        ("box.lan:8000", 200),
+        ("attacker.example", 421),
+        ("attacker.example:8000", 421),
+    ] {
+        let response = server
+            .client
+            .get(server.url("/v1/models"))
+            .header("host", host)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), status, "{host}");
+        if status == 421 {
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(error_code(&body), "invalid_host");
+        }
+    }
+}
+
+#[tokio::test]
+async fn stop_strings_and_text_are_bounded_before_tokenizing() {
+    let server = TestServer::start(TestOptions::default()).await;
+    let mut long_stop = text_request("hi");
+    long_stop["stop"] = json!(["x".repeat(257)]);
+    let (status, body) = server.chat(&long_stop).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (400, "invalid_value"),
+        "{body}"
+    );
+    assert_eq!(body["error"]["param"], "stop");
+    let mut ok_stop = text_request("hi");
+    ok_stop["stop"] = json!(["x".repeat(256)]);
+    assert_eq!(server.chat(&ok_stop).await.0, 200);
+    // The fake tokenizer is byte-level: text over max_model_len bytes cannot fit.
+    let (status, body) = server.chat(&text_request(&"a".repeat(513))).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (400, "context_length_exceeded"),
+        "{body}"
+    );
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("bytes of text"));
 }

@@ -95,15 +95,25 @@ pub struct LlavaProcessor {
     tokenizer: Arc<Tokenizer>,
     template: ChatTemplate,
     limits: ImageLimits,
+    /// The longest vocabulary entry in bytes (`▁` and `<0x..>` spellings included, so it bounds
+    /// the text any token covers from above).
+    max_token_bytes: usize,
 }
 
 impl LlavaProcessor {
     pub fn new(loaded: &LoadedModel, limits: ImageLimits) -> Self {
+        let tokenizer = &loaded.tokenizer;
+        let max_token_bytes = (0..tokenizer.vocab_size() as u32)
+            .filter_map(|id| tokenizer.id_to_token(id))
+            .map(|piece| piece.len())
+            .max()
+            .unwrap_or(1);
         Self {
             model: loaded.model.clone(),
             tokenizer: loaded.tokenizer.clone(),
             template: loaded.template.clone(),
             limits,
+            max_token_bytes,
         }
     }
 }
@@ -261,6 +271,14 @@ impl DiagnosticsProcessor for LlavaProcessor {
         self.model.config().text.num_hidden_layers
     }
 
+    fn caption_prompt_tokens(
+        &self,
+        turns: &[ChatTurn],
+        caption: &str,
+    ) -> Result<usize, ProcessError> {
+        Ok(self.caption_prompt(turns, caption)?.0.len())
+    }
+
     fn refusal_set(&self, spec: &RefusalTokens) -> Result<RefusalSet, String> {
         RefusalSet::resolve(spec, self.tokenizer.inner()).map_err(|e| match e {
             ModelError::InvalidInput(message) => message,
@@ -272,6 +290,10 @@ impl DiagnosticsProcessor for LlavaProcessor {
 impl PromptProcessor for LlavaProcessor {
     fn diagnostics(&self) -> Option<&dyn DiagnosticsProcessor> {
         Some(self)
+    }
+
+    fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
     }
 
     fn prepare_image(&self, bytes: &[u8]) -> Result<ImageInput, ProcessError> {

@@ -48,6 +48,10 @@ pub trait PromptProcessor: Send + Sync + 'static {
         needles: &[String],
     ) -> Result<Prompt, ProcessError>;
 
+    /// The most bytes of text one token of the vocabulary stands for: text longer than this
+    /// times the context length cannot fit, and is refused before it is tokenized.
+    fn max_token_bytes(&self) -> usize;
+
     /// What safety diagnostics need from the processor; `None` when this model cannot be
     /// diagnosed (requests asking for diagnostics then get a 400).
     fn diagnostics(&self) -> Option<&dyn DiagnosticsProcessor> {
@@ -62,6 +66,13 @@ pub trait DiagnosticsProcessor: Send + Sync {
 
     /// The refusal set K, resolved through the served tokenizer; `Err` is the client's message.
     fn refusal_set(&self, spec: &RefusalTokens) -> Result<RefusalSet, String>;
+
+    /// Length in tokens of the caption pass (DIAGNOSTICS.md §3) of `turns` with `caption`.
+    fn caption_prompt_tokens(
+        &self,
+        turns: &[ChatTurn],
+        caption: &str,
+    ) -> Result<usize, ProcessError>;
 }
 
 /// A per-sequence sampler: it owns the sequence's RNG, so a seed gives the same output whatever

@@ -242,6 +242,13 @@ impl Engine {
         self.accepting.load(Ordering::SeqCst)
     }
 
+    /// False once the engine thread has ended (shut down, or unwound by a fault no guard caught):
+    /// `/health` and `/ready` then answer 503 instead of a server that can no longer serve.
+    pub fn is_alive(&self) -> bool {
+        // The sender is dropped when the thread exits, normally or by unwinding.
+        !*self.stopped.borrow() && self.stopped.has_changed().is_ok()
+    }
+
     /// Stops admitting (new submissions get `ShuttingDown`, waiting ones fail with it); running
     /// sequences may finish until `grace` has passed, then they are cut.
     pub fn shutdown(&self, grace: Duration) {

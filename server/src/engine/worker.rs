@@ -241,7 +241,7 @@ impl<B: ModelBackend> Worker<B> {
         // Counted as running from here; every way out of the batch uncounts it before telling
         // the client, so the gauge is never behind what a client has seen.
         self.metrics.running.inc();
-        let mut seq = Sequence {
+        let seq = Sequence {
             request_id: request.request_id,
             sampler: self.backend.sampler(&request.sampling),
             want_logprobs: request.sampling.logprobs,
@@ -264,13 +264,39 @@ impl<B: ModelBackend> Worker<B> {
         };
         // `max_tokens: 0` (the diagnose endpoint): the prompt pass was the whole point.
         if seq.max_new_tokens == 0 {
-            seq.finish(FinishReason::Length, &self.metrics, &self.firehose);
+            self.finish(seq, FinishReason::Length);
             return None;
         }
-        match seq.on_logits(&logits, &self.backend, &self.metrics) {
+        self.advance(seq, &logits)
+    }
+
+    /// Finishes `seq` (the judge, the safety metrics and the firehose for a diagnosed one) under
+    /// the panic guard.
+    fn finish(&self, seq: Sequence<B>, reason: FinishReason) {
+        let request_id = seq.request_id.clone();
+        let finished = catch_unwind(AssertUnwindSafe(|| {
+            seq.finish(reason, &self.metrics, &self.firehose)
+        }));
+        if let Err(panic) = finished {
+            // The sequence was dropped while unwinding: its client sees the stream end without a
+            // finish (a 500), and its slot is free.
+            tracing::error!(request_id = %request_id, error = %panic_message(&panic), "finishing failed");
+        }
+    }
+
+    /// Samples `seq`'s next token from `logits` and moves it on: back into the batch (`Some`),
+    /// finished or failed. Sampling, detokenizing, stop matching and finishing all run under the
+    /// panic guard, so a fault fails this request (a 500 naming its id in the log) and the batch
+    /// goes on.
+    fn advance(&self, mut seq: Sequence<B>, logits: &[f32]) -> Option<Sequence<B>> {
+        let stepped = catch_unwind(AssertUnwindSafe(|| {
+            seq.on_logits(logits, &self.backend, &self.metrics)
+        }))
+        .unwrap_or_else(|panic| Err(BackendError::new(panic_message(&panic))));
+        match stepped {
             Ok(None) => Some(seq),
             Ok(Some(reason)) => {
-                seq.finish(reason, &self.metrics, &self.firehose);
+                self.finish(seq, reason);
                 None
             }
             Err(err) => {
@@ -305,14 +331,9 @@ impl<B: ModelBackend> Worker<B> {
             Err(err) => return self.fail_all(err),
         };
         let running = std::mem::take(&mut self.running);
-        for (mut seq, logits) in running.into_iter().zip(all_logits) {
-            match seq.on_logits(&logits, &self.backend, &self.metrics) {
-                Ok(None) => self.running.push(seq),
-                Ok(Some(reason)) => seq.finish(reason, &self.metrics, &self.firehose),
-                Err(err) => {
-                    tracing::error!(request_id = %seq.request_id, error = %err, "sampling failed");
-                    seq.fail(GenerationError::Internal(err.0), &self.metrics);
-                }
+        for (seq, logits) in running.into_iter().zip(all_logits) {
+            if let Some(seq) = self.advance(seq, &logits) {
+                self.running.push(seq);
             }
         }
     }

@@ -102,10 +102,14 @@ impl utoipa::Modify for BearerAuth {
 /// The routes with their documentation; `protect_public` puts the operational routes behind the
 /// API key too.
 fn api_routes(state: &Arc<AppState>) -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
-    let protected = OpenApiRouter::new()
+    // Generation routes take an admission permit before their body is read (inside the key
+    // check, so an unauthenticated client cannot take them).
+    let generation = OpenApiRouter::new()
         .routes(routes!(chat::chat_completions))
-        .routes(routes!(system::list_models))
         .routes(routes!(safety::diagnose))
+        .route_layer(middleware::from_fn_with_state(state.clone(), admit));
+    let protected = generation
+        .routes(routes!(system::list_models))
         .routes(routes!(safety::events))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -166,6 +170,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(cors(&state.http.cors_origins))
         .layer(middleware::from_fn_with_state(state.clone(), track_requests))
+        .layer(middleware::from_fn_with_state(state.clone(), check_host))
         .layer(DefaultBodyLimit::max(state.http.max_body_bytes));
 
     routes
@@ -227,6 +232,77 @@ async fn track_requests(
         }
     }
     response
+}
+
+/// TGI's concurrency permit: at most `max_concurrent_requests` generation requests are being
+/// read, validated (images fetched and decoded, prompt tokenized) and submitted at once; beyond
+/// it a 429 before the body is read. The permit is released once the request is in the engine's
+/// queue (which has its own bound) or refused.
+async fn admit(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let Ok(_permit) = state.admission.clone().try_acquire_owned() else {
+        return Err(ApiError::new(
+            ErrorCode::Overloaded,
+            format!(
+                "Model is overloaded: {} requests are already being read and validated; retry later.",
+                state.http.max_concurrent_requests
+            ),
+        ));
+    };
+    Ok(next.run(request).await)
+}
+
+/// The name part of a Host header (`name`, `name:port`, `[v6]`, `[v6]:port`), lower-cased,
+/// without a trailing dot.
+fn host_name(host: &str) -> String {
+    let name = if host.starts_with('[') {
+        host.find(']').map_or(host, |end| &host[..=end])
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => name,
+            _ => host,
+        }
+    };
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Whether a server bound to loopback serves `host` (Ollama's defence against DNS rebinding: a
+/// page on a hostile name that resolves to 127.0.0.1 sends its own name as Host).
+pub(crate) fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let name = host_name(host);
+    matches!(name.as_str(), "localhost" | "127.0.0.1" | "[::1]")
+        || allowed.iter().any(|a| host_name(a) == name)
+}
+
+/// Refuses requests whose Host is not served (only when bound to loopback; a request without a
+/// Host, which no browser sends, passes).
+async fn check_host(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if state.http.loopback_only {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .map(|h| h.to_str().unwrap_or("\u{FFFD}").to_string())
+            .or_else(|| request.uri().authority().map(|a| a.to_string()));
+        if let Some(host) = host {
+            if !host_allowed(&host, &state.http.allowed_hosts) {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidHost,
+                    format!(
+                        "This server answers to localhost, 127.0.0.1 and [::1] only (start it with --allowed-host {} to serve that name).",
+                        host_name(&host)
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(next.run(request).await)
 }
 
 /// `Authorization: Bearer <key>` against the configured keys, in constant time.
@@ -338,6 +414,35 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_servers_answer_to_loopback_names_and_allowed_hosts_only() {
+        for host in [
+            "localhost",
+            "localhost:8000",
+            "LOCALHOST.",
+            "127.0.0.1",
+            "127.0.0.1:1",
+            "[::1]",
+            "[::1]:8000",
+        ] {
+            assert!(host_allowed(host, &[]), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:8000",
+            "localhost.evil.example",
+            "127.0.0.2",
+            "[::2]:80",
+            "0.0.0.0",
+            "",
+        ] {
+            assert!(!host_allowed(host, &[]), "{host}");
+        }
+        let allowed = vec!["Box.lan".to_string()];
+        assert!(host_allowed("box.lan:8000", &allowed));
+        assert!(!host_allowed("other.lan", &allowed));
+    }
 
     #[test]
     fn constant_time_eq_is_equality() {

@@ -18,7 +18,8 @@ use super::ApiJson;
 use crate::app::AppState;
 use crate::engine::{Event, GenerationStream};
 use crate::error::ApiError;
-use crate::firehose::SafetyEvent;
+use crate::error::ErrorCode;
+use crate::firehose::{SafetyEvent, MAX_SUBSCRIBERS};
 use crate::openai::diagnostics::{
     DiagnoseResponse, DiagnosticsMeta, DiagnosticsReport, FinishEvent, TokenEvent,
 };
@@ -221,12 +222,22 @@ fn stream_diagnosis(
         (status = 200, description = "Server-sent events, one `data: {SafetyEvent}` frame per diagnosed request",
             content((SafetyEvent = "text/event-stream"))),
         (status = 401, description = "Missing or bad API key", body = ErrorResponse),
+        (status = 429, description = "64 subscribers are already open", body = ErrorResponse,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
     ),
     security(("api_key" = []))
 )]
 pub(super) async fn events(
     State(state): State<Arc<AppState>>,
-) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    if state.firehose.subscribers() >= MAX_SUBSCRIBERS {
+        return Err(ApiError::new(
+            ErrorCode::Overloaded,
+            format!(
+                "{MAX_SUBSCRIBERS} /v1/safety/events subscribers are already open; retry later"
+            ),
+        ));
+    }
     let receiver = state.firehose.subscribe();
     let body = stream::unfold((receiver, state), |(mut receiver, state)| async move {
         loop {
@@ -240,5 +251,5 @@ pub(super) async fn events(
             }
         }
     });
-    Sse::new(body).keep_alive(KeepAlive::default())
+    Ok(Sse::new(body).keep_alive(KeepAlive::default()))
 }

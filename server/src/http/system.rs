@@ -41,17 +41,23 @@ pub(super) async fn list_models(
     }))
 }
 
-/// Liveness: 200 while the process serves.
+/// Liveness: 200 while the process serves; 503 once its engine thread has ended.
 #[utoipa::path(
     get,
     path = "/health",
     tag = "operations",
-    responses((status = 200, description = "The process is serving", body = HealthStatus))
+    responses(
+        (status = 200, description = "The process is serving", body = HealthStatus),
+        (status = 503, description = "The engine thread has stopped", body = ErrorResponse),
+    )
 )]
-pub(super) async fn health() -> Json<HealthStatus> {
-    Json(HealthStatus {
+pub(super) async fn health(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<HealthStatus>, ApiError> {
+    state.check_engine()?;
+    Ok(Json(HealthStatus {
         status: "ok".into(),
-    })
+    }))
 }
 
 /// Readiness: 503 until the model is loaded and warmed, and again while shutting down.
@@ -61,7 +67,7 @@ pub(super) async fn health() -> Json<HealthStatus> {
     tag = "operations",
     responses(
         (status = 200, description = "Ready to serve", body = HealthStatus),
-        (status = 503, description = "Loading or shutting down", body = ErrorResponse),
+        (status = 503, description = "Loading, shutting down, or the engine thread has stopped", body = ErrorResponse),
     )
 )]
 pub(super) async fn ready(

@@ -19,6 +19,17 @@ use crate::engine::plan::{self, CaptionPooling, Diagnosis};
 /// placeholder, so it cannot be confused with user text).
 pub const IMAGE_SPAN_NAME: &str = "<image>";
 
+// Bounds on the diagnostics surface, so a small request cannot buy unbounded work: each is in
+// the OpenAPI schema, and beyond it the request is a 400.
+/// Most `focus` items.
+pub const MAX_FOCUS_ITEMS: usize = 16;
+/// Most `mask_attention.spans` entries.
+pub const MAX_MASK_SPANS: usize = 16;
+/// Most occurrences in the user text one `focus` item or masked span may match.
+pub const MAX_SPAN_OCCURRENCES: usize = 64;
+/// Longest `caption`, in bytes.
+pub const MAX_CAPTION_BYTES: usize = 1024;
+
 /// What the output says about its own conventions (DIAGNOSTICS.md: "name every convention").
 pub const LAYER_INDEXING: &str = "hf_output_hidden_states: layer 0 = input embeddings (image \
 positions hold projector outputs), layer j = output of decoder block j; layer N is taken before \
@@ -141,7 +152,9 @@ impl From<AlignMode> for EditMode {
 pub struct MaskAttentionOptions {
     /// Decoder blocks 1..=N.
     pub layers: Vec<usize>,
-    /// Substrings of the user text (every occurrence), or `"<image>"` for the image tokens.
+    /// Substrings of the user text (every occurrence, at most 64 each), or `"<image>"` for the
+    /// image tokens; their positions are merged into one key mask.
+    #[schema(max_items = 16)]
     pub spans: Vec<String>,
 }
 
@@ -168,11 +181,15 @@ pub struct DiagnosticsOptions {
     /// `"apology"` (default), `"tga"`, or a list of words resolved through the served tokenizer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refusal_tokens: Option<RefusalTokensOption>,
-    /// Substrings of the user text whose attention share is reported (`attn_focus`).
+    /// Substrings of the user text whose attention share is reported (`attn_focus`; every
+    /// occurrence, at most 64 each).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_items = 16)]
     pub focus: Option<Vec<String>>,
-    /// A caption of the request's image(s); enables the caption pass and the cosines.
+    /// A caption of the request's image(s); enables the caption pass and the cosines. The
+    /// caption pass must fit the context.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 1024)]
     pub caption: Option<String>,
     /// Default: `request` with a caption, else `none`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -7,15 +7,17 @@
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use model::diagnostics::{Band, Modality, RefusalTokens, DEFAULT_REFUSAL_PRESET};
+use model::diagnostics::{merge_spans, Band, Modality, RefusalTokens, DEFAULT_REFUSAL_PRESET};
 
 use crate::backend::DiagnosticsProcessor;
 use crate::engine::plan::{AlignPlan, CaptionPlan, CaptionPooling, DiagnosePlan, MaskPlan};
 use crate::engine::request::{ChatTurn, Prompt, Role, TurnPart};
 use crate::error::ApiError;
+use crate::error::ErrorCode;
 use crate::openai::diagnostics::{
     span_pairs, CaptionSource, Conventions, DiagnosticsMeta, DiagnosticsOptions, FocusMeta,
-    RefusalTokensOption, ResolvedOptions, TextSpan, IMAGE_SPAN_NAME,
+    RefusalTokensOption, ResolvedOptions, TextSpan, IMAGE_SPAN_NAME, MAX_CAPTION_BYTES,
+    MAX_FOCUS_ITEMS, MAX_MASK_SPANS, MAX_SPAN_OCCURRENCES,
 };
 
 /// Default bound on a model-generated caption.
@@ -158,6 +160,15 @@ fn caption(options: &DiagnosticsOptions, has_image: bool) -> Result<Caption, Api
         Some(c) if c.trim().is_empty() => {
             return Err(invalid("caption", "caption must not be empty"))
         }
+        Some(c) if c.len() > MAX_CAPTION_BYTES => {
+            return Err(invalid(
+                "caption",
+                format!(
+                    "caption must be at most {MAX_CAPTION_BYTES} bytes long, got {}",
+                    c.len()
+                ),
+            ))
+        }
         Some(c) if c.contains(IMAGE_SPAN_NAME) => {
             return Err(invalid(
                 "caption",
@@ -242,6 +253,15 @@ type Located = std::vec::IntoIter<Vec<Range<usize>>>;
 
 /// Per focus item, its occurrences (each must occur).
 fn focus(items: &[String], located: &mut Located) -> Result<Vec<Vec<Range<usize>>>, ApiError> {
+    if items.len() > MAX_FOCUS_ITEMS {
+        return Err(invalid(
+            "focus",
+            format!(
+                "at most {MAX_FOCUS_ITEMS} focus items are allowed, got {}",
+                items.len()
+            ),
+        ));
+    }
     if let Some(i) = items.iter().position(|f| f.is_empty()) {
         return Err(invalid(
             &format!("focus[{i}]"),
@@ -257,6 +277,7 @@ fn focus(items: &[String], located: &mut Located) -> Result<Vec<Vec<Range<usize>
                 format!("focus span {item:?} does not occur in the user text"),
             ));
         }
+        check_occurrences(&format!("focus[{i}]"), item, &spans)?;
         focus.push(spans);
     }
     Ok(focus)
@@ -276,6 +297,15 @@ fn mask(
         return Err(invalid(
             "mask_attention.spans",
             "mask_attention.spans must name at least one span",
+        ));
+    }
+    if m.spans.len() > MAX_MASK_SPANS {
+        return Err(invalid(
+            "mask_attention.spans",
+            format!(
+                "at most {MAX_MASK_SPANS} mask_attention.spans are allowed, got {}",
+                m.spans.len()
+            ),
         ));
     }
     let mut spans = Vec::new();
@@ -303,8 +333,11 @@ fn mask(
                 format!("span {name:?} does not occur in the user text"),
             ));
         }
+        check_occurrences(&param, name, &found)?;
         spans.extend(found);
     }
+    // Overlapping or repeated names mask each key once: one sorted, merged key mask.
+    let spans = merge_spans(&spans);
     if spans.iter().any(|s| s.start == 0) {
         return Err(invalid(
             "mask_attention.spans",
@@ -312,6 +345,20 @@ fn mask(
         ));
     }
     Ok(Some(MaskPlan { layers, spans }))
+}
+
+/// A needle may match at most [`MAX_SPAN_OCCURRENCES`] times.
+fn check_occurrences(param: &str, needle: &str, found: &[Range<usize>]) -> Result<(), ApiError> {
+    if found.len() > MAX_SPAN_OCCURRENCES {
+        return Err(invalid(
+            param,
+            format!(
+                "{needle:?} occurs {} times in the user text; at most {MAX_SPAN_OCCURRENCES} occurrences are allowed",
+                found.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn align(
@@ -368,6 +415,32 @@ fn system_prompt(turns: &[ChatTurn]) -> Option<String> {
                 .collect::<String>()
         })
         .reduce(|a, b| a + "\n" + &b)
+}
+
+/// A given caption's pass must fit the context: it is tokenized at validation (after the plan's
+/// cheap checks, on the blocking pool) rather than found too long on the engine thread.
+pub fn check_caption_pass(
+    dx: &dyn DiagnosticsProcessor,
+    turns: &[ChatTurn],
+    caption: &str,
+    max_model_len: usize,
+) -> Result<(), ApiError> {
+    let tokens = dx
+        .caption_prompt_tokens(turns, caption)
+        .map_err(|e| ApiError::from_process(e, "diagnostics.caption".into()))?;
+    if tokens >= max_model_len {
+        return Err(ApiError::new(
+            ErrorCode::ContextLengthExceeded,
+            format!(
+                "This model's maximum context length is {} tokens, but the caption pass (the \
+                 conversation with the caption in place of the image) has {tokens} tokens. \
+                 Please shorten the caption or the messages.",
+                max_model_len
+            ),
+        )
+        .with_param("diagnostics.caption"));
+    }
+    Ok(())
 }
 
 /// Validates `options` against the request's prompt (built with [`needles`] of these options)
@@ -491,6 +564,22 @@ mod tests {
     impl DiagnosticsProcessor for CharProcessor {
         fn num_layers(&self) -> usize {
             4
+        }
+
+        fn caption_prompt_tokens(
+            &self,
+            turns: &[ChatTurn],
+            caption: &str,
+        ) -> Result<usize, crate::backend::ProcessError> {
+            let text: usize = turns
+                .iter()
+                .flat_map(|t| &t.parts)
+                .map(|p| match p {
+                    TurnPart::Text(s) => s.len(),
+                    TurnPart::Image(_) => caption.len(),
+                })
+                .sum();
+            Ok(OFFSET + text + 2)
         }
 
         fn refusal_set(&self, spec: &RefusalTokens) -> Result<RefusalSet, String> {
@@ -635,7 +724,8 @@ mod tests {
         assert_eq!(p.focus, vec![vec![10..15, 22..27]]);
         let mask = p.mask.unwrap();
         assert_eq!(mask.layers, vec![2, 3]);
-        assert_eq!(mask.spans, vec![16..19, 3..8]);
+        // The masked names' positions, merged into one sorted key mask.
+        assert_eq!(mask.spans, vec![3..8, 16..19]);
         assert_eq!(p.caption, CaptionPlan::Given("a knife".into()));
         assert_eq!(meta.caption_source, CaptionSource::Request);
     }

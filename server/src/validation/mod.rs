@@ -13,7 +13,7 @@ use futures_util::future::try_join_all;
 use model::sampling::{SamplingParams, MAX_TOP_LOGPROBS};
 
 use crate::backend::PromptProcessor;
-use crate::engine::plan::DiagnosePlan;
+use crate::engine::plan::{CaptionPlan, DiagnosePlan};
 use crate::engine::request::{ChatTurn, ImageInput, Prompt, Role, TurnPart};
 use crate::engine::{StoppingCriteria, ValidRequest};
 use crate::error::{ApiError, ErrorCode};
@@ -24,6 +24,10 @@ use diagnostics::{DiagnosticsConfig, ShareSelector};
 
 /// Images one request may carry unless the operator says otherwise (`--max-images-per-request`).
 pub const DEFAULT_MAX_IMAGES_PER_REQUEST: usize = 8;
+/// OpenAI's bound on `stop` strings, and our bound on each one's length: the stop matcher then
+/// costs O(longest stop) per generated token.
+pub const MAX_STOP_SEQUENCES: usize = 16;
+pub const MAX_STOP_BYTES: usize = 256;
 
 /// Request limits (besides the body size, which the HTTP layer enforces).
 #[derive(Debug, Clone)]
@@ -39,7 +43,7 @@ impl Limits {
         Self {
             max_model_len,
             max_images_per_request: DEFAULT_MAX_IMAGES_PER_REQUEST,
-            max_stop_sequences: 16,
+            max_stop_sequences: MAX_STOP_SEQUENCES,
         }
     }
 }
@@ -197,7 +201,8 @@ impl Validator {
         let max_new_tokens = self.check_context(prompt.len(), max_tokens)?;
         let (diagnose, meta) = match diagnose {
             Some((options, deliver)) => {
-                self.plan_diagnostics(&options, &turns, &prompt, deliver)?
+                self.plan_diagnostics(&options, &turns, &prompt, deliver)
+                    .await?
             }
             None => (None, None),
         };
@@ -233,7 +238,7 @@ impl Validator {
     /// client asked for the report. A sampled request on a model without diagnostics is simply
     /// not diagnosed; one that asked gets a 400.
     #[allow(clippy::type_complexity)]
-    fn plan_diagnostics(
+    async fn plan_diagnostics(
         &self,
         options: &DiagnosticsOptions,
         turns: &[ChatTurn],
@@ -259,6 +264,19 @@ impl Validator {
             &self.diagnostics,
             deliver,
         )?;
+        if let CaptionPlan::Given(caption) = &plan.caption {
+            let processor = self.processor.clone();
+            let (turns, caption) = (turns.to_vec(), caption.clone());
+            let max_model_len = self.limits.max_model_len;
+            tokio::task::spawn_blocking(move || {
+                let dx = processor
+                    .diagnostics()
+                    .expect("checked above: the processor supports diagnostics");
+                diagnostics::check_caption_pass(dx, &turns, &caption, max_model_len)
+            })
+            .await
+            .map_err(|err| ApiError::internal(format!("caption pass check failed: {err}")))??;
+        }
         Ok((Some(Arc::new(plan)), deliver.then(|| Box::new(meta))))
     }
 
@@ -327,6 +345,15 @@ impl Validator {
                 "stop sequences must not be empty",
             ));
         }
+        if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(ApiError::invalid(
+                "stop",
+                format!(
+                    "stop sequences must be at most {MAX_STOP_BYTES} bytes long, got one of {}",
+                    long.len()
+                ),
+            ));
+        }
         Ok(stop)
     }
 
@@ -379,6 +406,33 @@ impl Validator {
                 }
             };
             turns.push(ChatTurn { role, parts });
+        }
+        // Refused before tokenizing: no token of the served vocabulary covers more than
+        // `max_token_bytes` bytes of text, so longer text cannot fit the context.
+        let text_bytes: usize = turns
+            .iter()
+            .flat_map(|t: &ChatTurn| &t.parts)
+            .map(|p| match p {
+                TurnPart::Text(text) => text.len(),
+                TurnPart::Image(_) => 0,
+            })
+            .sum();
+        let max_text_bytes = self
+            .limits
+            .max_model_len
+            .saturating_mul(self.processor.max_token_bytes().max(1));
+        if text_bytes > max_text_bytes {
+            return Err(ApiError::new(
+                ErrorCode::ContextLengthExceeded,
+                format!(
+                    "This model's maximum context length is {} tokens, and no token covers more \
+                     than {} bytes of text; your messages hold {text_bytes} bytes of text (at \
+                     most {max_text_bytes}). Please reduce the length of the messages.",
+                    self.limits.max_model_len,
+                    self.processor.max_token_bytes()
+                ),
+            )
+            .with_param("messages"));
         }
         if images.len() > self.limits.max_images_per_request {
             return Err(ApiError::new(

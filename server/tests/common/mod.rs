@@ -60,6 +60,11 @@ impl PromptProcessor for FakeProcessor {
         })
     }
 
+    fn max_token_bytes(&self) -> usize {
+        // Byte-level: one token per byte.
+        1
+    }
+
     fn build_prompt(
         &self,
         turns: &[ChatTurn],
@@ -223,6 +228,10 @@ impl ModelBackend for FakeModel {
         cache.tokens = prompt.token_ids.clone();
         cache.prompt_len = prompt.token_ids.len();
         cache.eos_after = prompt_marker(&prompt.token_ids, "EOS@").and_then(|n| n.parse().ok());
+        if prompt_marker(&prompt.token_ids, "POISON").is_some() {
+            // A row the fake sampler panics on: a fault after prefill, in the per-token step.
+            return Ok(vec![f32::NAN; VOCAB]);
+        }
         Ok(logits_for(cache))
     }
 
@@ -286,6 +295,10 @@ impl FakeSampler {
 
 impl TokenSampler for FakeSampler {
     fn sample(&mut self, logits: &[f32]) -> Result<SampledToken, BackendError> {
+        assert!(
+            !logits[0].is_nan(),
+            "scripted sampler panic on a poisoned row"
+        );
         let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let log_z = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
         let id = if self.temperature == 0.0 {
