@@ -269,6 +269,8 @@ impl IndexWriter {
     /// Checks that every corpus line has its row, flushes, syncs and renames into place.
     pub fn finish(self) -> Result<PathBuf> {
         if self.rows != self.corpus.lines {
+            drop(self.out);
+            let _ = std::fs::remove_file(&self.tmp);
             return Err(ModelError::InvalidInput(format!(
                 "index has {} rows for a corpus of {} lines",
                 self.rows, self.corpus.lines

@@ -174,6 +174,8 @@ fn build_open_and_retrieve_from_the_tiny_clip() {
         matches!(e, ModelError::Index { .. }) && e.to_string().contains("another CLIP"),
         "{e}"
     );
+    drop(index);
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 fn random_unit_rows(rows: usize, dims: usize, seed: u64) -> Vec<Vec<f32>> {
@@ -206,7 +208,8 @@ fn nearest_matches_an_f64_brute_force_on_random_rows() {
     let (n, dims) = (3000, 96);
     let rows = random_unit_rows(n, dims, 1);
     let corpus = fake_corpus(n);
-    let path = tmp("random").join("r.idx");
+    let dir = tmp("random");
+    let path = dir.join("r.idx");
     let index = write_index(&path, &corpus, &rows);
     assert_eq!(
         std::fs::metadata(&path).unwrap().len(),
@@ -248,6 +251,8 @@ fn nearest_matches_an_f64_brute_force_on_random_rows() {
     assert_eq!(index.nearest(&q).unwrap().0, 1234);
     assert!(index.nearest(&q[..10]).is_err());
     assert!(index.nearest(&vec![0.0; dims]).is_err());
+    drop(index);
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -261,8 +266,11 @@ fn ties_go_to_the_lowest_row() {
     }
     rows[5] = rows[6].clone();
     let corpus = fake_corpus(rows.len());
-    let index = write_index(&tmp("ties").join("t.idx"), &corpus, &rows);
+    let dir = tmp("ties");
+    let index = write_index(&dir.join("t.idx"), &corpus, &rows);
     assert_eq!(index.nearest(&target).unwrap().0, 17);
+    drop(index);
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -306,7 +314,8 @@ fn a_stale_or_damaged_index_is_refused() {
     let mut w = IndexWriter::create(&dir.join("short.idx"), 8, corpus.id(), 0).unwrap();
     w.push(&rows[0]).unwrap();
     assert!(w.finish().is_err());
-    assert!(!dir.join("short.idx").exists());
+    assert!(!dir.join("short.idx").exists() && !dir.join("short.idx.tmp").exists());
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
