@@ -9,6 +9,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
+use server::backend::builtin::Builtin;
 use server::media::{MediaConfig, MediaFetcher};
 use server::openai::{ChatCompletionRequest, ContentPart, MessageContent};
 use server::validation::{Limits, Purpose, Validator};
@@ -19,9 +20,10 @@ struct Harness {
 }
 
 static HARNESS: LazyLock<Harness> = LazyLock::new(|| {
-    let dir = server::backend::builtin::materialize().expect("write the built-in model");
+    let builtin = Builtin::Tiny;
+    let written = builtin.materialize().expect("write the built-in model");
     let loaded = server::backend::llava::load(
-        &dir,
+        &written.dir,
         None,
         None,
         Default::default(),
@@ -36,13 +38,7 @@ static HARNESS: LazyLock<Harness> = LazyLock::new(|| {
     let media = MediaFetcher::new(MediaConfig::default()).expect("media fetcher");
     // A short context, so that the context-length checks are reached by small inputs too.
     let limits = Limits::new(4096);
-    let validator = Validator::new(
-        processor,
-        media,
-        limits,
-        server::backend::builtin::BUILTIN_MODEL_ID.to_string(),
-        true,
-    );
+    let validator = Validator::new(processor, media, limits, builtin.id().to_string(), true);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("tokio runtime");

@@ -59,13 +59,21 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Starts `tga-serve serve` (no --model: the built-in tiny model) and waits for `/ready`.
+/// Starts `tga-serve serve --model builtin:tiny` (the built-in tiny model) and waits for `/ready`.
 fn start_server(binary: &std::path::Path, dir: &std::path::Path) -> Server {
     let port = free_port();
     let log = dir.join("tga-serve.log");
     let file = std::fs::File::create(&log).unwrap();
     let child = Command::new(binary)
-        .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .args([
+            "serve",
+            "--model",
+            "builtin:tiny",
+            "--host",
+            "127.0.0.1",
+            "--port",
+        ])
+        .arg(port.to_string())
         .env("RUST_LOG", "warn")
         .env("NO_COLOR", "1")
         .stdout(Stdio::from(file.try_clone().unwrap()))

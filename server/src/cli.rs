@@ -172,8 +172,9 @@ impl DeviceSpec {
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Checkpoint directory (HF llava / llava_next, or original LLaVA). Without it, the tiny
-    /// LLaVA-NeXT-Mistral built into the binary is served.
+    /// Checkpoint directory (HF llava / llava_next, or original LLaVA), or a built-in model:
+    /// `builtin:tga` (the default: the toy-scale TGA model trained by tools/toy_tga),
+    /// `builtin:baseline` (the same, LLaVA recipe) or `builtin:tiny` (a random-weight fixture).
     #[arg(long, env = "TGA_MODEL")]
     pub model: Option<PathBuf>,
     /// CLIP vision tower directory, for original-LLaVA checkpoints that name one outside.

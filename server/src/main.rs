@@ -5,6 +5,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use server::app::{AppState, ModelCard, ServingModel};
+use server::backend::builtin::Builtin;
 use server::cli::{Cli, Command, Dtype, EvalArgs, ServeArgs};
 use server::firehose::Firehose;
 use server::metrics::Metrics;
@@ -138,17 +139,33 @@ fn load_model(
     firehose: Arc<Firehose>,
 ) -> Result<ServingModel, Box<dyn std::error::Error + Send + Sync>> {
     let device = args.device.open()?;
-    let (dir, builtin) = match &args.model {
-        Some(dir) => (dir.clone(), false),
-        None => {
-            let dir = server::backend::builtin::materialize()?;
-            tracing::warn!(
-                "no --model given: serving the built-in tiny random-weight model `{}` (for trying the API; its answers are noise)",
-                server::backend::builtin::BUILTIN_MODEL_ID
-            );
-            (dir, true)
-        }
+    let builtin = match args.model.as_deref().and_then(|m| m.to_str()) {
+        None if args.model.is_none() => Some(Builtin::DEFAULT),
+        None => None,
+        Some(name) => Builtin::parse(name).transpose()?,
     };
+    let materialized = builtin.map(Builtin::materialize).transpose()?;
+    let dir = match (&materialized, &args.model) {
+        (Some(m), _) => m.dir.clone(),
+        (None, Some(dir)) => dir.clone(),
+        (None, None) => unreachable!("no --model means the default built-in model"),
+    };
+    if let Some(b) = builtin {
+        tracing::info!(
+            model = %b.id(),
+            "serving the built-in model builtin:{}{}",
+            b.name(),
+            if b == Builtin::Tiny { " (random weights: its answers are noise)" } else { " (toy-scale, trained by tools/toy_tga)" }
+        );
+    }
+    let vision_tower = args
+        .vision_tower
+        .clone()
+        .or_else(|| materialized.as_ref().and_then(|m| m.vision_tower.clone()));
+    let template = args
+        .template
+        .as_deref()
+        .or_else(|| builtin.and_then(Builtin::template));
     let dtype = match args.dtype {
         Dtype::F32 => candle_core::DType::F32,
         Dtype::Bf16 => candle_core::DType::BF16,
@@ -159,23 +176,23 @@ fn load_model(
     let started = std::time::Instant::now();
     let loaded = server::backend::llava::load(
         &dir,
-        args.vision_tower.clone(),
+        vision_tower,
         Some(dtype),
         args.weights.linear_weights(),
-        args.template.as_deref(),
+        template,
         &device,
     )?;
-    if builtin {
+    if let Some(m) = &materialized {
         // Everything is loaded (the weights stay mapped), so the unpacked copy can go.
-        if let Err(err) = std::fs::remove_dir_all(&dir) {
+        if let Err(err) = m.remove() {
             tracing::debug!(error = %err, dir = %dir.display(), "cannot remove the built-in model's temp dir");
         }
     }
     let cfg = loaded.model.config();
     let card = ModelCard {
         id: args.served_model_name.clone().unwrap_or_else(|| {
-            if builtin {
-                server::backend::builtin::BUILTIN_MODEL_ID.to_string()
+            if let Some(b) = builtin {
+                b.id().to_string()
             } else {
                 dir.file_name()
                     .map(|n| n.to_string_lossy().into_owned())
@@ -189,7 +206,7 @@ fn load_model(
         owned_by: "tga-serve".into(),
         max_model_len: cfg.text.max_position_embeddings,
         supports_images: true,
-        builtin,
+        builtin: builtin.is_some(),
         arch: match cfg.format {
             model::config::CheckpointFormat::HfLlava => "llava",
             model::config::CheckpointFormat::HfLlavaNext => "llava_next",

@@ -8,9 +8,10 @@ a venv at `target/e2e-venv`). Standalone:
     python3 -m venv target/e2e-venv && target/e2e-venv/bin/pip install -r tests/e2e/requirements.txt
     target/e2e-venv/bin/python -m pytest tests/e2e
 
-`TGA_SERVE_BIN` overrides the binary (default `target/debug/tga-serve`). Without `--model` the
-binary serves its built-in tiny LLaVA-NeXT-Mistral; the other fixture checkpoints are served with
-`--model fixtures/...`. Nothing is downloaded. Every server is stopped with SIGTERM and must exit 0.
+`TGA_SERVE_BIN` overrides the binary (default `target/debug/tga-serve`). The servers run the
+built-in tiny LLaVA-NeXT-Mistral (`--model builtin:tiny`) unless a test names another model; the
+other fixture checkpoints are served with `--model fixtures/...`, and the binary's default
+(`builtin:tga`, the toy TGA model) with `Server(tiny=False)`. Nothing is downloaded. Every server is stopped with SIGTERM and must exit 0.
 """
 
 from __future__ import annotations
@@ -108,9 +109,14 @@ class Server:
     # Set for the session to pytest's temporary directory (which pytest prunes after 3 runs).
     log_dir: Path | None = None
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None):
+    def __init__(self, *args: str, env: dict[str, str] | None = None, tiny: bool = True):
+        """`tiny`: without a `--model`, serve `builtin:tiny` (the random-weight fixture whose
+        outputs the suite pins), not the binary's default `builtin:tga`."""
         self.port = free_port()
-        self.args = ["serve", "--host", "127.0.0.1", "--port", str(self.port), *map(str, args)]
+        args = tuple(map(str, args))
+        if tiny and "--model" not in args:
+            args = ("--model", "builtin:tiny", *args)
+        self.args = ["serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.env = env or {}
         self.log = tempfile.NamedTemporaryFile(
             prefix="tga-serve-", suffix=".log", delete=False, dir=Server.log_dir
