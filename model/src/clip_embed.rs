@@ -249,9 +249,7 @@ impl ClipEmbedder {
     /// Every tensor but `logit_scale` must be used.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let config = ClipModelConfig::from_dir(dir)?;
-        let tok_path = dir.join("tokenizer.json");
-        let mut tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
-            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", tok_path.display())))?;
+        let mut tokenizer = load_tokenizer(dir, &config)?;
         // As `tokenizer(text, truncation=True, max_length=77)`: the post-processor's BOS/EOS
         // count toward the limit, so EOS survives truncation.
         tokenizer
@@ -445,9 +443,42 @@ impl ClipEmbedder {
     }
 }
 
-/// FNV-1a over the bytes of config.json, tokenizer.json and the weight files, in that order.
+/// The text tower's tokenizer: `tokenizer.json` (HF's fast CLIP tokenizer, BOS/EOS added by its
+/// post-processor), or else a SentencePiece `tokenizer.model` framed as `[BOS] pieces [EOS]`
+/// with the tokenizer's `<s>` and the config's `eos_token_id` (how the toy CLIP of
+/// tools/toy_tga is trained; its EOS is the id after the SentencePiece vocabulary).
+fn load_tokenizer(dir: &Path, config: &ClipModelConfig) -> Result<tokenizers::Tokenizer> {
+    let json = dir.join("tokenizer.json");
+    if json.is_file() || !dir.join("tokenizer.model").is_file() {
+        return tokenizers::Tokenizer::from_file(&json)
+            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", json.display())));
+    }
+    let spm = crate::tokenizer::Tokenizer::from_dir(dir)?;
+    let bos = spm
+        .bos_id()
+        .ok_or_else(|| ModelError::Tokenizer(format!("{}: no <s> token", dir.display())))?;
+    let eos = config.text.eos_token_id;
+    let framing = tokenizers::processors::template::TemplateProcessing::builder()
+        .try_single("<s> $A <eos>")
+        .and_then(|b| {
+            b.special_tokens(vec![("<s>", bos), ("<eos>", eos)])
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .map_err(|e| ModelError::Tokenizer(format!("CLIP text framing: {e}")))?;
+    let mut inner = spm.inner().clone();
+    inner.with_post_processor(Some(framing));
+    Ok(inner)
+}
+
+/// FNV-1a over the bytes of config.json, the tokenizer file and the weight files, in that order.
 fn fingerprint_dir(dir: &Path) -> Result<u64> {
-    let mut files = vec![dir.join("config.json"), dir.join("tokenizer.json")];
+    let tokenizer = ["tokenizer.json", "tokenizer.model"]
+        .into_iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| dir.join("tokenizer.json"));
+    let mut files = vec![dir.join("config.json"), tokenizer];
     files.extend(shard_paths(dir)?);
     let mut h = crate::retrieval::Fnv64::new();
     for path in files {

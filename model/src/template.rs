@@ -43,11 +43,19 @@ pub enum ContentPart {
     Image,
 }
 
+/// TGA's retrieval prefix of a user turn with an image (Xu et al.; tools/toy_tga trains with it):
+/// `Retrieved Text: {R}. <image>\n{question}`.
+pub fn retrieval_prefix(retrieved: &str) -> String {
+    format!("Retrieved Text: {retrieved}. ")
+}
+
 /// A chat message (`role`: `system`, `user` or `assistant`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatMessage {
     pub role: String,
     pub content: Vec<ContentPart>,
+    /// A retrieved text rendered before the message's images ([`retrieval_prefix`]).
+    pub retrieved: Option<String>,
 }
 
 impl ChatMessage {
@@ -55,6 +63,7 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content,
+            retrieved: None,
         }
     }
     /// A message with a single text part.
@@ -77,9 +86,14 @@ impl ChatMessage {
             })
             .collect()
     }
-    /// LLaVA's user-turn text: one `<image>\n` per image, then the text.
+    /// LLaVA's user-turn text: one `<image>\n` per image, then the text; TGA's retrieved text,
+    /// if any, before the images.
     fn llava_text(&self) -> String {
-        format!("{IMAGE_PLACEHOLDER}\n").repeat(self.image_count()) + &self.joined_text()
+        let prefix = match &self.retrieved {
+            Some(r) if self.image_count() > 0 => retrieval_prefix(r),
+            _ => String::new(),
+        };
+        prefix + &format!("{IMAGE_PLACEHOLDER}\n").repeat(self.image_count()) + &self.joined_text()
     }
 }
 
@@ -398,10 +412,15 @@ impl JinjaTemplate {
             .iter()
             .map(|m| {
                 let content = if self.content_as_list {
+                    let retrieved = m.retrieved.iter().filter(|_| m.image_count() > 0).map(|r| {
+                        Value::from_iter([
+                            ("type", Value::from("text")),
+                            ("text", Value::from(retrieval_prefix(r))),
+                        ])
+                    });
                     Value::from(
-                        m.content
-                            .iter()
-                            .map(|p| match p {
+                        retrieved
+                            .chain(m.content.iter().map(|p| match p {
                                 ContentPart::Text(t) => Value::from_iter([
                                     ("type", Value::from("text")),
                                     ("text", Value::from(t.as_str())),
@@ -409,7 +428,7 @@ impl JinjaTemplate {
                                 ContentPart::Image => {
                                     Value::from_iter([("type", Value::from("image"))])
                                 }
-                            })
+                            }))
                             .collect::<Vec<_>>(),
                     )
                 } else {

@@ -180,6 +180,18 @@ pub struct ServeArgs {
     /// CLIP vision tower directory, for original-LLaVA checkpoints that name one outside.
     #[arg(long, env = "TGA_VISION_TOWER")]
     pub vision_tower: Option<PathBuf>,
+    /// TGA retrieval: captions, one a line, searched by the CLIP embedding of each user turn's
+    /// image (builtin:tga has its own corpus built in); a bad line stops start-up with its number.
+    #[arg(long, env = "TGA_RETRIEVAL_CORPUS")]
+    pub retrieval_corpus: Option<PathBuf>,
+    /// The corpus's embeddings (f16, memory-mapped): opened when it matches the corpus and the
+    /// CLIP, else built there (default: a temporary file, built at start-up).
+    #[arg(long, env = "TGA_RETRIEVAL_INDEX")]
+    pub retrieval_index: Option<PathBuf>,
+    /// The CLIPModel (both towers) that embeds images and captions for retrieval (default: the
+    /// vision tower directory).
+    #[arg(long, env = "TGA_RETRIEVAL_CLIP")]
+    pub retrieval_clip: Option<PathBuf>,
     /// Chat template name (default: the checkpoint's own).
     #[arg(long, env = "TGA_TEMPLATE")]
     pub template: Option<String>,

@@ -6,6 +6,7 @@ use tracing_subscriber::EnvFilter;
 
 use server::app::{AppState, ModelCard, ServingModel};
 use server::backend::builtin::Builtin;
+use server::backend::retrieval;
 use server::cli::{Cli, Command, Dtype, EvalArgs, ServeArgs};
 use server::firehose::Firehose;
 use server::metrics::Metrics;
@@ -182,12 +183,6 @@ fn load_model(
         template,
         &device,
     )?;
-    if let Some(m) = &materialized {
-        // Everything is loaded (the weights stay mapped), so the unpacked copy can go.
-        if let Err(err) = m.remove() {
-            tracing::debug!(error = %err, dir = %dir.display(), "cannot remove the built-in model's temp dir");
-        }
-    }
     let cfg = loaded.model.config();
     let card = ModelCard {
         id: args.served_model_name.clone().unwrap_or_else(|| {
@@ -220,7 +215,38 @@ fn load_model(
         max_bytes: args.max_image_bytes,
         ..Default::default()
     };
-    let processor = Arc::new(server::backend::llava::LlavaProcessor::new(&loaded, limits));
+    let mut processor = server::backend::llava::LlavaProcessor::new(&loaded, limits);
+    let corpus = match (&args.retrieval_corpus, &materialized, builtin) {
+        (Some(path), _, _) => Some(path.clone()),
+        (None, Some(m), Some(b)) if b.retrieval() => Some(retrieval::write_corpus(
+            &m.dir,
+            server::backend::builtin::CORPUS,
+        )?),
+        _ => None,
+    };
+    if let Some(corpus) = corpus {
+        let clip = args
+            .retrieval_clip
+            .clone()
+            .or_else(|| args.vision_tower.clone())
+            .or_else(|| materialized.as_ref().and_then(|m| m.vision_tower.clone()))
+            .ok_or("--retrieval-corpus needs a CLIP: pass --retrieval-clip DIR (a CLIPModel with both towers)")?;
+        let config = retrieval::RetrievalConfig {
+            corpus,
+            index: args.retrieval_index.clone(),
+            clip,
+        };
+        let retriever =
+            retrieval::Retriever::load(&config, &loaded.model.preprocess_config().aspect)?;
+        processor = processor.with_retriever(Arc::new(retriever));
+    }
+    if let Some(m) = &materialized {
+        // Everything is loaded (the weights stay mapped), so the unpacked copy can go.
+        if let Err(err) = m.remove() {
+            tracing::debug!(error = %err, dir = %dir.display(), "cannot remove the built-in model's temp dir");
+        }
+    }
+    let processor = Arc::new(processor);
     let mut backend = server::backend::llava::LlavaBackend::new(&loaded);
     backend.warm_up()?;
     tracing::info!(

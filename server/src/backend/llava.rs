@@ -24,6 +24,7 @@ use model::ModelError;
 
 use model::sampling::{argmax, SampledToken, Sampler, SamplingParams};
 
+use super::retrieval::{Retrieved, Retriever};
 use super::{
     BackendError, DiagnosticsProcessor, ModelBackend, ProcessError, PromptProcessor, TokenSampler,
 };
@@ -98,6 +99,8 @@ pub struct LlavaProcessor {
     /// The longest vocabulary entry in bytes (`▁` and `<0x..>` spellings included, so it bounds
     /// the text any token covers from above).
     max_token_bytes: usize,
+    /// TGA retrieval over a caption corpus, when the model is served with one.
+    retriever: Option<Arc<Retriever>>,
 }
 
 impl LlavaProcessor {
@@ -114,7 +117,14 @@ impl LlavaProcessor {
             template: loaded.template.clone(),
             limits,
             max_token_bytes,
+            retriever: None,
         }
+    }
+
+    /// Serves the model with TGA retrieval over `retriever`'s corpus.
+    pub fn with_retriever(mut self, retriever: Arc<Retriever>) -> Self {
+        self.retriever = Some(retriever);
+        self
     }
 }
 
@@ -145,7 +155,9 @@ impl LlavaProcessor {
                         TurnPart::Image(_) => ContentPart::Image,
                     })
                     .collect();
-                ChatMessage::new(role, content)
+                let mut message = ChatMessage::new(role, content);
+                message.retrieved = t.retrieved.clone();
+                message
             })
             .collect();
         self.template
@@ -296,6 +308,16 @@ impl PromptProcessor for LlavaProcessor {
         self.max_token_bytes
     }
 
+    fn retrieve(&self, bytes: &[u8]) -> Result<Option<Retrieved>, ProcessError> {
+        let Some(retriever) = &self.retriever else {
+            return Ok(None);
+        };
+        retriever
+            .retrieve(bytes, &self.limits)
+            .map(Some)
+            .map_err(image_error)
+    }
+
     fn prepare_image(&self, bytes: &[u8]) -> Result<ImageInput, ProcessError> {
         let img = decode_image(bytes, &self.limits).map_err(image_error)?;
         let p = preprocess(&img, self.model.preprocess_config()).map_err(image_error)?;
@@ -439,6 +461,7 @@ impl LlavaBackend {
         let mut parts: Vec<TurnPart> = (0..images.len()).map(TurnPart::Image).collect();
         parts.push(TurnPart::Text(DESCRIBE_PROMPT.into()));
         let turns = [ChatTurn {
+            retrieved: None,
             role: Role::User,
             parts,
         }];

@@ -10,6 +10,7 @@
 
 pub mod builtin;
 pub mod llava;
+pub mod retrieval;
 
 use std::fmt;
 
@@ -51,6 +52,13 @@ pub trait PromptProcessor: Send + Sync + 'static {
     /// The most bytes of text one token of the vocabulary stands for: text longer than this
     /// times the context length cannot fit, and is refused before it is tokenized.
     fn max_token_bytes(&self) -> usize;
+
+    /// TGA retrieval: the nearest caption of the image in `bytes`; `None` when the model is
+    /// served without a retrieval corpus.
+    fn retrieve(&self, bytes: &[u8]) -> Result<Option<retrieval::Retrieved>, ProcessError> {
+        let _ = bytes;
+        Ok(None)
+    }
 
     /// What safety diagnostics need from the processor; `None` when this model cannot be
     /// diagnosed (requests asking for diagnostics then get a 400).

@@ -25,6 +25,9 @@ pub enum TurnPart {
 pub struct ChatTurn {
     pub role: Role,
     pub parts: Vec<TurnPart>,
+    /// TGA's retrieved text for this turn's image, rendered before it
+    /// (`Retrieved Text: {R}. <image>\n…`).
+    pub retrieved: Option<String>,
 }
 
 /// One preprocessed image, as the processor hands it to the model.

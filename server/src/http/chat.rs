@@ -58,17 +58,19 @@ pub(super) async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let (events, options) =
         super::validate_and_submit(&state, &headers, request, Purpose::Chat).await?;
+    let retrieval = super::retrieval_headers(&options.retrieved);
     let completion = Completion {
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         created: unix_now(),
         options,
         diagnostics: None,
     };
-    if completion.options.stream {
-        Ok(stream_response(events, completion).into_response())
+    let response = if completion.options.stream {
+        stream_response(events, completion).into_response()
     } else {
-        Ok(Json(completion.collect(events).await?).into_response())
-    }
+        Json(completion.collect(events).await?).into_response()
+    };
+    Ok((retrieval, response).into_response())
 }
 
 /// What every response of one completion shares.

@@ -65,6 +65,37 @@ async fn validate_and_submit(
 }
 
 pub const CHAT_COMPLETIONS_ROUTE: &str = "/v1/chat/completions";
+/// TGA retrieval's caption of the last user turn's image (percent-encoded UTF-8) and its score.
+pub const RETRIEVED_TEXT: HeaderName = HeaderName::from_static("x-tga-retrieved-text");
+pub const RETRIEVAL_SCORE: HeaderName = HeaderName::from_static("x-tga-retrieval-score");
+
+/// The retrieval headers of a response (none without retrieval).
+fn retrieval_headers(retrieved: &[crate::backend::retrieval::Retrieved]) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if let Some(last) = retrieved.last() {
+        let encoded = percent_encode(&last.text);
+        if let Ok(value) = HeaderValue::from_str(&encoded) {
+            headers.insert(RETRIEVED_TEXT, value);
+        }
+        if let Ok(value) = HeaderValue::from_str(&format!("{:.6}", last.score)) {
+            headers.insert(RETRIEVAL_SCORE, value);
+        }
+    }
+    headers
+}
+
+/// RFC 3986 percent-encoding of everything but the unreserved characters.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
 
 #[derive(OpenApi)]
 #[openapi(
@@ -197,7 +228,12 @@ fn cors(origins: &[String]) -> CorsLayer {
         .allow_origin(allow_origin)
         .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
         .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, REQUEST_ID])
-        .expose_headers([REQUEST_ID, header::RETRY_AFTER])
+        .expose_headers([
+            REQUEST_ID,
+            header::RETRY_AFTER,
+            RETRIEVED_TEXT,
+            RETRIEVAL_SCORE,
+        ])
 }
 
 /// `tga_requests_total{route,status}` for every response, and

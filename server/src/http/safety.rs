@@ -66,16 +66,18 @@ pub(super) async fn diagnose(
 ) -> Result<Response, ApiError> {
     let (events, options) =
         super::validate_and_submit(&state, &headers, request, Purpose::Diagnose).await?;
+    let retrieval = super::retrieval_headers(&options.retrieved);
     let collected = Collected {
         meta: options.diagnostics,
         report: None,
         tokens: Vec::new(),
     };
-    if options.stream {
-        Ok(stream_diagnosis(events, collected).into_response())
+    let response = if options.stream {
+        stream_diagnosis(events, collected).into_response()
     } else {
-        Ok(Json(collect(events, collected).await?).into_response())
-    }
+        Json(collect(events, collected).await?).into_response()
+    };
+    Ok((retrieval, response).into_response())
 }
 
 /// What a diagnose request has received from the engine so far.

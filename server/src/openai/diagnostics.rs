@@ -299,9 +299,30 @@ pub struct DiagnosticsMeta {
     pub caption_pass: Option<CaptionPassMeta>,
     /// The system message, if the conversation has one.
     pub system_prompt: Option<String>,
+    /// TGA retrieval's caption for the last user turn's image, when the model is served with a
+    /// retrieval corpus and the request did not turn it off.
+    pub retrieval: Option<RetrievalMeta>,
     pub options: ResolvedOptions,
     pub conventions: Conventions,
     pub warnings: Vec<String>,
+}
+
+/// What TGA retrieval put before the image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RetrievalMeta {
+    /// The caption, rendered as `Retrieved Text: {text}. <image>`.
+    pub text: String,
+    /// Cosine of the image's and the caption's CLIP embeddings.
+    pub score: f32,
+}
+
+impl From<&crate::backend::retrieval::Retrieved> for RetrievalMeta {
+    fn from(r: &crate::backend::retrieval::Retrieved) -> Self {
+        Self {
+            text: r.text.clone(),
+            score: r.score,
+        }
+    }
 }
 
 /// The diagnostics of one request: `meta`, one record per layer 0..=N, and the summary. Chat

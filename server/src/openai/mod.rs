@@ -62,6 +62,13 @@ pub struct ChatCompletionRequest {
     /// response then carries them under `diagnostics`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diagnostics: Option<diagnostics::DiagnosticsOptions>,
+    /// tga-serve extension: TGA retrieval for a model served with a retrieval corpus. `auto`
+    /// (the default) puts the caption nearest to each user turn's image before it
+    /// (`Retrieved Text: {caption}. <image>\n…`, as TGA trains); `off` sends the turn as it is.
+    /// The text and score come back in the `x-tga-retrieved-text` (percent-encoded) and
+    /// `x-tga-retrieval-score` headers and in the diagnostics meta.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retrieval: Option<RetrievalMode>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
@@ -161,6 +168,15 @@ pub struct StreamOptions {
     /// Send a last chunk with the usage (and empty `choices`) before `[DONE]`.
     #[serde(default)]
     pub include_usage: bool,
+}
+
+/// `retrieval`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RetrievalMode {
+    #[default]
+    Auto,
+    Off,
 }
 
 // ---------------------------------------------------------------------------------------------

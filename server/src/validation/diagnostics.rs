@@ -504,6 +504,7 @@ pub fn plan(
         caption_source: caption.source,
         caption_pass: None,
         system_prompt: system_prompt(turns),
+        retrieval: None,
         options: ResolvedOptions {
             lens,
             refusal_tokens: options
@@ -604,6 +605,7 @@ mod tests {
         }
         parts.push(TurnPart::Text(text.into()));
         vec![ChatTurn {
+            retrieved: None,
             role: Role::User,
             parts,
         }]

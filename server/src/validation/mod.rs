@@ -12,13 +12,14 @@ use std::time::Instant;
 use futures_util::future::try_join_all;
 use model::sampling::{SamplingParams, MAX_TOP_LOGPROBS};
 
+use crate::backend::retrieval::Retrieved;
 use crate::backend::PromptProcessor;
 use crate::engine::plan::{CaptionPlan, DiagnosePlan};
 use crate::engine::request::{ChatTurn, ImageInput, Prompt, Role, TurnPart};
 use crate::engine::{StoppingCriteria, ValidRequest};
 use crate::error::{ApiError, ErrorCode};
 use crate::media::MediaFetcher;
-use crate::openai::diagnostics::{DiagnosticsMeta, DiagnosticsOptions};
+use crate::openai::diagnostics::{DiagnosticsMeta, DiagnosticsOptions, RetrievalMeta};
 use crate::openai::{self, ChatCompletionRequest, ContentPart, MessageContent};
 use diagnostics::{DiagnosticsConfig, ShareSelector};
 
@@ -58,6 +59,8 @@ pub struct ResponseOptions {
     /// The diagnostics report's meta, for a request that asked for diagnostics; the HTTP layer
     /// completes it with the engine's [`crate::engine::plan::Diagnosis`].
     pub diagnostics: Option<Box<DiagnosticsMeta>>,
+    /// TGA retrieval's caption for each user turn with an image, in order.
+    pub retrieved: Vec<Retrieved>,
 }
 
 pub struct Validator {
@@ -195,8 +198,9 @@ impl Validator {
                 .map_err(|err| ApiError::from_media(err, image.param.clone()))
         }))
         .await?;
-        let prompt = self
-            .build_prompt(turns.clone(), images, image_refs, needles)
+        let retrieve = request.retrieval.unwrap_or_default() == openai::RetrievalMode::Auto;
+        let (prompt, turns, retrieved) = self
+            .build_prompt(turns, images, image_refs, needles, retrieve)
             .await?;
         let max_new_tokens = self.check_context(prompt.len(), max_tokens)?;
         let (diagnose, meta) = match diagnose {
@@ -215,7 +219,11 @@ impl Validator {
                 .as_ref()
                 .is_some_and(|options| options.include_usage),
             logprobs: sampling.logprobs,
-            diagnostics: meta,
+            diagnostics: meta.map(|mut meta| {
+                meta.retrieval = retrieved.last().map(RetrievalMeta::from);
+                meta
+            }),
+            retrieved,
         };
         if let Some(user) = &request.user {
             tracing::debug!(user = %user, "request user");
@@ -405,7 +413,11 @@ impl Validator {
                     out
                 }
             };
-            turns.push(ChatTurn { role, parts });
+            turns.push(ChatTurn {
+                role,
+                parts,
+                retrieved: None,
+            });
         }
         // Refused before tokenizing: no token of the served vocabulary covers more than
         // `max_token_bytes` bytes of text, so longer text cannot fit the context.
@@ -449,15 +461,19 @@ impl Validator {
     }
 
     /// Decoding, preprocessing and tokenizing are CPU work: they run on the blocking pool.
+    /// With `retrieve`, each user turn with an image gets the caption its first image
+    /// retrieves (when the model is served with a corpus); the turns as the prompt renders them.
+    #[allow(clippy::type_complexity)]
     async fn build_prompt(
         &self,
-        turns: Vec<ChatTurn>,
+        mut turns: Vec<ChatTurn>,
         images: Vec<Vec<u8>>,
         refs: Vec<ImageRef>,
         needles: Vec<String>,
-    ) -> Result<Prompt, ApiError> {
+        retrieve: bool,
+    ) -> Result<(Prompt, Vec<ChatTurn>, Vec<Retrieved>), ApiError> {
         let processor = self.processor.clone();
-        let prompt = tokio::task::spawn_blocking(move || {
+        let built = tokio::task::spawn_blocking(move || {
             let inputs = images
                 .iter()
                 .zip(&refs)
@@ -467,16 +483,34 @@ impl Validator {
                         .map_err(|err| ApiError::from_process(err, image.param.clone()))
                 })
                 .collect::<Result<Vec<ImageInput>, ApiError>>()?;
-            processor
+            let mut retrieved = Vec::new();
+            if retrieve {
+                for turn in turns.iter_mut().filter(|t| t.role == Role::User) {
+                    let first = turn.parts.iter().find_map(|p| match p {
+                        TurnPart::Image(i) => Some(*i),
+                        TurnPart::Text(_) => None,
+                    });
+                    let Some(i) = first else { continue };
+                    let found = processor
+                        .retrieve(&images[i])
+                        .map_err(|err| ApiError::from_process(err, refs[i].param.clone()))?;
+                    if let Some(found) = found {
+                        turn.retrieved = Some(found.text.clone());
+                        retrieved.push(found);
+                    }
+                }
+            }
+            let prompt = processor
                 .build_prompt(&turns, inputs, &needles)
-                .map_err(|err| ApiError::from_process(err, "messages".into()))
+                .map_err(|err| ApiError::from_process(err, "messages".into()))?;
+            Ok::<_, ApiError>((prompt, turns, retrieved))
         })
         .await
         .map_err(|err| ApiError::internal(format!("prompt processing failed: {err}")))??;
-        if prompt.is_empty() {
+        if built.0.is_empty() {
             return Err(ApiError::invalid("messages", "the prompt is empty"));
         }
-        Ok(prompt)
+        Ok(built)
     }
 
     /// OpenAI's context check and message; without `max_tokens`, the rest of the context (vLLM).
