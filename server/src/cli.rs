@@ -55,6 +55,16 @@ pub struct EvalArgs {
     /// Longest greedy answer, in tokens.
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,
+    /// Evaluate through a running server (or a fleet behind a load balancer) at this base URL,
+    /// with its OpenAI API and diagnose endpoint, instead of loading the model here.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Runs in flight at once (default: --max-num-seqs).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub concurrency: Option<u32>,
+    /// The API key of the server at --url.
+    #[arg(long, env = "TGA_EVAL_API_KEY", hide_env_values = true)]
+    pub url_api_key: Option<String>,
     /// The model and engine settings, as for `serve`.
     #[command(flatten)]
     pub serve: ServeArgs,
@@ -75,7 +85,7 @@ impl EvalArgs {
             align_layers: self.align_layers,
             mask_layers: self.mask_layers,
             max_tokens: self.max_tokens,
-            concurrency: self.serve.max_num_seqs as usize,
+            concurrency: self.concurrency.unwrap_or(self.serve.max_num_seqs) as usize,
             progress: true,
         }
     }

@@ -7,7 +7,9 @@
 //! 5); `--mask-layers` adds the text prompt with the caption masked from those layers' attention
 //! (Figure 3). Answers are greedy and judged by the refusal-prefix judge (DIAGNOSTICS.md §5).
 //!
-//! Requests go through the same validator and engine as served ones (so they are batched); each
+//! Requests go through the same validator and engine as served ones (so they are batched), in
+//! process ([`Target::InProcess`]) or as `POST /v1/safety/diagnose` to a running server or a fleet
+//! behind a load balancer ([`Target::Remote`], `--url`): the same bodies, the same records. Each
 //! finished run is appended to `records.jsonl` at once, so an interrupted evaluation keeps what it
 //! did and the report is written from it.
 
@@ -208,27 +210,154 @@ fn request(
     })
 }
 
-/// Sends one run through the validator and the engine; `Err` is a message for the log.
+/// What the evaluation runs against.
+pub enum Target<'a> {
+    /// The model loaded in this process.
+    InProcess(&'a ServingModel),
+    /// A running server's API.
+    Remote(Remote),
+}
+
+/// A server reached over HTTP: its model id and decoder depth, read once.
+pub struct Remote {
+    client: reqwest::Client,
+    url: String,
+    api_key: Option<String>,
+    model: String,
+    n_layers: usize,
+}
+
+impl Remote {
+    /// Asks `url` for its model (`GET /v1/models`) and its layer count (a diagnose request that
+    /// generates nothing).
+    pub async fn connect(url: &str, api_key: Option<String>) -> Result<Self, EvalError> {
+        let url = url.trim_end_matches('/').to_string();
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(600))
+            .build()
+            .map_err(|e| EvalError::Options(format!("HTTP client: {e}")))?;
+        let fail = |what: &str, e: String| EvalError::Options(format!("{url}: {what}: {e}"));
+        let auth = |r: reqwest::RequestBuilder| match &api_key {
+            Some(key) => r.bearer_auth(key),
+            None => r,
+        };
+        let read = |r: reqwest::RequestBuilder, what: &'static str| async move {
+            let text = r
+                .send()
+                .await
+                .and_then(|r| r.error_for_status())
+                .map_err(|e| fail(what, e.to_string()))?
+                .text()
+                .await
+                .map_err(|e| fail(what, e.to_string()))?;
+            serde_json::from_str::<serde_json::Value>(&text).map_err(|e| fail(what, e.to_string()))
+        };
+        let models = read(
+            auth(client.get(format!("{url}/v1/models"))),
+            "GET /v1/models",
+        )
+        .await?;
+        let model = models["data"][0]["id"]
+            .as_str()
+            .ok_or_else(|| fail("GET /v1/models", "no model listed".into()))?
+            .to_string();
+        let probe = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0});
+        let meta = read(
+            json_body(
+                auth(client.post(format!("{url}/v1/safety/diagnose"))),
+                &probe,
+            ),
+            "POST /v1/safety/diagnose",
+        )
+        .await?;
+        let n_layers = meta["meta"]["n_layers"]
+            .as_u64()
+            .ok_or_else(|| fail("POST /v1/safety/diagnose", "no meta.n_layers".into()))?
+            as usize;
+        Ok(Self {
+            client,
+            url,
+            api_key,
+            model,
+            n_layers,
+        })
+    }
+
+    /// One run as `POST /v1/safety/diagnose` (`stream: false`).
+    async fn diagnose(&self, body: serde_json::Value) -> Result<(Diagnosed, String), String> {
+        let mut request = json_body(
+            self.client.post(format!("{}/v1/safety/diagnose", self.url)),
+            &body,
+        );
+        if let Some(key) = &self.api_key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.map_err(|e| e.to_string())?;
+        let status = response.status();
+        let text = response.text().await.map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            return Err(format!("HTTP {status}: {text}"));
+        }
+        let parsed: Diagnosed = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        let answer = parsed.answer.clone();
+        Ok((parsed, answer))
+    }
+}
+
+fn json_body(
+    request: reqwest::RequestBuilder,
+    body: &serde_json::Value,
+) -> reqwest::RequestBuilder {
+    request
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(serde_json::to_vec(body).expect("JSON values serialise"))
+}
+
+/// The parts of a diagnose response (or of an in-process diagnosis) a record keeps.
+#[derive(Debug, Deserialize)]
+struct Diagnosed {
+    layers: Vec<model::diagnostics::LayerRecord>,
+    summary: model::diagnostics::Summary,
+    #[serde(default)]
+    answer: String,
+}
+
+impl Target<'_> {
+    fn model_id(&self) -> &str {
+        match self {
+            Self::InProcess(model) => &model.card.id,
+            Self::Remote(remote) => &remote.model,
+        }
+    }
+
+    fn n_layers(&self) -> Option<usize> {
+        match self {
+            Self::InProcess(model) => model.validator.diagnostics_layers(),
+            Self::Remote(remote) => Some(remote.n_layers),
+        }
+    }
+}
+
+/// Sends one run to the target; `Err` is a message for the log.
 async fn run_one(
-    model: &ServingModel,
+    target: &Target<'_>,
     body: serde_json::Value,
     item: usize,
     category: &str,
     kind: RunKind,
 ) -> Result<RunRecord, String> {
-    let request: ChatCompletionRequest = serde_json::from_value(body).map_err(|e| e.to_string())?;
-    let (valid, _) = model
-        .validator
-        .validate_for(
-            request,
-            format!("eval-{item}-{}", kind.as_str()),
-            Instant::now(),
-            Purpose::Diagnose,
-        )
-        .await
-        .map_err(|e| e.message)?;
-    let events = model.engine.submit(valid).map_err(|e| e.to_string())?;
-    let (report, answer) = collect(events).await?;
+    let (report, answer) = match target {
+        Target::InProcess(model) => {
+            let (diagnosis, answer) = run_in_process(model, body, item, kind).await?;
+            let report = Diagnosed {
+                layers: diagnosis.layers,
+                summary: diagnosis.summary,
+                answer: String::new(),
+            };
+            (report, answer)
+        }
+        Target::Remote(remote) => remote.diagnose(body).await?,
+    };
     Ok(RunRecord {
         item,
         category: category.to_string(),
@@ -241,6 +370,28 @@ async fn run_one(
         p_refusal: report.layers.iter().map(|l| l.p_refusal).collect(),
         cos_image_text: report.layers.iter().map(|l| l.cos_image_text).collect(),
     })
+}
+
+/// One run through this process's validator and engine.
+async fn run_in_process(
+    model: &ServingModel,
+    body: serde_json::Value,
+    item: usize,
+    kind: RunKind,
+) -> Result<(Diagnosis, String), String> {
+    let request: ChatCompletionRequest = serde_json::from_value(body).map_err(|e| e.to_string())?;
+    let (valid, _) = model
+        .validator
+        .validate_for(
+            request,
+            format!("eval-{item}-{}", kind.as_str()),
+            Instant::now(),
+            Purpose::Diagnose,
+        )
+        .await
+        .map_err(|e| e.message)?;
+    let events = model.engine.submit(valid).map_err(|e| e.to_string())?;
+    collect(events).await
 }
 
 /// The request's diagnosis (its summary judged) and answer.
@@ -271,12 +422,12 @@ async fn collect(mut events: GenerationStream) -> Result<(Diagnosis, String), St
 /// `<out>/records.jsonl` as they finish, then `report.json`, `report.md` and the plots
 /// (`curves.png`, `dsr.png`) are written from every record (also after a cancel).
 pub async fn run(
-    model: &ServingModel,
+    target: &Target<'_>,
     config: &EvalConfig,
     cancel: impl Future<Output = ()>,
 ) -> Result<EvalReport, EvalError> {
     let items = read_items(&config.data)?;
-    let n_layers = model.validator.diagnostics_layers().ok_or_else(|| {
+    let n_layers = target.n_layers().ok_or_else(|| {
         EvalError::Options("the served model does not support diagnostics".into())
     })?;
     for (flag, layers) in [
@@ -328,7 +479,7 @@ pub async fn run(
     let mut failures = 0;
     let mut running = stream::iter(jobs)
         .map(|(i, category, kind, body)| async move {
-            (i, kind, run_one(model, body, i, &category, kind).await)
+            (i, kind, run_one(target, body, i, &category, kind).await)
         })
         .buffer_unordered(config.concurrency.max(1));
     tokio::pin!(cancel);
@@ -364,7 +515,7 @@ pub async fn run(
     progress.finish();
     records.sort_by_key(|r| (r.item, r.run));
     let mut report =
-        EvalReport::from_records(&model.card.id, n_layers, items.len(), &records, config);
+        EvalReport::from_records(target.model_id(), n_layers, items.len(), &records, config);
     report.failed_runs = failures;
     report.interrupted = interrupted;
     report.write(&config.out)?;

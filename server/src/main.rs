@@ -102,10 +102,6 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send +
 async fn eval(args: EvalArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let config = args.eval_config();
     let serve = args.serve.clone();
-    let metrics = Arc::new(Metrics::new());
-    let firehose = Arc::new(Firehose::default());
-    let model =
-        tokio::task::spawn_blocking(move || load_model(&serve, metrics, firehose)).await??;
     let cancel = async {
         if tokio::signal::ctrl_c().await.is_ok() {
             eprintln!("\ninterrupted: writing the report of the finished runs");
@@ -113,9 +109,24 @@ async fn eval(args: EvalArgs) -> Result<(), Box<dyn std::error::Error + Send + S
             std::future::pending::<()>().await;
         }
     };
-    let report = server::eval::run(&model, &config, cancel).await?;
-    model.engine.shutdown(std::time::Duration::ZERO);
-    model.engine.stopped().await;
+    let report = match &args.url {
+        Some(url) => {
+            let remote = server::eval::Remote::connect(url, args.url_api_key.clone()).await?;
+            server::eval::run(&server::eval::Target::Remote(remote), &config, cancel).await?
+        }
+        None => {
+            let metrics = Arc::new(Metrics::new());
+            let firehose = Arc::new(Firehose::default());
+            let model = tokio::task::spawn_blocking(move || load_model(&serve, metrics, firehose))
+                .await??;
+            let report =
+                server::eval::run(&server::eval::Target::InProcess(&model), &config, cancel)
+                    .await?;
+            model.engine.shutdown(std::time::Duration::ZERO);
+            model.engine.stopped().await;
+            report
+        }
+    };
     for (run, summary) in &report.runs {
         println!(
             "{run:>14}: DSR {} over {} runs",

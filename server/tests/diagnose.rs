@@ -820,9 +820,13 @@ async fn eval_writes_reports_whose_dsr_matches_the_per_item_records() {
         concurrency: 4,
         progress: false,
     };
-    let report = server::eval::run(&model, &config, std::future::pending())
-        .await
-        .unwrap();
+    let report = server::eval::run(
+        &server::eval::Target::InProcess(&model),
+        &config,
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
     assert!(!report.interrupted);
     assert_eq!(report.failed_runs, 0);
     assert_eq!(report.items, 5);
@@ -864,6 +868,43 @@ async fn eval_writes_reports_whose_dsr_matches_the_per_item_records() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(records.len(), 5 * 4);
+
+    // The same evaluation through a running server's API (`--url`) gives the same report and
+    // the same records (the fixture model, greedy, f32).
+    let remote_server = RealServer::start(ServingConfig::default()).await;
+    let remote = server::eval::Remote::connect(&remote_server.base, None)
+        .await
+        .unwrap();
+    let out_remote = dir.join("out-remote");
+    let remote_report = server::eval::run(
+        &server::eval::Target::Remote(remote),
+        &server::eval::EvalConfig {
+            out: out_remote.clone(),
+            ..config.clone()
+        },
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    remote_server.stop().await;
+    let remote_written: Value =
+        serde_json::from_str(&std::fs::read_to_string(out_remote.join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        remote_written, written,
+        "remote and in-process reports differ"
+    );
+    assert_eq!(remote_report.failed_runs, 0);
+    let sorted = |dir: &std::path::Path| {
+        let mut lines: Vec<String> = std::fs::read_to_string(dir.join("records.jsonl"))
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        lines.sort();
+        lines
+    };
+    assert_eq!(sorted(&out_remote), sorted(&out));
 
     // DSR per run kind and category, counted here from the records.
     let mut counted: BTreeMap<(String, String), (usize, usize)> = BTreeMap::new();
@@ -910,7 +951,7 @@ async fn eval_writes_reports_whose_dsr_matches_the_per_item_records() {
     // Interrupted at once: the report is still written, from nothing.
     let out2 = dir.join("out2");
     let report = server::eval::run(
-        &model,
+        &server::eval::Target::InProcess(&model),
         &server::eval::EvalConfig {
             out: out2.clone(),
             ..config
