@@ -12,7 +12,9 @@ use crate::firehose::Firehose;
 use crate::media::{MediaConfig, MediaFetcher};
 use crate::metrics::Metrics;
 use crate::validation::diagnostics::DiagnosticsConfig;
-use crate::validation::{Limits, Validator, DEFAULT_MAX_IMAGES_PER_REQUEST};
+use crate::validation::{
+    Limits, Validator, DEFAULT_MAX_IMAGES_PER_REQUEST, DEFAULT_MAX_REQUEST_PIXELS,
+};
 
 /// What `/v1/models` and `tga_model_info` say about the served model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +80,8 @@ pub struct ServingConfig {
     /// Lowers the model's own context length.
     pub max_model_len: Option<usize>,
     pub max_images_per_request: usize,
+    /// Pixels summed over one request's images (`--max-request-pixels`).
+    pub max_request_pixels: u64,
     /// Safety diagnostics: sample rate of ordinary requests, the metrics' band and layer.
     pub diagnostics: DiagnosticsConfig,
 }
@@ -89,6 +93,7 @@ impl Default for ServingConfig {
             media: MediaConfig::default(),
             max_model_len: None,
             max_images_per_request: DEFAULT_MAX_IMAGES_PER_REQUEST,
+            max_request_pixels: DEFAULT_MAX_REQUEST_PIXELS,
             diagnostics: DiagnosticsConfig::default(),
         }
     }
@@ -117,6 +122,7 @@ impl ServingModel {
         }
         let mut limits = Limits::new(card.max_model_len);
         limits.max_images_per_request = config.max_images_per_request;
+        limits.max_request_pixels = config.max_request_pixels;
         let media = MediaFetcher::new(config.media.clone()).map_err(std::io::Error::other)?;
         if let Some(dx) = processor.diagnostics() {
             metrics.init_safety(dx.num_layers());

@@ -274,6 +274,10 @@ pub struct ServeArgs {
     pub allow_private_image_urls: bool,
     #[arg(long, env = "TGA_MAX_IMAGES_PER_REQUEST", default_value_t = crate::validation::DEFAULT_MAX_IMAGES_PER_REQUEST)]
     pub max_images_per_request: usize,
+    /// Pixels (width × height) summed over one request's images, checked from their headers
+    /// before any is decoded.
+    #[arg(long, env = "TGA_MAX_REQUEST_PIXELS", default_value_t = crate::validation::DEFAULT_MAX_REQUEST_PIXELS)]
+    pub max_request_pixels: u64,
     /// Largest image in bytes (URL or data URI).
     #[arg(long, env = "TGA_MAX_IMAGE_BYTES", default_value_t = 20 * 1024 * 1024)]
     pub max_image_bytes: usize,
@@ -383,6 +387,7 @@ impl ServeArgs {
             },
             max_model_len: self.max_model_len,
             max_images_per_request: self.max_images_per_request,
+            max_request_pixels: self.max_request_pixels,
             diagnostics: DiagnosticsConfig {
                 sample_rate: self.diagnose_sample_rate,
                 band: self.safety_band,

@@ -1133,3 +1133,39 @@ async fn stop_strings_and_text_are_bounded_before_tokenizing() {
         .unwrap()
         .contains("bytes of text"));
 }
+
+#[tokio::test]
+async fn the_request_pixel_budget_is_checked_from_the_headers() {
+    let mut options = TestOptions::default();
+    // photo_120x160.png is 19,200 pixels: one fits, two do not.
+    options.serving.max_request_pixels = 30_000;
+    let server = TestServer::start(options).await;
+    let photo = format!(
+        "data:image/png;base64,{}",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            std::fs::read(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../fixtures/images/photo_120x160.png"
+            ))
+            .unwrap()
+        )
+    );
+    let one = with_image(&photo);
+    assert_eq!(server.chat(&one).await.0, 200);
+    let mut two = one.clone();
+    two["messages"][0]["content"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "image_url", "image_url": {"url": photo}}));
+    let (status, body) = server.chat(&two).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (400, "invalid_image"),
+        "{body}"
+    );
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("pixels"));
+}

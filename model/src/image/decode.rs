@@ -69,6 +69,52 @@ fn decode_err(e: impl std::fmt::Display) -> ModelError {
 ///   loader does the same). 16-bit samples keep their high byte, as PIL reads 16-bit RGB(A)/LA PNGs
 ///   (PIL saturates 16-bit grey to 255 instead; we take the high byte there too).
 pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage> {
+    let (mut decoder, (width, height)) = checked_decoder(bytes, limits)?;
+    // Decode-stage limits: the decoders enforce these too, as a second line of defence.
+    let mut decode_limits = Limits::default();
+    decode_limits.max_image_width = Some(limits.max_side);
+    decode_limits.max_image_height = Some(limits.max_side);
+    decode_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8) + (64 << 20));
+    decoder.set_limits(decode_limits).map_err(decode_err)?;
+    let orientation = decoder.orientation().unwrap_or_else(|e| {
+        tracing::debug!("ignoring unreadable EXIF orientation: {e}");
+        image::metadata::Orientation::NoTransforms
+    });
+    let decoded = DynamicImage::from_decoder(decoder).map_err(decode_err)?;
+    tracing::debug!(
+        width,
+        height,
+        color = ?decoded.color(),
+        ?orientation,
+        "decoded image"
+    );
+    let mut rgb = DynamicImage::ImageRgb8(to_rgb_dropping_alpha(decoded));
+    rgb.apply_orientation(orientation);
+    Ok(rgb.into_rgb8())
+}
+
+/// The `(height, width)` [`decode_image`] would return (EXIF rotation applied), from the header
+/// alone: the byte and dimension limits are checked, no pixel is decoded. Validation counts image
+/// tokens with it before it decodes anything.
+pub fn probe_image(bytes: &[u8], limits: &ImageLimits) -> Result<(u32, u32)> {
+    use image::metadata::Orientation;
+    let (mut decoder, (width, height)) = checked_decoder(bytes, limits)?;
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    Ok(match orientation {
+        Orientation::Rotate90
+        | Orientation::Rotate270
+        | Orientation::Rotate90FlipH
+        | Orientation::Rotate270FlipH => (width, height),
+        _ => (height, width),
+    })
+}
+
+/// The sniffed format's decoder with its header read, and `(width, height)` as stored, once the
+/// byte size and the dimensions are within `limits`.
+fn checked_decoder<'a>(
+    bytes: &'a [u8],
+    limits: &ImageLimits,
+) -> Result<(Box<dyn image::ImageDecoder + 'a>, (u32, u32))> {
     if bytes.len() > limits.max_bytes {
         return Err(ModelError::ImageBytesTooLarge {
             bytes: bytes.len(),
@@ -82,7 +128,7 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage> {
     let mut header_limits = Limits::default();
     header_limits.max_alloc = Some(64 * 1024 * 1024);
     reader.limits(header_limits);
-    let mut decoder = reader.into_decoder().map_err(decode_err)?;
+    let decoder = reader.into_decoder().map_err(decode_err)?;
     let (width, height) = decoder.dimensions();
     let too_large = width > limits.max_side
         || height > limits.max_side
@@ -100,28 +146,8 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage> {
             "image has no pixels ({width}x{height})"
         )));
     }
-    // Decode-stage limits: the decoders enforce these too, as a second line of defence.
-    let mut decode_limits = Limits::default();
-    decode_limits.max_image_width = Some(limits.max_side);
-    decode_limits.max_image_height = Some(limits.max_side);
-    decode_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8) + (64 << 20));
-    decoder.set_limits(decode_limits).map_err(decode_err)?;
-    let orientation = decoder.orientation().unwrap_or_else(|e| {
-        tracing::debug!("ignoring unreadable EXIF orientation: {e}");
-        image::metadata::Orientation::NoTransforms
-    });
-    let decoded = DynamicImage::from_decoder(decoder).map_err(decode_err)?;
-    tracing::debug!(
-        ?format,
-        width,
-        height,
-        color = ?decoded.color(),
-        ?orientation,
-        "decoded image"
-    );
-    let mut rgb = DynamicImage::ImageRgb8(to_rgb_dropping_alpha(decoded));
-    rgb.apply_orientation(orientation);
-    Ok(rgb.into_rgb8())
+    tracing::debug!(?format, width, height, "image header");
+    Ok((Box::new(decoder), (width, height)))
 }
 
 /// PIL `convert("RGB")`: L → (L, L, L); LA / RGBA → alpha dropped; 16-bit → high byte.
@@ -311,6 +337,15 @@ mod tests {
         png.extend_from_slice(&plain[33..]);
         let img = decode_image(&png, &ImageLimits::default()).unwrap();
         assert_eq!(img.dimensions(), (2, 3));
+        // The header probe says the same (height, width) without decoding.
+        assert_eq!(
+            probe_image(&png, &ImageLimits::default()).unwrap(),
+            (img.height(), img.width())
+        );
+        assert_eq!(
+            probe_image(&plain, &ImageLimits::default()).unwrap(),
+            (2, 3)
+        );
         // Rotating clockwise puts the stored bottom-left pixel (index 3) at the top-left.
         let reds: Vec<u8> = img.pixels().map(|p| p[0]).collect();
         assert_eq!(reds, vec![120, 0, 160, 40, 200, 80]);

@@ -30,7 +30,7 @@ pub use config::{
     AspectMode, PreprocessConfig, SizeSpec, UnpadRounding, CLIP_MEAN, CLIP_STD,
     LLAVA_NEXT_PINPOINTS,
 };
-pub use decode::{decode_image, sniff_format, ImageLimits};
+pub use decode::{decode_image, probe_image, sniff_format, ImageLimits};
 pub use preprocess::{preprocess, ProcessedImage};
 pub use resample::{resize_pil, Resample};
 

@@ -12,7 +12,7 @@ use model::diagnostics::{
     after_image_span, cosine_per_layer, layer_records, merge_spans, span_mean, AttentionShares,
     LogitLens, RefusalSet, RefusalTokens, Summary,
 };
-use model::image::{decode_image, preprocess, ImageLimits};
+use model::image::{decode_image, preprocess, probe_image, ImageLimits};
 use model::llava::{LinearWeights, LlavaModel, LoadOptions};
 use model::mistral::{KeyMask, KvCache, LayerTaps, StateEdit};
 use model::template::{
@@ -316,6 +316,16 @@ impl PromptProcessor for LlavaProcessor {
             .retrieve(bytes, &self.limits)
             .map(Some)
             .map_err(image_error)
+    }
+
+    fn probe_image(&self, bytes: &[u8]) -> Result<ImageInput, ProcessError> {
+        let (h, w) = probe_image(bytes, &self.limits).map_err(image_error)?;
+        Ok(ImageInput {
+            image_size: (h, w),
+            num_tokens: self.model.image_token_count(h, w),
+            shape: Vec::new(),
+            pixel_values: Vec::new(),
+        })
     }
 
     fn prepare_image(&self, bytes: &[u8]) -> Result<ImageInput, ProcessError> {

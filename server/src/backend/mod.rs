@@ -39,6 +39,15 @@ pub trait PromptProcessor: Send + Sync + 'static {
     /// Decodes one image (with the decoder's limits on dimensions and memory) and preprocesses it.
     fn prepare_image(&self, bytes: &[u8]) -> Result<ImageInput, ProcessError>;
 
+    /// What [`Self::prepare_image`] would give, without its pixels: size and token count from
+    /// the image's header, so the context and the pixel budget are checked before any pixel is
+    /// decoded. The default decodes (for processors with no cheaper way).
+    fn probe_image(&self, bytes: &[u8]) -> Result<ImageInput, ProcessError> {
+        let mut image = self.prepare_image(bytes)?;
+        image.pixel_values = Vec::new();
+        Ok(image)
+    }
+
     /// Renders the chat template (with the generation prompt) and tokenizes it, expanding every
     /// [`crate::engine::request::TurnPart::Image`] to `images[i].num_tokens` positions; the
     /// prompt's layout locates the user text and every occurrence of each of `needles` in it.

@@ -25,6 +25,9 @@ use diagnostics::{DiagnosticsConfig, ShareSelector};
 
 /// Images one request may carry unless the operator says otherwise (`--max-images-per-request`).
 pub const DEFAULT_MAX_IMAGES_PER_REQUEST: usize = 8;
+/// Pixels (width × height, summed over its images) one request may carry: eight 2048×2048
+/// images.
+pub const DEFAULT_MAX_REQUEST_PIXELS: u64 = 8 * 2048 * 2048;
 /// OpenAI's bound on `stop` strings, and our bound on each one's length: the stop matcher then
 /// costs O(longest stop) per generated token.
 pub const MAX_STOP_SEQUENCES: usize = 16;
@@ -37,6 +40,8 @@ pub struct Limits {
     pub max_model_len: usize,
     pub max_images_per_request: usize,
     pub max_stop_sequences: usize,
+    /// Pixels summed over the request's images, checked from their headers.
+    pub max_request_pixels: u64,
 }
 
 impl Limits {
@@ -45,6 +50,7 @@ impl Limits {
             max_model_len,
             max_images_per_request: DEFAULT_MAX_IMAGES_PER_REQUEST,
             max_stop_sequences: MAX_STOP_SEQUENCES,
+            max_request_pixels: DEFAULT_MAX_REQUEST_PIXELS,
         }
     }
 }
@@ -198,11 +204,16 @@ impl Validator {
                 .map_err(|err| ApiError::from_media(err, image.param.clone()))
         }))
         .await?;
+        let (images, image_refs) = (Arc::new(images), Arc::new(image_refs));
         let retrieve = request.retrieval.unwrap_or_default() == openai::RetrievalMode::Auto;
         let (prompt, turns, retrieved) = self
-            .build_prompt(turns, images, image_refs, needles, retrieve)
+            .build_prompt(turns, images.clone(), image_refs.clone(), needles, retrieve)
             .await?;
+        // The context is checked before any pixel is decoded for the model.
         let max_new_tokens = self.check_context(prompt.len(), max_tokens)?;
+        let prompt = self
+            .decode_images(prompt, &turns, images, image_refs)
+            .await?;
         let (diagnose, meta) = match diagnose {
             Some((options, deliver)) => {
                 self.plan_diagnostics(&options, &turns, &prompt, deliver)
@@ -461,28 +472,45 @@ impl Validator {
     }
 
     /// Decoding, preprocessing and tokenizing are CPU work: they run on the blocking pool.
-    /// With `retrieve`, each user turn with an image gets the caption its first image
-    /// retrieves (when the model is served with a corpus); the turns as the prompt renders them.
+    /// Builds the prompt with every image's token count from its header (nothing decoded yet),
+    /// after the request's pixel budget; with `retrieve`, each user turn with an image first gets
+    /// the caption its first image retrieves (when the model is served with a corpus). The
+    /// prompt's images carry no pixels until [`Self::decode_images`]; the turns are as the
+    /// prompt renders them.
     #[allow(clippy::type_complexity)]
     async fn build_prompt(
         &self,
         mut turns: Vec<ChatTurn>,
-        images: Vec<Vec<u8>>,
-        refs: Vec<ImageRef>,
+        images: Arc<Vec<Vec<u8>>>,
+        refs: Arc<Vec<ImageRef>>,
         needles: Vec<String>,
         retrieve: bool,
     ) -> Result<(Prompt, Vec<ChatTurn>, Vec<Retrieved>), ApiError> {
         let processor = self.processor.clone();
+        let max_pixels = self.limits.max_request_pixels;
         let built = tokio::task::spawn_blocking(move || {
-            let inputs = images
+            let shapes = images
                 .iter()
-                .zip(&refs)
+                .zip(refs.iter())
                 .map(|(bytes, image)| {
                     processor
-                        .prepare_image(bytes)
+                        .probe_image(bytes)
                         .map_err(|err| ApiError::from_process(err, image.param.clone()))
                 })
                 .collect::<Result<Vec<ImageInput>, ApiError>>()?;
+            let pixels: u64 = shapes
+                .iter()
+                .map(|s| u64::from(s.image_size.0) * u64::from(s.image_size.1))
+                .sum();
+            if pixels > max_pixels {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidImage,
+                    format!(
+                        "the request's images hold {pixels} pixels together; at most {max_pixels} are allowed per request"
+                    ),
+                )
+                .with_param("messages"));
+            }
             let mut retrieved = Vec::new();
             if retrieve {
                 for turn in turns.iter_mut().filter(|t| t.role == Role::User) {
@@ -501,7 +529,7 @@ impl Validator {
                 }
             }
             let prompt = processor
-                .build_prompt(&turns, inputs, &needles)
+                .build_prompt(&turns, shapes, &needles)
                 .map_err(|err| ApiError::from_process(err, "messages".into()))?;
             Ok::<_, ApiError>((prompt, turns, retrieved))
         })
@@ -511,6 +539,46 @@ impl Validator {
             return Err(ApiError::invalid("messages", "the prompt is empty"));
         }
         Ok(built)
+    }
+
+    /// Decodes and preprocesses the images into `prompt`, which holds them in the order their
+    /// placeholders appear in `turns` (the [`PromptProcessor::build_prompt`] contract).
+    async fn decode_images(
+        &self,
+        mut prompt: Prompt,
+        turns: &[ChatTurn],
+        images: Arc<Vec<Vec<u8>>>,
+        refs: Arc<Vec<ImageRef>>,
+    ) -> Result<Prompt, ApiError> {
+        if images.is_empty() {
+            return Ok(prompt);
+        }
+        let order: Vec<usize> = turns
+            .iter()
+            .flat_map(|t| &t.parts)
+            .filter_map(|p| match p {
+                TurnPart::Image(i) => Some(*i),
+                TurnPart::Text(_) => None,
+            })
+            .collect();
+        let processor = self.processor.clone();
+        tokio::task::spawn_blocking(move || {
+            for (slot, &i) in prompt.images.iter_mut().zip(&order) {
+                let decoded = processor
+                    .prepare_image(&images[i])
+                    .map_err(|err| ApiError::from_process(err, refs[i].param.clone()))?;
+                if decoded.num_tokens != slot.num_tokens {
+                    return Err(ApiError::internal(format!(
+                        "image {i}: {} tokens from its header but {} once decoded",
+                        slot.num_tokens, decoded.num_tokens
+                    )));
+                }
+                *slot = decoded;
+            }
+            Ok(prompt)
+        })
+        .await
+        .map_err(|err| ApiError::internal(format!("image processing failed: {err}")))?
     }
 
     /// OpenAI's context check and message; without `max_tokens`, the rest of the context (vLLM).
