@@ -55,6 +55,10 @@ pub struct EvalArgs {
     /// Longest greedy answer, in tokens.
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,
+    /// The logit lens's refusal set: a preset (`apology`, `tga`) or comma-separated words
+    /// resolved through the served tokenizer (e.g. `I,sorry,cannot`).
+    #[arg(long)]
+    pub refusal_tokens: Option<String>,
     /// Evaluate through a running server (or a fleet behind a load balancer) at this base URL,
     /// with its OpenAI API and diagnose endpoint, instead of loading the model here.
     #[arg(long)]
@@ -85,6 +89,19 @@ impl EvalArgs {
             align_layers: self.align_layers,
             mask_layers: self.mask_layers,
             max_tokens: self.max_tokens,
+            refusal_tokens: self.refusal_tokens.as_ref().map(|t| {
+                use crate::openai::diagnostics::RefusalTokensOption;
+                if t.contains(',') {
+                    RefusalTokensOption::Words(
+                        t.split(',')
+                            .map(|w| w.trim().to_string())
+                            .filter(|w| !w.is_empty())
+                            .collect(),
+                    )
+                } else {
+                    RefusalTokensOption::Preset(t.trim().to_string())
+                }
+            }),
             concurrency: self.concurrency.unwrap_or(self.serve.max_num_seqs) as usize,
             progress: true,
         }
@@ -547,6 +564,28 @@ mod tests {
         assert_eq!(config.mask_layers, Some((16, 24)));
         assert_eq!(config.out, PathBuf::from("eval-hod"));
         assert_eq!(config.concurrency, 4);
+        let words = Cli::try_parse_from([
+            "tga-serve",
+            "eval",
+            "--data",
+            "d.jsonl",
+            "--refusal-tokens",
+            "I, sorry,cannot",
+            "--concurrency",
+            "3",
+        ])
+        .unwrap();
+        let Command::Eval(args) = words.command else {
+            unreachable!()
+        };
+        let config = args.eval_config();
+        assert_eq!(
+            config.refusal_tokens,
+            Some(crate::openai::diagnostics::RefusalTokensOption::Words(
+                vec!["I".into(), "sorry".into(), "cannot".into()]
+            ))
+        );
+        assert_eq!(config.concurrency, 3);
         assert!(
             Cli::try_parse_from(["tga-serve", "eval", "--data", "x", "--mask-layers", "5..2"])
                 .is_err()

@@ -29,6 +29,7 @@ use crate::app::ServingModel;
 use crate::engine::plan::Diagnosis;
 use crate::engine::{Event, GenerationStream};
 use crate::eval_plots;
+use crate::openai::diagnostics::RefusalTokensOption;
 use crate::openai::ChatCompletionRequest;
 use crate::validation::Purpose;
 
@@ -78,6 +79,8 @@ pub struct EvalConfig {
     pub mask_layers: Option<(usize, usize)>,
     /// Greedy answer length bound.
     pub max_tokens: usize,
+    /// The refusal set of the logit lens (`diagnostics.refusal_tokens`; default: the server's).
+    pub refusal_tokens: Option<RefusalTokensOption>,
     /// Runs in flight at once (the engine batches them).
     pub concurrency: usize,
     /// Draw a progress bar on stderr (when it is a terminal).
@@ -202,6 +205,10 @@ fn request(
                 "spans": [item.caption]}}),
         ),
     };
+    let mut diagnostics = diagnostics;
+    if let Some(tokens) = &config.refusal_tokens {
+        diagnostics["refusal_tokens"] = json!(tokens);
+    }
     json!({
         "messages": [{"role": "user", "content": content}],
         "temperature": 0,
@@ -852,6 +859,7 @@ mod tests {
             align_layers: Some((1, 1)),
             mask_layers: None,
             max_tokens: 8,
+            refusal_tokens: None,
             concurrency: 2,
             progress: false,
         }

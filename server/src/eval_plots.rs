@@ -337,6 +337,7 @@ mod tests {
             align_layers: None,
             mask_layers: Some((1, 2)),
             max_tokens: 4,
+            refusal_tokens: None,
             concurrency: 1,
             progress: false,
         };

@@ -817,6 +817,7 @@ async fn eval_writes_reports_whose_dsr_matches_the_per_item_records() {
         align_layers: Some((1, 2)),
         mask_layers: Some((1, 3)),
         max_tokens: 6,
+        refusal_tokens: None,
         concurrency: 4,
         progress: false,
     };
