@@ -56,6 +56,31 @@ pub struct HttpConfig {
     pub loopback_only: bool,
     /// Extra Host names served when `loopback_only` (`--allowed-host`).
     pub allowed_hosts: Vec<String>,
+    pub connections: ConnectionLimits,
+}
+
+/// Per-connection bounds of the accept loop (`crate::http::serve`).
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// Open connections at most; one beyond is closed at once.
+    pub max_connections: usize,
+    /// A request head (or, on a keep-alive connection, the next one) must arrive within it.
+    pub header_read_timeout: Duration,
+    /// A request body must arrive within it (408 beyond).
+    pub body_read_timeout: Duration,
+    /// HTTP/1.1 keep-alive.
+    pub keep_alive: bool,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            header_read_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(60),
+            keep_alive: true,
+        }
+    }
 }
 
 impl Default for HttpConfig {
@@ -68,6 +93,7 @@ impl Default for HttpConfig {
             max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS,
             loopback_only: false,
             allowed_hosts: Vec::new(),
+            connections: ConnectionLimits::default(),
         }
     }
 }

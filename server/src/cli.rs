@@ -282,6 +282,16 @@ pub struct ServeArgs {
     /// Allowed CORS origin (repeat for several; `*` for any).
     #[arg(long = "cors", env = "TGA_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
+    /// Open connections at most; one beyond is closed at once.
+    #[arg(long, env = "TGA_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Seconds a client has to send a request head (also the idle limit of a keep-alive
+    /// connection).
+    #[arg(long, env = "TGA_HEADER_READ_TIMEOUT", default_value_t = 30.0)]
+    pub header_read_timeout: f64,
+    /// Seconds a client has to send a request body (408 beyond).
+    #[arg(long, env = "TGA_BODY_READ_TIMEOUT", default_value_t = 60.0)]
+    pub body_read_timeout: f64,
     /// Largest request body in bytes.
     #[arg(long, env = "TGA_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -369,6 +379,12 @@ impl ServeArgs {
             cors_origins: self.cors_origins.clone(),
             max_body_bytes: self.max_body_bytes,
             max_concurrent_requests: self.max_concurrent_requests as usize,
+            connections: crate::app::ConnectionLimits {
+                max_connections: self.max_connections as usize,
+                header_read_timeout: seconds(self.header_read_timeout),
+                body_read_timeout: seconds(self.body_read_timeout),
+                keep_alive: true,
+            },
             loopback_only: self.binds_loopback(),
             allowed_hosts: self
                 .allowed_hosts

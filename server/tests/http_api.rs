@@ -1169,3 +1169,49 @@ async fn the_request_pixel_budget_is_checked_from_the_headers() {
         .unwrap()
         .contains("pixels"));
 }
+
+#[tokio::test]
+async fn slow_heads_are_cut_and_open_connections_are_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut options = TestOptions::default();
+    options.http.connections.header_read_timeout = Duration::from_millis(300);
+    options.http.connections.max_connections = 3;
+    let server = TestServer::start(options).await;
+    let address = server.url("").trim_start_matches("http://").to_string();
+    // A head that never ends is closed after the header timeout (EOF, nothing served).
+    let mut slow = tokio::net::TcpStream::connect(&address).await.unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buffer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut buffer)).await;
+    assert!(read.is_ok(), "the slow head was not cut");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    // Three idle connections fill the cap: a fourth is closed at once; health still answers
+    // once they go.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(tokio::net::TcpStream::connect(&address).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut extra = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let _ = extra
+        .write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), extra.read_to_end(&mut answer)).await;
+    assert!(answer.is_empty(), "a connection over the cap was served");
+    drop(idle);
+    let mut healthy = false;
+    for _ in 0..50 {
+        if let Ok(r) = server.client.get(server.url("/health")).send().await {
+            if r.status() == 200 {
+                healthy = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(healthy, "serving resumes when connections close");
+}

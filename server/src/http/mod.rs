@@ -413,34 +413,85 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let router = router(state.clone());
-    let signal_state = state.clone();
-    let (signalled_tx, signalled) = tokio::sync::oneshot::channel::<()>();
-    // Token streams are many small writes: without TCP_NODELAY the first chunk waits for the
-    // peer's delayed ACK (~40 ms) and later ones get merged, which distorts TTFT and ITL.
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
+    let limits = state.http.connections.clone();
+    let router = router(state.clone()).layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+        limits.body_read_timeout,
+    ));
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+            // Reap finished connection tasks as they go.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            // Over the cap: closed at once, before a byte is read.
+            tracing::warn!(%peer, max = limits.max_connections, "too many open connections; refusing one");
+            drop(tcp);
+            continue;
+        };
+        // Token streams are many small writes: without TCP_NODELAY the first chunk waits for the
+        // peer's delayed ACK (~40 ms) and later ones get merged, which distorts TTFT and ITL.
         if let Err(err) = tcp.set_nodelay(true) {
             tracing::warn!(error = %err, "cannot set TCP_NODELAY");
         }
-    });
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
-        shutdown.await;
-        tracing::info!(grace_s = grace.as_secs_f64(), "shutting down");
-        signal_state.begin_shutdown(grace);
-        let _ = signalled_tx.send(());
-    });
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(hyper_util::rt::TokioTimer::new())
+            // Also bounds how long an idle keep-alive connection waits for its next request.
+            .header_read_timeout(limits.header_read_timeout)
+            .keep_alive(limits.keep_alive);
+        let mut closing = closing.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(err) = result {
+                        tracing::debug!(%peer, error = %err, "connection ended");
+                    }
+                }
+                () = async {
+                    // (The borrow ends before each await: the future stays `Send`.)
+                    while !*closing.borrow_and_update() {
+                        if closing.changed().await.is_err() {
+                            break;
+                        }
+                    }
+                } => {
+                    // The request in flight finishes; an idle keep-alive connection closes.
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!(grace_s = grace.as_secs_f64(), "shutting down");
+    state.begin_shutdown(grace);
+    let _ = closing_tx.send(true);
     // Connections that outlive the engine (a client that never reads) must not hold the exit.
-    let drain_limit = async move {
-        if signalled.await.is_ok() {
-            tokio::time::sleep(grace + DRAIN_MARGIN).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::select! {
-        result = server => result?,
-        () = drain_limit => tracing::warn!("connections still open after the grace period; closing"),
+    let drained = tokio::time::timeout(grace + DRAIN_MARGIN, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("connections still open after the grace period; closing");
+        connections.abort_all();
     }
     state.engine_stopped().await;
     tracing::info!("stopped");
