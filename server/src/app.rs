@@ -66,7 +66,7 @@ pub struct ConnectionLimits {
     pub max_connections: usize,
     /// A request head (or, on a keep-alive connection, the next one) must arrive within it.
     pub header_read_timeout: Duration,
-    /// A request body must arrive within it (408 beyond).
+    /// A request body must arrive within it (a 400 naming the timeout beyond).
     pub body_read_timeout: Duration,
     /// HTTP/1.1 keep-alive.
     pub keep_alive: bool,

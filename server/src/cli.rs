@@ -289,7 +289,7 @@ pub struct ServeArgs {
     /// connection).
     #[arg(long, env = "TGA_HEADER_READ_TIMEOUT", default_value_t = 30.0)]
     pub header_read_timeout: f64,
-    /// Seconds a client has to send a request body (408 beyond).
+    /// Seconds a client has to send a request body (a 400 naming the timeout beyond).
     #[arg(long, env = "TGA_BODY_READ_TIMEOUT", default_value_t = 60.0)]
     pub body_read_timeout: f64,
     /// Largest request body in bytes.
