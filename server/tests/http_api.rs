@@ -1215,3 +1215,55 @@ async fn slow_heads_are_cut_and_open_connections_are_capped() {
     }
     assert!(healthy, "serving resumes when connections close");
 }
+
+#[tokio::test]
+async fn models_by_id_version_and_the_bearer_scheme_in_any_case() {
+    let mut options = TestOptions::default();
+    options.http.api_keys = vec!["sk-one".into()];
+    let server = TestServer::start(options).await;
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let response = server
+            .client
+            .get(server.url(&format!("/v1/models/{MODEL_ID}")))
+            .header("authorization", format!("{scheme} sk-one"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{scheme}");
+        let model: Value = response.json().await.unwrap();
+        assert_eq!(model["id"], MODEL_ID);
+        assert_eq!(model["object"], "model");
+    }
+    expect_error(
+        &server,
+        server
+            .client
+            .get(server.url("/v1/models/gpt-4o"))
+            .bearer_auth("sk-one"),
+        404,
+        "model_not_found",
+        Some("model"),
+    )
+    .await;
+    expect_error(
+        &server,
+        server
+            .client
+            .get(server.url("/v1/models/x"))
+            .header("authorization", "Basic sk-one"),
+        401,
+        "invalid_api_key",
+        None,
+    )
+    .await;
+    let version: Value = server
+        .client
+        .get(server.url("/version"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(version["version"], env!("CARGO_PKG_VERSION"));
+}

@@ -141,6 +141,7 @@ fn api_routes(state: &Arc<AppState>) -> (Router<Arc<AppState>>, utoipa::openapi:
         .route_layer(middleware::from_fn_with_state(state.clone(), admit));
     let protected = generation
         .routes(routes!(system::list_models))
+        .routes(routes!(system::retrieve_model))
         .routes(routes!(safety::events))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -148,6 +149,7 @@ fn api_routes(state: &Arc<AppState>) -> (Router<Arc<AppState>>, utoipa::openapi:
         ));
     let mut public = OpenApiRouter::new()
         .routes(routes!(system::health))
+        .routes(routes!(system::version))
         .routes(routes!(system::ready))
         .routes(routes!(system::metrics));
     if state.http.protect_public_routes {
@@ -355,7 +357,10 @@ async fn require_api_key(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
+        // The auth scheme is case-insensitive (RFC 9110 §11.1): `bearer` and `BEARER` too.
+        .and_then(|value| value.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key)
         .map(str::trim);
     let Some(presented) = presented else {
         return Err(ApiError::new(

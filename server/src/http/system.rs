@@ -9,7 +9,8 @@ use axum::Json;
 
 use crate::app::AppState;
 use crate::error::ApiError;
-use crate::openai::{ErrorResponse, HealthStatus, ModelList, ModelObject};
+use crate::error::ErrorCode;
+use crate::openai::{ErrorResponse, HealthStatus, ModelList, ModelObject, VersionInfo};
 
 /// The served model.
 #[utoipa::path(
@@ -26,19 +27,68 @@ use crate::openai::{ErrorResponse, HealthStatus, ModelList, ModelObject};
 pub(super) async fn list_models(
     State(state): State<Arc<AppState>>,
 ) -> Result<Json<ModelList>, ApiError> {
-    let card = &state.model()?.card;
     Ok(Json(ModelList {
         object: "list".into(),
-        data: vec![ModelObject {
-            id: card.id.clone(),
-            object: "model".into(),
-            created: card.created,
-            owned_by: card.owned_by.clone(),
-            max_model_len: card.max_model_len,
-            supports_images: card.supports_images,
-            builtin: card.builtin,
-        }],
+        data: vec![model_object(&state)?],
     }))
+}
+
+fn model_object(state: &AppState) -> Result<ModelObject, ApiError> {
+    let card = &state.model()?.card;
+    Ok(ModelObject {
+        id: card.id.clone(),
+        object: "model".into(),
+        created: card.created,
+        owned_by: card.owned_by.clone(),
+        max_model_len: card.max_model_len,
+        supports_images: card.supports_images,
+        builtin: card.builtin,
+    })
+}
+
+/// One model by id (OpenAI's `client.models.retrieve`).
+#[utoipa::path(
+    get,
+    path = "/v1/models/{model}",
+    tag = "models",
+    params(("model" = String, Path, description = "The served model's id")),
+    responses(
+        (status = 200, description = "The served model", body = ModelObject),
+        (status = 401, description = "Missing or bad API key", body = ErrorResponse),
+        (status = 404, description = "Not the served model", body = ErrorResponse),
+        (status = 503, description = "The model is not loaded yet, or the server is shutting down", body = ErrorResponse),
+    ),
+    security(("api_key" = []))
+)]
+pub(super) async fn retrieve_model(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Path(model): axum::extract::Path<String>,
+) -> Result<Json<ModelObject>, ApiError> {
+    let object = model_object(&state)?;
+    if object.id != model {
+        return Err(ApiError::new(
+            ErrorCode::ModelNotFound,
+            format!(
+                "The model `{model}` does not exist; this server serves `{}`.",
+                object.id
+            ),
+        )
+        .with_param("model"));
+    }
+    Ok(Json(object))
+}
+
+/// The server's version.
+#[utoipa::path(
+    get,
+    path = "/version",
+    tag = "operations",
+    responses((status = 200, description = "The tga-serve release", body = VersionInfo))
+)]
+pub(super) async fn version() -> Json<VersionInfo> {
+    Json(VersionInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
 }
 
 /// Liveness: 200 while the process serves; 503 once its engine thread has ended.

@@ -314,6 +314,13 @@ pub struct HealthStatus {
     pub status: String,
 }
 
+/// `GET /version`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, ToSchema)]
+pub struct VersionInfo {
+    /// The tga-serve release.
+    pub version: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, ToSchema)]
 pub struct ErrorBody {
     pub message: String,
