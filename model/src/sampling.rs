@@ -37,7 +37,8 @@ pub const MAX_TEMPERATURE: f32 = 2.0;
 pub struct SamplingParams {
     /// 0 = greedy. OpenAI's default is 1.
     pub temperature: f32,
-    /// Nucleus mass in (0, 1]; 1 disables it.
+    /// Nucleus mass in [0, 1] (OpenAI's range); 1 disables it, 0 keeps only the most likely
+    /// token (the nucleus always holds one).
     pub top_p: f32,
     /// Number of highest logits kept; 0 disables it.
     pub top_k: usize,
@@ -87,7 +88,7 @@ impl SamplingParams {
     }
 
     /// The ranges the server enforces (the one definition of them): temperature in
-    /// [0, [`MAX_TEMPERATURE`]], top_p in (0, 1], top_logprobs at most [`MAX_TOP_LOGPROBS`] and
+    /// [0, [`MAX_TEMPERATURE`]], top_p in [0, 1], top_logprobs at most [`MAX_TOP_LOGPROBS`] and
     /// only with logprobs.
     pub fn validate(&self) -> std::result::Result<(), InvalidSampling> {
         let bad = |param, message: String| Err(InvalidSampling { param, message });
@@ -100,10 +101,10 @@ impl SamplingParams {
                 ),
             );
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+        if !(0.0..=1.0).contains(&self.top_p) {
             return bad(
                 "top_p",
-                format!("top_p must be in (0, 1], got {}", self.top_p),
+                format!("top_p must be between 0 and 1, got {}", self.top_p),
             );
         }
         if self.top_logprobs > MAX_TOP_LOGPROBS {
@@ -718,7 +719,7 @@ mod tests {
                 ..Default::default()
             },
             SamplingParams {
-                top_p: 0.0,
+                top_p: -0.1,
                 ..Default::default()
             },
         ];

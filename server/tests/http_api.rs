@@ -223,6 +223,10 @@ async fn images_as_data_uris_and_local_urls_take_prompt_positions() {
     assert_eq!(status, 200, "{body}");
     let text_only = 1 + "user: Compare\nassistant: ".len();
     assert_eq!(body["usage"]["prompt_tokens"], text_only + 2 * IMAGE_TOKENS);
+    assert_eq!(
+        body["usage"]["prompt_tokens_details"]["image_tokens"],
+        2 * IMAGE_TOKENS
+    );
     let metrics = server.metrics_text().await;
     assert_eq!(sample(&metrics, names::IMAGES_TOTAL), Some(2.0));
     assert_eq!(
@@ -415,7 +419,7 @@ async fn error_matrix_gets_serving_md_statuses_and_the_server_goes_on() {
     expect_error(&server, chat().json(&n2), 400, "invalid_value", Some("n")).await;
     for (field, value) in [
         ("temperature", json!(3)),
-        ("top_p", json!(0)),
+        ("top_p", json!(1.5)),
         ("max_tokens", json!(0)),
         ("top_logprobs", json!(5)),
     ] {

@@ -18,6 +18,9 @@ impl From<engine::Usage> for Usage {
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
             total_tokens: usage.prompt_tokens + usage.completion_tokens,
+            prompt_tokens_details: super::PromptTokensDetails {
+                image_tokens: usage.image_tokens,
+            },
         }
     }
 }

@@ -194,6 +194,16 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    /// What the prompt tokens hold besides text.
+    #[serde(default)]
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// `usage.prompt_tokens_details` (OpenAI's object; `image_tokens` is ours).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, ToSchema)]
+pub struct PromptTokensDetails {
+    /// Prompt positions taken by images (part of `prompt_tokens`).
+    pub image_tokens: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, ToSchema)]
