@@ -291,7 +291,7 @@ impl Remote {
     }
 
     /// One run as `POST /v1/safety/diagnose` (`stream: false`).
-    async fn diagnose(&self, body: serde_json::Value) -> Result<(Diagnosed, String), String> {
+    async fn diagnose(&self, body: serde_json::Value) -> Result<Diagnosed, String> {
         let mut request = json_body(
             self.client.post(format!("{}/v1/safety/diagnose", self.url)),
             &body,
@@ -305,9 +305,7 @@ impl Remote {
         if !status.is_success() {
             return Err(format!("HTTP {status}: {text}"));
         }
-        let parsed: Diagnosed = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-        let answer = parsed.answer.clone();
-        Ok((parsed, answer))
+        serde_json::from_str(&text).map_err(|e| e.to_string())
     }
 }
 
@@ -325,7 +323,6 @@ fn json_body(
 struct Diagnosed {
     layers: Vec<model::diagnostics::LayerRecord>,
     summary: model::diagnostics::Summary,
-    #[serde(default)]
     answer: String,
 }
 
@@ -353,15 +350,14 @@ async fn run_one(
     category: &str,
     kind: RunKind,
 ) -> Result<RunRecord, String> {
-    let (report, answer) = match target {
+    let report = match target {
         Target::InProcess(model) => {
             let (diagnosis, answer) = run_in_process(model, body, item, kind).await?;
-            let report = Diagnosed {
+            Diagnosed {
                 layers: diagnosis.layers,
                 summary: diagnosis.summary,
-                answer: String::new(),
-            };
-            (report, answer)
+                answer,
+            }
         }
         Target::Remote(remote) => remote.diagnose(body).await?,
     };
@@ -370,7 +366,7 @@ async fn run_one(
         category: category.to_string(),
         run: kind,
         refused: report.summary.refused.unwrap_or(false),
-        answer,
+        answer: report.answer,
         activation_layer: report.summary.activation_layer,
         start_layer: report.summary.start_layer,
         end_layer: report.summary.end_layer,

@@ -188,7 +188,7 @@ fn load_model(
     let started = std::time::Instant::now();
     let loaded = server::backend::llava::load(
         &dir,
-        vision_tower,
+        vision_tower.clone(),
         Some(dtype),
         args.weights.linear_weights(),
         template,
@@ -239,8 +239,7 @@ fn load_model(
         let clip = args
             .retrieval_clip
             .clone()
-            .or_else(|| args.vision_tower.clone())
-            .or_else(|| materialized.as_ref().and_then(|m| m.vision_tower.clone()))
+            .or_else(|| vision_tower.clone())
             .ok_or("--retrieval-corpus needs a CLIP: pass --retrieval-clip DIR (a CLIPModel with both towers)")?;
         let config = retrieval::RetrievalConfig {
             corpus,

@@ -29,9 +29,12 @@ use super::{
     BackendError, DiagnosticsProcessor, ModelBackend, ProcessError, PromptProcessor, TokenSampler,
 };
 use crate::engine::plan::{
-    CaptionPass, CaptionPlan, CaptionPooling, DiagnosePlan, Diagnosis, DESCRIBE_PROMPT,
+    CaptionPass, CaptionPlan, CaptionPooling, CaptionPrompt, DiagnosePlan, Diagnosis,
+    DESCRIBE_PROMPT,
 };
-use crate::engine::request::{ChatTurn, ImageInput, Prompt, PromptLayout, Role, TurnPart};
+use crate::engine::request::{
+    image_order, ChatTurn, ImageInput, Prompt, PromptLayout, Role, TurnPart,
+};
 
 /// Everything loaded from a checkpoint directory.
 pub struct LoadedModel {
@@ -181,11 +184,11 @@ impl LlavaProcessor {
     /// The caption pass of DIAGNOSTICS.md §3: the request's rendered template with every image
     /// placeholder replaced by `caption`, tokenized as a text-only prompt; returns its ids and
     /// the token spans of the inserted captions.
-    fn caption_prompt(
+    fn build_caption_prompt(
         &self,
         turns: &[ChatTurn],
         caption: &str,
-    ) -> Result<(Vec<u32>, Vec<Range<usize>>), ProcessError> {
+    ) -> Result<CaptionPrompt, ProcessError> {
         let rendered = self.render(turns)?;
         let mut text = String::with_capacity(rendered.len());
         let mut chars = 0;
@@ -212,7 +215,10 @@ impl LlavaProcessor {
                     .into(),
             ));
         }
-        Ok((tokens.ids, merge_spans(&spans)))
+        Ok(CaptionPrompt {
+            ids: tokens.ids,
+            caption_spans: merge_spans(&spans),
+        })
     }
 }
 
@@ -283,12 +289,12 @@ impl DiagnosticsProcessor for LlavaProcessor {
         self.model.config().text.num_hidden_layers
     }
 
-    fn caption_prompt_tokens(
+    fn caption_prompt(
         &self,
         turns: &[ChatTurn],
         caption: &str,
-    ) -> Result<usize, ProcessError> {
-        Ok(self.caption_prompt(turns, caption)?.0.len())
+    ) -> Result<CaptionPrompt, ProcessError> {
+        self.build_caption_prompt(turns, caption)
     }
 
     fn refusal_set(&self, spec: &RefusalTokens) -> Result<RefusalSet, String> {
@@ -348,14 +354,7 @@ impl PromptProcessor for LlavaProcessor {
         needles: &[String],
     ) -> Result<Prompt, ProcessError> {
         // Images appear in the prompt in the order of their parts; the parts index `images`.
-        let order: Vec<usize> = turns
-            .iter()
-            .flat_map(|t| t.parts.iter())
-            .filter_map(|p| match p {
-                TurnPart::Image(i) => Some(*i),
-                TurnPart::Text(_) => None,
-            })
-            .collect();
+        let order = image_order(turns);
         let mut slots: Vec<Option<ImageInput>> = images.into_iter().map(Some).collect();
         let mut ordered = Vec::with_capacity(order.len());
         for i in order {
@@ -511,16 +510,26 @@ impl LlavaBackend {
 
     /// The caption pass: pooled states `[N+1, H]` of the caption tokens (the alignment vector)
     /// and of the `text_span` pooling (the cosine's text side).
+    /// `prepared`: the prompt validation already built for this caption, if any.
     fn caption_pass(
         &self,
         turns: &[ChatTurn],
         caption: &str,
         pooling: CaptionPooling,
+        prepared: Option<&CaptionPrompt>,
     ) -> Result<CaptionStates, BackendError> {
-        let (ids, caption_spans) = self
-            .prompts
-            .caption_prompt(turns, caption)
-            .map_err(internal)?;
+        let built;
+        let CaptionPrompt { ids, caption_spans } = match prepared {
+            Some(prompt) => prompt,
+            None => {
+                built = self
+                    .prompts
+                    .build_caption_prompt(turns, caption)
+                    .map_err(internal)?;
+                &built
+            }
+        };
+        let caption_spans = caption_spans.clone();
         let pooled_text = match pooling {
             CaptionPooling::Caption => caption_spans.clone(),
             CaptionPooling::AfterImage => {
@@ -544,7 +553,7 @@ impl LlavaBackend {
         let mut cache = self.model.new_cache();
         let out = self
             .model
-            .prefill(&ids, &[], &mut cache, &taps)
+            .prefill(ids, &[], &mut cache, &taps)
             .map_err(internal)?;
         let pooled = out
             .taps
@@ -655,7 +664,14 @@ impl ModelBackend for LlavaBackend {
         };
         let caption_pass = caption
             .as_deref()
-            .map(|c| self.caption_pass(&plan.turns, c, plan.caption_pooling))
+            .map(|c| {
+                // Only a given caption's prompt was built at validation.
+                let prepared = match &plan.caption {
+                    CaptionPlan::Given(_) => plan.caption_prompt.as_ref(),
+                    _ => None,
+                };
+                self.caption_pass(&plan.turns, c, plan.caption_pooling, prepared)
+            })
             .transpose()?;
 
         // The request pass: the lens position's states, its attention rows, the pooled image

@@ -17,7 +17,7 @@ use std::fmt;
 use model::diagnostics::{RefusalSet, RefusalTokens};
 use model::sampling::{SampledToken, SamplingParams};
 
-use crate::engine::plan::{DiagnosePlan, Diagnosis};
+use crate::engine::plan::{CaptionPrompt, DiagnosePlan, Diagnosis};
 use crate::engine::request::{ChatTurn, ImageInput, Prompt};
 
 /// Why the processor refused a request. Bad input is the client's fault (400); `Internal` is ours.
@@ -84,12 +84,12 @@ pub trait DiagnosticsProcessor: Send + Sync {
     /// The refusal set K, resolved through the served tokenizer; `Err` is the client's message.
     fn refusal_set(&self, spec: &RefusalTokens) -> Result<RefusalSet, String>;
 
-    /// Length in tokens of the caption pass (DIAGNOSTICS.md §3) of `turns` with `caption`.
-    fn caption_prompt_tokens(
+    /// The caption pass's prompt (DIAGNOSTICS.md §3) of `turns` with `caption`.
+    fn caption_prompt(
         &self,
         turns: &[ChatTurn],
         caption: &str,
-    ) -> Result<usize, ProcessError>;
+    ) -> Result<CaptionPrompt, ProcessError>;
 }
 
 /// A per-sequence sampler: it owns the sequence's RNG, so a seed gives the same output whatever

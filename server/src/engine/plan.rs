@@ -48,6 +48,13 @@ pub struct AlignPlan {
     pub mode: EditMode,
 }
 
+/// The caption pass's prompt (DIAGNOSTICS.md §3): its ids and where the caption stands in them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptionPrompt {
+    pub ids: Vec<u32>,
+    pub caption_spans: Vec<Range<usize>>,
+}
+
 /// A validated diagnostics request: every span located, every layer checked.
 #[derive(Debug, Clone)]
 pub struct DiagnosePlan {
@@ -63,6 +70,9 @@ pub struct DiagnosePlan {
     /// Per focus item, the prompt positions of its occurrences.
     pub focus: Vec<Vec<Range<usize>>>,
     pub caption: CaptionPlan,
+    /// The caption pass's prompt for a given caption, built once at validation (where its length
+    /// is checked); a model caption's is built on the engine thread.
+    pub caption_prompt: Option<CaptionPrompt>,
     pub caption_pooling: CaptionPooling,
     pub mask: Option<MaskPlan>,
     pub align: Option<AlignPlan>,

@@ -30,6 +30,22 @@ pub struct ChatTurn {
     pub retrieved: Option<String>,
 }
 
+impl ChatTurn {
+    /// The indices of this turn's images, in order of appearance.
+    pub fn images(&self) -> impl Iterator<Item = usize> + '_ {
+        self.parts.iter().filter_map(|p| match p {
+            TurnPart::Image(i) => Some(*i),
+            TurnPart::Text(_) => None,
+        })
+    }
+}
+
+/// Every image index of the conversation in order of appearance: the order of
+/// [`Prompt::images`].
+pub fn image_order(turns: &[ChatTurn]) -> Vec<usize> {
+    turns.iter().flat_map(ChatTurn::images).collect()
+}
+
 /// One preprocessed image, as the processor hands it to the model.
 #[derive(Debug, Clone)]
 pub struct ImageInput {

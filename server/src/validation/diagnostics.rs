@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use model::diagnostics::{merge_spans, Band, Modality, RefusalTokens, DEFAULT_REFUSAL_PRESET};
 
 use crate::backend::DiagnosticsProcessor;
-use crate::engine::plan::{AlignPlan, CaptionPlan, CaptionPooling, DiagnosePlan, MaskPlan};
+use crate::engine::plan::{
+    AlignPlan, CaptionPlan, CaptionPooling, CaptionPrompt, DiagnosePlan, MaskPlan,
+};
 use crate::engine::request::{ChatTurn, Prompt, Role, TurnPart};
 use crate::error::ApiError;
 use crate::error::ErrorCode;
@@ -66,7 +68,7 @@ pub fn modality(turns: &[ChatTurn]) -> Modality {
     let user: Vec<bool> = turns
         .iter()
         .filter(|t| t.role == Role::User)
-        .map(|t| t.parts.iter().any(|p| matches!(p, TurnPart::Image(_))))
+        .map(|t| t.images().next().is_some())
         .collect();
     if !user.iter().any(|&has| has) {
         Modality::Text
@@ -419,15 +421,17 @@ fn system_prompt(turns: &[ChatTurn]) -> Option<String> {
 
 /// A given caption's pass must fit the context: it is tokenized at validation (after the plan's
 /// cheap checks, on the blocking pool) rather than found too long on the engine thread.
+/// The prompt is kept for the engine, which runs it.
 pub fn check_caption_pass(
     dx: &dyn DiagnosticsProcessor,
     turns: &[ChatTurn],
     caption: &str,
     max_model_len: usize,
-) -> Result<(), ApiError> {
-    let tokens = dx
-        .caption_prompt_tokens(turns, caption)
+) -> Result<CaptionPrompt, ApiError> {
+    let prompt = dx
+        .caption_prompt(turns, caption)
         .map_err(|e| ApiError::from_process(e, "diagnostics.caption".into()))?;
+    let tokens = prompt.ids.len();
     if tokens >= max_model_len {
         return Err(ApiError::new(
             ErrorCode::ContextLengthExceeded,
@@ -440,7 +444,7 @@ pub fn check_caption_pass(
         )
         .with_param("diagnostics.caption"));
     }
-    Ok(())
+    Ok(prompt)
 }
 
 /// Validates `options` against the request's prompt (built with [`needles`] of these options)
@@ -536,6 +540,7 @@ pub fn plan(
         text_spans: prompt.layout.user_text.clone(),
         focus,
         caption: caption.plan,
+        caption_prompt: None,
         caption_pooling: CaptionPooling::from(text_span),
         mask,
         align,
@@ -567,11 +572,11 @@ mod tests {
             4
         }
 
-        fn caption_prompt_tokens(
+        fn caption_prompt(
             &self,
             turns: &[ChatTurn],
             caption: &str,
-        ) -> Result<usize, crate::backend::ProcessError> {
+        ) -> Result<CaptionPrompt, crate::backend::ProcessError> {
             let text: usize = turns
                 .iter()
                 .flat_map(|t| &t.parts)
@@ -580,7 +585,10 @@ mod tests {
                     TurnPart::Image(_) => caption.len(),
                 })
                 .sum();
-            Ok(OFFSET + text + 2)
+            Ok(CaptionPrompt {
+                ids: vec![0; OFFSET + text + 2],
+                caption_spans: Vec::new(),
+            })
         }
 
         fn refusal_set(&self, spec: &RefusalTokens) -> Result<RefusalSet, String> {

@@ -15,7 +15,7 @@ use model::sampling::{SamplingParams, MAX_TOP_LOGPROBS};
 use crate::backend::retrieval::Retrieved;
 use crate::backend::PromptProcessor;
 use crate::engine::plan::{CaptionPlan, DiagnosePlan};
-use crate::engine::request::{ChatTurn, ImageInput, Prompt, Role, TurnPart};
+use crate::engine::request::{image_order, ChatTurn, ImageInput, Prompt, Role, TurnPart};
 use crate::engine::{StoppingCriteria, ValidRequest};
 use crate::error::{ApiError, ErrorCode};
 use crate::media::MediaFetcher;
@@ -283,11 +283,12 @@ impl Validator {
             &self.diagnostics,
             deliver,
         )?;
+        let mut plan = plan;
         if let CaptionPlan::Given(caption) = &plan.caption {
             let processor = self.processor.clone();
             let (turns, caption) = (turns.to_vec(), caption.clone());
             let max_model_len = self.limits.max_model_len;
-            tokio::task::spawn_blocking(move || {
+            let prompt = tokio::task::spawn_blocking(move || {
                 let dx = processor
                     .diagnostics()
                     .expect("checked above: the processor supports diagnostics");
@@ -295,6 +296,7 @@ impl Validator {
             })
             .await
             .map_err(|err| ApiError::internal(format!("caption pass check failed: {err}")))??;
+            plan.caption_prompt = Some(prompt);
         }
         Ok((Some(Arc::new(plan)), deliver.then(|| Box::new(meta))))
     }
@@ -514,11 +516,9 @@ impl Validator {
             let mut retrieved = Vec::new();
             if retrieve {
                 for turn in turns.iter_mut().filter(|t| t.role == Role::User) {
-                    let first = turn.parts.iter().find_map(|p| match p {
-                        TurnPart::Image(i) => Some(*i),
-                        TurnPart::Text(_) => None,
-                    });
-                    let Some(i) = first else { continue };
+                    let Some(i) = turn.images().next() else {
+                        continue;
+                    };
                     let found = processor
                         .retrieve(&images[i])
                         .map_err(|err| ApiError::from_process(err, refs[i].param.clone()))?;
@@ -553,14 +553,7 @@ impl Validator {
         if images.is_empty() {
             return Ok(prompt);
         }
-        let order: Vec<usize> = turns
-            .iter()
-            .flat_map(|t| &t.parts)
-            .filter_map(|p| match p {
-                TurnPart::Image(i) => Some(*i),
-                TurnPart::Text(_) => None,
-            })
-            .collect();
+        let order = image_order(turns);
         let processor = self.processor.clone();
         tokio::task::spawn_blocking(move || {
             for (slot, &i) in prompt.images.iter_mut().zip(&order) {
