@@ -8,6 +8,7 @@
 
 pub mod plan;
 pub mod request;
+mod sequence;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, Ordering};
