@@ -22,7 +22,7 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use model::image::{decode_image, preprocess, ImageLimits};
 use model::llava::{ImageInput, LinearWeights, LlavaModel};
 use model::mistral::{KvCache, LayerTaps};
@@ -186,16 +186,17 @@ fn decode_with(c: &mut Criterion, group: &str, linear_weights: LinearWeights) {
         let tokens: Vec<u32> = (0..b as u32).map(|i| 200 + i).collect();
         g.throughput(Throughput::Elements(b as u64));
         g.bench_function(format!("batch_{b}"), |bench| {
-            // Clones share the cache buffers (tensors are reference-counted); a step writes only
-            // the slot past each clone's length, so every iteration sees the same contexts.
-            bench.iter_batched(
-                || caches[..b].to_vec(),
-                |mut cs| {
-                    let mut refs: Vec<&mut KvCache> = cs.iter_mut().collect();
-                    model.decode_step(&tokens, &mut refs).expect("decode step")
-                },
-                BatchSize::SmallInput,
-            )
+            // Each step is rolled back (its blocks stay), so every iteration sees the same
+            // contexts.
+            bench.iter(|| {
+                let lens: Vec<usize> = caches[..b].iter().map(|c| c.len()).collect();
+                let mut refs: Vec<&mut KvCache> = caches[..b].iter_mut().collect();
+                let out = model.decode_step(&tokens, &mut refs).expect("decode step");
+                for (c, len) in caches[..b].iter_mut().zip(lens) {
+                    c.truncate(len);
+                }
+                out
+            })
         });
     }
     g.finish();

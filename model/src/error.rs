@@ -61,6 +61,9 @@ pub enum ModelError {
 
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// The paged KV cache has no room for a forward (a scheduler reserves ahead to avoid it).
+    #[error(transparent)]
+    OutOfBlocks(#[from] crate::kv::OutOfBlocks),
     /// Logits the sampler cannot draw from (NaN, +inf, or all −inf): a model fault, not bad input.
     #[error("sampling: {0}")]
     Sampling(String),

@@ -6,6 +6,8 @@
 //! - `tokenizer`, `sentencepiece`, `template`: tokenizers, SentencePiece `.model` files, chat templates.
 //! - `cpu`: f32 CPU kernels (small-batch linear, decode attention, fused softmax/activations).
 //! - `clip`, `mistral`, `llava`: vision tower, decoder with [`mistral::LayerTaps`], the assembled model.
+//! - `kv`: the paged KV cache's block allocator, block tables and prefix hashes (the storage is the
+//!   decoder's).
 //! - `sampling`: logits to tokens (greedy, temperature, top-k/top-p, seeds, logprobs, stops).
 //! - `diagnostics`: the DIAGNOSTICS.md math (logit lens, refusal sets, attention shares, cosines).
 //! - `clip_embed`: [`clip_embed::ClipEmbedder`], CLIP text and image embeddings of a full `CLIPModel`.
@@ -20,6 +22,7 @@ pub mod config;
 mod cpu;
 pub mod diagnostics;
 pub mod image;
+pub mod kv;
 pub mod llava;
 pub mod mistral;
 pub mod retrieval;

@@ -13,6 +13,7 @@ use candle_nn::{embedding, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm,
 use crate::config::TextConfig;
 use crate::cpu;
 use crate::error::{ModelError, Result};
+use crate::kv::{BlockCopy, BlockTable, KvBlocks, KvPoolConfig};
 
 /// Prefill attention runs in chunks of query rows whose score matrix (heads × rows × keys) stays
 /// under this many bytes. Larger score buffers (512 rows × 2373 keys × 12 heads is 58 MB) exceed
@@ -78,26 +79,23 @@ pub struct TapOutput {
     pub pooled: Option<Tensor>,
 }
 
-/// One sequence's keys and values, grown in place (no copy of the whole cache per step).
-#[derive(Debug, Clone)]
+/// One sequence's view of the paged KV cache: its block table, the positions cached, and the
+/// key mask of the prefill that filled it.
+#[derive(Debug)]
 pub struct KvCache {
-    layers: Vec<LayerKv>,
+    table: BlockTable,
     len: usize,
     /// The key mask of the prefill that filled this cache, applied to every later query.
     mask: Option<KeyMask>,
 }
 
-#[derive(Debug, Clone)]
-struct LayerKv {
-    k: Option<Tensor>,
-    v: Option<Tensor>,
-}
-
 impl KvCache {
-    pub fn new(num_layers: usize) -> Self {
+    /// A cache over `table` whose first `len` positions are already filled (a reused prefix).
+    pub fn from_table(table: BlockTable, len: usize) -> Self {
+        assert!(len <= table.capacity(), "cached prefix beyond the table");
         Self {
-            layers: vec![LayerKv { k: None, v: None }; num_layers],
-            len: 0,
+            table,
+            len,
             mask: None,
         }
     }
@@ -111,6 +109,31 @@ impl KvCache {
         self.len == 0
     }
 
+    pub fn table(&self) -> &BlockTable {
+        &self.table
+    }
+
+    /// The table, to reserve room ahead of a forward (the scheduler does, so that a forward
+    /// never runs out of blocks halfway).
+    pub fn table_mut(&mut self) -> &mut BlockTable {
+        &mut self.table
+    }
+
+    /// Forgets the positions from `len` on (their blocks stay reserved for rewriting).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Another sequence continuing from the same cached positions, sharing every block
+    /// (copy-on-write).
+    pub fn fork(&self) -> KvCache {
+        Self {
+            table: self.table.fork(),
+            len: self.len,
+            mask: self.mask.clone(),
+        }
+    }
+
     /// Key spans masked at block `block` (1-based) for queries of this sequence.
     fn masked_at(&self, block: usize) -> Option<&[Range<usize>]> {
         self.mask
@@ -120,39 +143,103 @@ impl KvCache {
     }
 }
 
-impl LayerKv {
-    /// Appends `k`, `v` [kv_heads, n, head_dim] at `at`.
-    fn append(&mut self, at: usize, k: &Tensor, v: &Tensor) -> Result<()> {
-        let n = k.dim(1)?;
-        let need = at + n;
-        for (slot, new) in [(&mut self.k, k), (&mut self.v, v)] {
-            let cap = slot.as_ref().map_or(0, |t| t.dim(1).unwrap_or(0));
-            if need > cap {
-                let (h, _, d) = new.dims3()?;
-                let new_cap = need.max(cap * 2).max(64);
-                let buf = Tensor::zeros((h, new_cap, d), new.dtype(), new.device())?;
-                if let Some(old) = slot.as_ref() {
-                    if at > 0 {
-                        buf.slice_set(&old.narrow(1, 0, at)?.contiguous()?, 1, 0)?;
-                    }
-                }
-                *slot = Some(buf);
-            }
-            let buf = slot.as_ref().expect("allocated above");
-            buf.slice_set(&new.contiguous()?, 1, at)?;
+/// The paged pool's storage: per layer, keys and values `[slots, kv_heads, head_dim]` (slot =
+/// block · block_size + offset; a token's heads are contiguous, so writing a run of positions
+/// within a block is one copy).
+struct KvPool {
+    blocks: KvBlocks,
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+}
+
+impl KvPool {
+    fn new(cfg: &TextConfig, pool: KvPoolConfig, dev: &Device, dtype: DType) -> Result<Self> {
+        let shape = (
+            pool.num_blocks * pool.block_size,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let mut k = Vec::with_capacity(cfg.num_hidden_layers);
+        let mut v = Vec::with_capacity(cfg.num_hidden_layers);
+        for _ in 0..cfg.num_hidden_layers {
+            // On the CPU zeroed memory is mapped lazily: untouched blocks cost no RAM.
+            k.push(Tensor::zeros(shape, dtype, dev)?);
+            v.push(Tensor::zeros(shape, dtype, dev)?);
+        }
+        Ok(Self {
+            blocks: KvBlocks::new(pool),
+            k,
+            v,
+        })
+    }
+
+    /// Writes `k`, `v` [n, kv_heads, hd] of layer `layer` at positions `start..start+n`.
+    fn write(
+        &self,
+        layer: usize,
+        table: &BlockTable,
+        start: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<()> {
+        let n = k.dim(0)?;
+        let bs = table.block_size();
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        let mut i = 0;
+        while i < n {
+            let pos = start + i;
+            let run = (bs - pos % bs).min(n - i);
+            let slot = table.slot(pos);
+            self.k[layer].slice_set(&k.narrow(0, i, run)?, 0, slot)?;
+            self.v[layer].slice_set(&v.narrow(0, i, run)?, 0, slot)?;
+            i += run;
         }
         Ok(())
     }
 
-    /// The first `len` cached positions of every KV head: k, v [kv_heads, len, head_dim].
-    fn view(&self, len: usize) -> Result<(Tensor, Tensor)> {
-        match (&self.k, &self.v) {
-            (Some(k), Some(v)) => Ok((k.narrow(1, 0, len)?, v.narrow(1, 0, len)?)),
-            _ => Err(ModelError::InvalidInput(
-                "attention over an empty KV cache".into(),
-            )),
-        }
+    /// Layer `layer`'s cached keys and values at `slots` (a [len] u32 tensor of pool slots, in
+    /// position order): k, v [kv_heads, len, hd].
+    fn gather(&self, layer: usize, slots: &Tensor) -> Result<(Tensor, Tensor)> {
+        let g = |t: &Tensor| -> candle_core::Result<Tensor> {
+            t.index_select(slots, 0)?.transpose(0, 1)?.contiguous()
+        };
+        Ok((g(&self.k[layer])?, g(&self.v[layer])?))
     }
+
+    /// Copy-on-write: block `from`'s slots onto block `to`, in every layer.
+    fn copy(&self, copies: &[BlockCopy], block_size: usize) -> Result<()> {
+        for c in copies {
+            for t in self.k.iter().chain(&self.v) {
+                let src = t
+                    .narrow(0, c.from as usize * block_size, block_size)?
+                    .contiguous()?;
+                t.slice_set(&src, 0, c.to as usize * block_size)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes room for positions `range` of `cache` (allocating blocks a scheduler did not
+    /// reserve) and gives it private copies of shared blocks those positions fall in.
+    fn prepare(&self, cache: &mut KvCache, range: Range<usize>) -> Result<()> {
+        if !cache.table.pool().same_pool(&self.blocks) {
+            return Err(ModelError::InvalidInput(
+                "KV cache from another model's pool".into(),
+            ));
+        }
+        let table = &mut cache.table;
+        table.reserve(range.end).map_err(ModelError::OutOfBlocks)?;
+        let copies = table
+            .prepare_write(range)
+            .map_err(ModelError::OutOfBlocks)?;
+        self.copy(&copies, table.block_size())
+    }
+}
+
+/// Pool slots of positions `0..len` of `table`, as a u32 tensor for gathering.
+fn slots_tensor(table: &BlockTable, len: usize, dev: &Device) -> Result<Tensor> {
+    let slots: Vec<u32> = (0..len).map(|p| table.slot(p) as u32).collect();
+    Ok(Tensor::from_vec(slots, len, dev)?)
 }
 
 /// RoPE angles computed as transformers does (f32 inv_freq, f32 position × inv_freq), so that
@@ -301,21 +388,31 @@ impl Attention {
         Ok((rope(q)?, rope(k)?, v))
     }
 
-    /// Attention of `n` new rows of one sequence starting at `start` over its cache.
-    /// xs [n, hidden] → [n, hidden]; records probability rows for `taps.queries`.
+    /// Attention of `n` new rows of one sequence starting at `start` over its cache (layer
+    /// `layer` of `pool`, through `table`; `slots` are the pool slots of positions
+    /// `0..start+n` when a cached prefix must be read). xs [n, hidden] → [n, hidden]; records
+    /// probability rows for `taps.queries`.
+    #[allow(clippy::too_many_arguments)]
     fn forward_seq(
         &self,
         xs: &Tensor,
         start: usize,
         (cos, sin): (&Tensor, &Tensor),
-        kv: &mut LayerKv,
+        (pool, layer, table, slots): (&KvPool, usize, &BlockTable, Option<&Tensor>),
         taps: &AttnTaps,
         recorded: &mut Option<Tensor>,
     ) -> Result<Tensor> {
         let n = xs.dim(0)?;
         let (q, k, v) = self.qkv(xs, cos, sin)?;
-        kv.append(start, &k.transpose(0, 1)?, &v.transpose(0, 1)?)?;
-        let (keys, values) = kv.view(start + n)?;
+        pool.write(layer, table, start, &k, &v)?;
+        let (keys, values) = match slots {
+            Some(slots) => pool.gather(layer, slots)?,
+            // Nothing cached before: the new rows are all the keys.
+            None => (
+                k.transpose(0, 1)?.contiguous()?,
+                v.transpose(0, 1)?.contiguous()?,
+            ),
+        };
         let out = self.attend(
             &q.transpose(0, 1)?.contiguous()?,
             start,
@@ -516,6 +613,7 @@ impl DecoderLayer {
 /// The Mistral decoder (`language_model`): embeddings, blocks, final norm, unembedding.
 pub struct Decoder {
     embed_tokens: Embedding,
+    pool: KvPool,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Proj,
@@ -549,8 +647,11 @@ impl Decoder {
         } else {
             Proj::new(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"), wd)?
         };
+        let pool = KvPool::new(cfg, default_pool(cfg, vb.dtype()), vb.device(), vb.dtype())
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         Ok(Self {
             embed_tokens,
+            pool,
             layers,
             norm,
             lm_head,
@@ -582,8 +683,24 @@ impl Decoder {
         &self.norm
     }
 
+    /// An empty cache drawing blocks from this decoder's pool.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.layers.len())
+        KvCache::from_table(self.pool.blocks.table(), 0)
+    }
+
+    /// The pool's allocator (for a scheduler: free blocks, reservations, prefix reuse).
+    pub fn kv_blocks(&self) -> &KvBlocks {
+        &self.pool.blocks
+    }
+
+    /// Replaces the KV pool with one of `config`'s shape. Caches of the old pool stay valid
+    /// as tables but are refused by forwards.
+    pub fn configure_kv_pool(&mut self, config: KvPoolConfig) -> Result<()> {
+        // Free the old storage first: the two need not fit together.
+        self.pool.k.clear();
+        self.pool.v.clear();
+        self.pool = KvPool::new(&self.cfg, config, &self.device, self.dtype)?;
+        Ok(())
     }
 
     /// Token embeddings [ids.len(), hidden].
@@ -621,6 +738,11 @@ impl Decoder {
         }
         let start = cache.len;
         let total = start + n;
+        self.pool.prepare(cache, start..total)?;
+        let slots = match start {
+            0 => None,
+            _ => Some(slots_tensor(&cache.table, total, &self.device)?),
+        };
         let check = |p: usize, what: &str| {
             if p < start || p >= total {
                 Err(ModelError::InvalidInput(format!(
@@ -696,7 +818,7 @@ impl Decoder {
                 &h,
                 start,
                 (&cos, &sin),
-                &mut cache.layers[i],
+                (&self.pool, i, &cache.table, slots.as_ref()),
                 &attn_taps,
                 &mut rec,
             )?;
@@ -762,6 +884,9 @@ impl Decoder {
             )));
         }
         let positions: Vec<usize> = caches.iter().map(|c| c.len).collect();
+        for (cache, &pos) in caches.iter_mut().zip(&positions) {
+            self.pool.prepare(cache, pos..pos + 1)?;
+        }
         let (cos, sin) = self.rotary.cos_sin(&positions, &self.device, self.dtype)?;
         let mut xs = self.embed(tokens)?.to_dtype(self.dtype)?;
         let (hd, heads) = (self.cfg.head_dim, self.cfg.num_attention_heads);
@@ -769,10 +894,9 @@ impl Decoder {
             let h = layer.input_layernorm.forward(&xs)?;
             let attn = &layer.self_attn;
             let (q, k, v) = attn.qkv(&h, &cos, &sin)?;
-            for (s, cache) in caches.iter_mut().enumerate() {
-                let ks = k.narrow(0, s, 1)?.transpose(0, 1)?; // [kv, 1, hd]
-                let vs = v.narrow(0, s, 1)?.transpose(0, 1)?;
-                cache.layers[i].append(positions[s], &ks, &vs)?;
+            for (s, cache) in caches.iter().enumerate() {
+                let (ks, vs) = (k.narrow(0, s, 1)?, v.narrow(0, s, 1)?); // [1, kv, hd]
+                self.pool.write(i, &cache.table, positions[s], &ks, &vs)?;
             }
             // Sequences under a key-mask intervention take the general path at its layers.
             let any_masked = caches.iter().any(|c| c.masked_at(i + 1).is_some());
@@ -786,7 +910,8 @@ impl Decoder {
                     let mut outs = Vec::with_capacity(b);
                     for (s, cache) in caches.iter().enumerate() {
                         let pos = positions[s];
-                        let (keys, values) = cache.layers[i].view(pos + 1)?;
+                        let slots = slots_tensor(&cache.table, pos + 1, &self.device)?;
+                        let (keys, values) = self.pool.gather(i, &slots)?;
                         let qs = q.narrow(0, s, 1)?.transpose(0, 1)?.contiguous()?; // [heads, 1, hd]
                         let taps = AttnTaps {
                             queries: &[],
@@ -812,8 +937,9 @@ impl Decoder {
 }
 
 impl Decoder {
-    /// Layer `i`'s attention of the B new tokens (already appended) through the fused CPU
-    /// kernel; `None` where it does not apply (not f32 on the CPU).
+    /// Layer `i`'s attention of the B new tokens (already written) through the fused CPU
+    /// kernel, reading the pool through each block table; `None` where it does not apply (not
+    /// f32 on the CPU).
     fn fused_decode_attention(
         &self,
         i: usize,
@@ -821,16 +947,17 @@ impl Decoder {
         caches: &[&mut KvCache],
         positions: &[usize],
     ) -> Result<Option<Tensor>> {
-        let mut views = Vec::with_capacity(caches.len());
-        for (cache, &pos) in caches.iter().zip(positions) {
-            match &cache.layers[i] {
-                LayerKv {
-                    k: Some(k),
-                    v: Some(v),
-                } => views.push(cpu::CachedKv { k, v, len: pos + 1 }),
-                _ => return Ok(None),
-            }
-        }
+        let views: Vec<cpu::CachedKv> = caches
+            .iter()
+            .zip(positions)
+            .map(|(cache, &pos)| cpu::CachedKv {
+                k: &self.pool.k[i],
+                v: &self.pool.v[i],
+                blocks: cache.table.blocks(),
+                block_size: cache.table.block_size(),
+                len: pos + 1,
+            })
+            .collect();
         let attn = &self.layers[i].self_attn;
         Ok(cpu::decode_attention(
             q,
@@ -863,4 +990,30 @@ fn apply_edit(xs: &Tensor, start: usize, edit: &StateEdit) -> Result<Tensor> {
         // h·(1−sel) + v·sel
         EditMode::Replace => (xs.broadcast_mul(&(1.0 - &sel)?)? + delta)?,
     })
+}
+
+/// The pool a decoder starts with, before a server sizes it from its memory budget: room for
+/// eight sequences of the full context, at most 256 MiB (on the CPU untouched blocks cost no
+/// RAM) and at least 64 blocks.
+fn default_pool(cfg: &TextConfig, dtype: DType) -> KvPoolConfig {
+    let block_size = DEFAULT_BLOCK_SIZE;
+    let per_block = kv_bytes_per_block(cfg, dtype, block_size);
+    let wanted = (8 * cfg.max_position_embeddings).div_ceil(block_size);
+    let cap = (256usize << 20) / per_block.max(1);
+    KvPoolConfig {
+        block_size,
+        num_blocks: wanted.min(cap).max(64),
+    }
+}
+
+/// Tokens per block unless configured (vLLM's default).
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
+/// Bytes one block of `block_size` tokens takes over all layers, keys and values.
+pub fn kv_bytes_per_block(cfg: &TextConfig, dtype: DType, block_size: usize) -> usize {
+    2 * cfg.num_hidden_layers
+        * block_size
+        * cfg.num_key_value_heads
+        * cfg.head_dim
+        * dtype.size_in_bytes()
 }

@@ -461,3 +461,128 @@ fn batched_decode_matches_single_sequence_decode() {
     }
     assert_eq!(got, want);
 }
+
+/// Chunked prefill (the scheduler's chunks under a token budget) against one whole prefill, on
+/// every llava_next case, image prompts included: the last position's logits within f32 rounding
+/// (the chunks' attention and matmuls sum in other orders) and the same greedy continuation.
+#[test]
+fn chunked_prefill_equals_whole_prefill() {
+    if dtype() != DType::F32 {
+        return eprintln!("skipped: f32 tolerance");
+    }
+    let model = load_variant("llava_next");
+    let decoder = model.decoder();
+    let greedy = |cache: &mut model::mistral::KvCache, first: u32| -> Vec<u32> {
+        let mut toks = vec![first];
+        for _ in 0..8 {
+            let l = model
+                .decode_step(&[*toks.last().unwrap()], &mut [cache])
+                .unwrap();
+            toks.push(argmax(&l.i(0).unwrap()));
+        }
+        toks
+    };
+    let mut worst = 0f32;
+    for case in cases("llava_next") {
+        let prep = prepare(&model, &case);
+        let n = prep.ids.len();
+        let embeds = model.embed_prompt(&prep.ids, &prep.images).unwrap();
+        let mut cache = model.new_cache();
+        let whole = decoder
+            .prefill(&embeds, &mut cache, &LayerTaps::default())
+            .unwrap()
+            .logits;
+        let want = greedy(&mut cache, argmax(&whole.i(0).unwrap()));
+        for chunk in [1, 7, 16, 100, n] {
+            let mut cache = model.new_cache();
+            let mut logits = None;
+            for a in (0..n).step_by(chunk) {
+                let part = embeds.narrow(0, a, chunk.min(n - a)).unwrap();
+                logits = Some(
+                    decoder
+                        .prefill(&part, &mut cache, &LayerTaps::default())
+                        .unwrap()
+                        .logits,
+                );
+            }
+            let logits = logits.unwrap();
+            let d = max_abs_diff(&logits, &whole);
+            assert!(
+                d <= TOL,
+                "{} chunk {chunk}: logits differ by {d}",
+                case.name
+            );
+            worst = worst.max(d);
+            let got = greedy(&mut cache, argmax(&logits.i(0).unwrap()));
+            assert_eq!(got, want, "{} chunk {chunk}: greedy tokens", case.name);
+        }
+    }
+    eprintln!("chunked vs whole prefill: max |Δlogit| {worst:.3e} (tolerance {TOL:e})");
+}
+
+/// Batched decode through scattered block tables (the caches' blocks interleaved in the pool)
+/// gives each sequence the very numbers it gets decoded alone.
+#[test]
+fn paged_batched_decode_equals_single_sequence_decode() {
+    if dtype() != DType::F32 || !device().is_cpu() {
+        return eprintln!("skipped: bit-exact on the CPU in f32 only");
+    }
+    let model = load_variant("llava_next");
+    let cases = cases("llava_next");
+    let preps: Vec<Prepared> = cases.iter().map(|c| prepare(&model, c)).collect();
+    let run = |batched: bool| -> Vec<Vec<Tensor>> {
+        let mut caches: Vec<_> = preps.iter().map(|_| model.new_cache()).collect();
+        let mut toks = Vec::new();
+        // Prefill in 16-token chunks, round-robin, so that the tables interleave.
+        let mut done: Vec<usize> = vec![0; preps.len()];
+        let embeds: Vec<Tensor> = preps
+            .iter()
+            .map(|p| model.embed_prompt(&p.ids, &p.images).unwrap())
+            .collect();
+        let mut last = vec![None; preps.len()];
+        while done.iter().zip(&preps).any(|(d, p)| *d < p.ids.len()) {
+            for (i, p) in preps.iter().enumerate() {
+                let n = p.ids.len();
+                if done[i] < n {
+                    let len = 16.min(n - done[i]);
+                    let part = embeds[i].narrow(0, done[i], len).unwrap();
+                    let out = model
+                        .decoder()
+                        .prefill(&part, &mut caches[i], &LayerTaps::default())
+                        .unwrap();
+                    last[i] = Some(out.logits);
+                    done[i] += len;
+                }
+            }
+        }
+        for l in &last {
+            toks.push(argmax(&l.as_ref().unwrap().i(0).unwrap()));
+        }
+        let mut steps = vec![Vec::new(); preps.len()];
+        for _ in 0..6 {
+            if batched {
+                let mut refs: Vec<_> = caches.iter_mut().collect();
+                let l = model.decode_step(&toks, &mut refs).unwrap();
+                for (b, t) in toks.iter_mut().enumerate() {
+                    let row = l.i(b).unwrap();
+                    *t = argmax(&row);
+                    steps[b].push(row);
+                }
+            } else {
+                for (b, t) in toks.iter_mut().enumerate() {
+                    let l = model.decode_step(&[*t], &mut [&mut caches[b]]).unwrap();
+                    let row = l.i(0).unwrap();
+                    *t = argmax(&row);
+                    steps[b].push(row);
+                }
+            }
+        }
+        steps
+    };
+    let (batched, single) = (run(true), run(false));
+    for (b, (x, y)) in batched.iter().zip(&single).enumerate() {
+        for (s, (x, y)) in x.iter().zip(y).enumerate() {
+            assert_eq!(max_abs_diff(x, y), 0.0, "sequence {b} step {s}");
+        }
+    }
+}

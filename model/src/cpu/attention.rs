@@ -9,13 +9,36 @@ use super::elementwise::{dot, softmax_in_place, softmax_row};
 use super::x86;
 use super::{f32_slice, isa, with_f32, Isa};
 
-/// Attention of `groups` query heads over one KV head's cache rows `kbeg..len`.
+/// One KV head's rows of one sequence in a paged pool `[slots, kv_heads, hd]`: position `j` is
+/// in slot `j % block_size` of block `blocks[j / block_size]`.
+#[derive(Clone, Copy)]
+pub(crate) struct KvRows<'a> {
+    pub data: &'a [f32],
+    pub blocks: &'a [u32],
+    pub block_size: usize,
+    /// Floats per slot (kv_heads · hd).
+    pub stride: usize,
+    /// This head's offset in a slot (head · hd).
+    pub head: usize,
+    pub hd: usize,
+}
+
+impl KvRows<'_> {
+    #[inline(always)]
+    pub fn row(&self, j: usize) -> &[f32] {
+        let slot =
+            self.blocks[j / self.block_size] as usize * self.block_size + j % self.block_size;
+        &self.data[slot * self.stride + self.head..][..self.hd]
+    }
+}
+
+/// Attention of `groups` query heads over one KV head's cached positions `kbeg..len`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn attend_one_body(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: KvRows,
+    v: KvRows,
     kbeg: usize,
     len: usize,
     hd: usize,
@@ -23,26 +46,24 @@ fn attend_one_body(
     out: &mut [f32],
 ) {
     let mut scores = vec![0f32; len - kbeg];
-    let (keys, values) = (&k[kbeg * hd..len * hd], &v[kbeg * hd..len * hd]);
     #[cfg(target_arch = "x86_64")]
     let wide = hd.is_multiple_of(16) && isa() == Isa::Avx512;
     for (qh, oh) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
         #[cfg(target_arch = "x86_64")]
         if wide {
-            // SAFETY: AVX-512 detected; qh and oh hold hd values, keys and values len-kbeg
-            // rows of hd, scores len-kbeg slots.
-            unsafe { x86::scores_avx512(qh, keys, hd, scale, &mut scores) };
+            // SAFETY: AVX-512 detected; qh and oh hold hd values, the rows kbeg..len exist.
+            unsafe { x86::scores_avx512(qh, &k, kbeg, hd, scale, &mut scores) };
             softmax_in_place(&mut scores);
-            unsafe { x86::weighted_sum_avx512(&scores, values, hd, oh) };
+            unsafe { x86::weighted_sum_avx512(&scores, &v, kbeg, hd, oh) };
             continue;
         }
-        for (s, kr) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
-            *s = dot(qh, kr) * scale;
+        for (j, s) in scores.iter_mut().enumerate() {
+            *s = dot(qh, k.row(kbeg + j)) * scale;
         }
         softmax_in_place(&mut scores);
         oh.fill(0.0);
-        for (&p, vr) in scores.iter().zip(values.chunks_exact(hd)) {
-            for (o, &x) in oh.iter_mut().zip(vr) {
+        for (j, &p) in scores.iter().enumerate() {
+            for (o, &x) in oh.iter_mut().zip(v.row(kbeg + j)) {
                 *o += p * x;
             }
         }
@@ -51,7 +72,7 @@ fn attend_one_body(
 
 multiversion!(
     #[allow(clippy::too_many_arguments)]
-    fn attend_one(q: &[f32], k: &[f32], v: &[f32], kbeg: usize, len: usize, hd: usize, scale: f32, out: &mut [f32])
+    fn attend_one(q: &[f32], k: KvRows, v: KvRows, kbeg: usize, len: usize, hd: usize, scale: f32, out: &mut [f32])
         => attend_one_body
 );
 
@@ -116,11 +137,14 @@ pub(crate) fn masked_softmax(
     }
 }
 
-/// One sequence's cached keys and values for a layer: buffers [kv_heads, capacity, head_dim]
-/// of which the first `len` rows per head are valid.
+/// One sequence's keys and values for a layer in the paged pool: `k`, `v` are the pool's
+/// `[slots, kv_heads, head_dim]` tensors, `blocks` the sequence's block table, and positions
+/// `0..len` are valid.
 pub(crate) struct CachedKv<'a> {
     pub k: &'a Tensor,
     pub v: &'a Tensor,
+    pub blocks: &'a [u32],
+    pub block_size: usize,
     pub len: usize,
 }
 
@@ -150,11 +174,15 @@ pub(crate) fn decode_attention(
         let (Some(k), Some(v)) = (f32_slice(&kg.0, kg.1), f32_slice(&vg.0, vg.1)) else {
             return Ok(None);
         };
-        let cap = c.k.dim(1)?;
-        if c.k.dims() != [kv_heads, cap, hd] || c.v.dims() != c.k.dims() || c.len > cap {
+        let slots = c.k.dim(0)?;
+        let fits = c.len <= c.blocks.len() * c.block_size
+            && c.blocks
+                .iter()
+                .all(|&bl| (bl as usize + 1) * c.block_size <= slots);
+        if c.k.dims() != [slots, kv_heads, hd] || c.v.dims() != c.k.dims() || !fits {
             return Ok(None);
         }
-        views.push((k, v, cap, c.len));
+        views.push((k, v, c.blocks, c.block_size, c.len));
     }
     let out = with_f32(&q, |qs| {
         let mut out = vec![0f32; b * heads * hd];
@@ -162,14 +190,18 @@ pub(crate) fn decode_attention(
             .enumerate()
             .for_each(|(pair, o)| {
                 let (s, g) = (pair / kv_heads, pair % kv_heads);
-                let (k, v, cap, len) = views[s];
+                let (k, v, blocks, block_size, len) = views[s];
                 let kbeg = window.map_or(0, |w| len.saturating_sub(w));
                 let qh = &qs[(s * heads + g * groups) * hd..][..groups * hd];
-                let (k, v) = (
-                    &k[g * cap * hd..][..len * hd],
-                    &v[g * cap * hd..][..len * hd],
-                );
-                attend_one(qh, k, v, kbeg, len, hd, scale, o);
+                let rows = |data| KvRows {
+                    data,
+                    blocks,
+                    block_size,
+                    stride: kv_heads * hd,
+                    head: g * hd,
+                    hd,
+                };
+                attend_one(qh, rows(k), rows(v), kbeg, len, hd, scale, o);
             });
         out
     });
@@ -228,17 +260,39 @@ mod tests {
     }
 
     fn decode_attention_case(hd: usize) {
-        let (kv, groups, cap) = (2, 3, 50);
+        let (kv, groups, bs) = (2, 3, 4);
         let heads = kv * groups;
         let lens = [1usize, 17, 50];
-        let ks: Vec<Tensor> = (0..3).map(|i| rand(&[kv, cap, hd], 10 + i)).collect();
-        let vs: Vec<Tensor> = (0..3).map(|i| rand(&[kv, cap, hd], 20 + i)).collect();
+        // Each sequence's blocks are scattered over one pool (every third block, from the end).
+        let per_seq = 50usize.div_ceil(bs);
+        let num_blocks = 3 * per_seq;
+        let tables: Vec<Vec<u32>> = (0..3)
+            .map(|s| {
+                (0..per_seq)
+                    .map(|i| (num_blocks - 1 - (3 * i + s)) as u32)
+                    .collect()
+            })
+            .collect();
+        let kpool = rand(&[num_blocks * bs, kv, hd], 10);
+        let vpool = rand(&[num_blocks * bs, kv, hd], 20);
+        // The rows of sequence s, head g, positions kbeg..len, gathered: [len - kbeg, hd].
+        let gather = |pool: &Tensor, s: usize, g: usize, kbeg: usize, len: usize| {
+            let rows: Vec<Tensor> = (kbeg..len)
+                .map(|j| {
+                    let slot = tables[s][j / bs] as usize * bs + j % bs;
+                    pool.i((slot, g)).unwrap().unsqueeze(0).unwrap()
+                })
+                .collect();
+            Tensor::cat(&rows, 0).unwrap()
+        };
         let q = rand(&[3, heads, hd], 30);
         for window in [None, Some(8)] {
             let caches: Vec<CachedKv> = (0..3)
                 .map(|i| CachedKv {
-                    k: &ks[i],
-                    v: &vs[i],
+                    k: &kpool,
+                    v: &vpool,
+                    blocks: &tables[i],
+                    block_size: bs,
                     len: lens[i],
                 })
                 .collect();
@@ -248,8 +302,8 @@ mod tests {
                 for h in 0..heads {
                     let g = h / groups;
                     let qh = q.i((s, h)).unwrap().unsqueeze(0).unwrap();
-                    let k = ks[s].i((g, kbeg..len)).unwrap();
-                    let v = vs[s].i((g, kbeg..len)).unwrap();
+                    let k = gather(&kpool, s, g, kbeg, len);
+                    let v = gather(&vpool, s, g, kbeg, len);
                     let p = candle_nn::ops::softmax_last_dim(
                         &(qh.matmul(&k.t().unwrap()).unwrap() / (hd as f64).sqrt()).unwrap(),
                     )

@@ -3,6 +3,7 @@
 
 use std::arch::x86_64::*;
 
+use super::attention::KvRows;
 use super::linear::{WeightElem, WeightKind};
 
 /// 16 weights from `p`, widened to f32 (bf16: the bits shifted up; f16: vcvtph2ps).
@@ -151,60 +152,68 @@ fn reduce16(v: &[__m512; 16]) -> __m512 {
     half(half(u[0], u[1]), half(u[2], u[3]))
 }
 
-/// `scores[j] = scale · q · keys[j]` for rows of `hd` (a multiple of 16), 16 keys at a time.
+/// `scores[j] = scale · q · key(first + j)` for rows of `hd` (a multiple of 16), 16 keys at a
+/// time. Each key's sum runs the same way wherever its row lives, so a paged cache gives the
+/// numbers a contiguous one does.
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn scores_avx512(
     q: &[f32],
-    keys: &[f32],
+    keys: &KvRows,
+    first: usize,
     hd: usize,
     scale: f32,
     scores: &mut [f32],
 ) {
-    assert!(hd.is_multiple_of(16) && q.len() == hd && keys.len() == scores.len() * hd);
+    assert!(hd.is_multiple_of(16) && q.len() == hd && keys.hd == hd);
     let n = scores.len();
-    let (q, k, out) = (q.as_ptr(), keys.as_ptr(), scores.as_mut_ptr());
+    let (q, out) = (q.as_ptr(), scores.as_mut_ptr());
     let sv = _mm512_set1_ps(scale);
     unsafe {
         let mut j = 0;
         while j + 16 <= n {
+            let rows: [*const f32; 16] = std::array::from_fn(|l| keys.row(first + j + l).as_ptr());
             let mut acc = [_mm512_setzero_ps(); 16];
             for c in (0..hd).step_by(16) {
                 let qv = _mm512_loadu_ps(q.add(c));
                 for (l, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k.add((j + l) * hd + c)), *a);
+                    *a = _mm512_fmadd_ps(qv, _mm512_loadu_ps(rows[l].add(c)), *a);
                 }
             }
             _mm512_storeu_ps(out.add(j), _mm512_mul_ps(reduce16(&acc), sv));
             j += 16;
         }
         for j in j..n {
+            let k = keys.row(first + j).as_ptr();
             let mut a = _mm512_setzero_ps();
             for c in (0..hd).step_by(16) {
-                a = _mm512_fmadd_ps(
-                    _mm512_loadu_ps(q.add(c)),
-                    _mm512_loadu_ps(k.add(j * hd + c)),
-                    a,
-                );
+                a = _mm512_fmadd_ps(_mm512_loadu_ps(q.add(c)), _mm512_loadu_ps(k.add(c)), a);
             }
             *out.add(j) = _mm512_reduce_add_ps(a) * scale;
         }
     }
 }
 
-/// `out = Σ_j p[j] · values[j]` for rows of `hd` (a multiple of 16), the output held in
+/// `out = Σ_j p[j] · value(first + j)` for rows of `hd` (a multiple of 16), the output held in
 /// registers 64 columns at a time.
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn weighted_sum_avx512(p: &[f32], values: &[f32], hd: usize, out: &mut [f32]) {
-    assert!(hd.is_multiple_of(16) && values.len() == p.len() * hd && out.len() == hd);
-    let (v, o) = (values.as_ptr(), out.as_mut_ptr());
+pub(super) unsafe fn weighted_sum_avx512(
+    p: &[f32],
+    values: &KvRows,
+    first: usize,
+    hd: usize,
+    out: &mut [f32],
+) {
+    assert!(hd.is_multiple_of(16) && values.hd == hd && out.len() == hd);
+    let o = out.as_mut_ptr();
     unsafe {
         let mut c0 = 0;
         while c0 + 64 <= hd {
             let mut acc = [_mm512_setzero_ps(); 4];
             for (j, &pj) in p.iter().enumerate() {
                 let pv = _mm512_set1_ps(pj);
+                let v = values.row(first + j).as_ptr();
                 for (i, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(pv, _mm512_loadu_ps(v.add(j * hd + c0 + 16 * i)), *a);
+                    *a = _mm512_fmadd_ps(pv, _mm512_loadu_ps(v.add(c0 + 16 * i)), *a);
                 }
             }
             for (i, a) in acc.iter().enumerate() {
@@ -215,7 +224,8 @@ pub(super) unsafe fn weighted_sum_avx512(p: &[f32], values: &[f32], hd: usize, o
         while c0 < hd {
             let mut a = _mm512_setzero_ps();
             for (j, &pj) in p.iter().enumerate() {
-                a = _mm512_fmadd_ps(_mm512_set1_ps(pj), _mm512_loadu_ps(v.add(j * hd + c0)), a);
+                let v = values.row(first + j).as_ptr();
+                a = _mm512_fmadd_ps(_mm512_set1_ps(pj), _mm512_loadu_ps(v.add(c0)), a);
             }
             _mm512_storeu_ps(o.add(c0), a);
             c0 += 16;
