@@ -90,7 +90,10 @@ fn main() {
         let len = cache.len();
         for _ in 0..STEPS_PER_ROUND {
             let t = Instant::now();
-            black_box(m.decode_step(&[200], &mut [&mut *cache]).expect("decode step"));
+            black_box(
+                m.decode_step(&[200], &mut [&mut *cache])
+                    .expect("decode step"),
+            );
             total += t.elapsed().as_secs_f64();
             // Rolled back (not timed): every step sees the same context.
             cache.truncate(len);

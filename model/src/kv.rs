@@ -154,6 +154,15 @@ impl BlockAllocator {
         Some(block)
     }
 
+    /// How many of the leading `hashes` the prefix cache holds (a peek: nothing is retained or
+    /// counted).
+    pub fn cached_prefix(&self, hashes: &[u64]) -> usize {
+        hashes
+            .iter()
+            .take_while(|h| self.by_hash.contains_key(h))
+            .count()
+    }
+
     /// Counts prefix-cache queries that were not looked up (the blocks after the first miss).
     pub fn count_misses(&mut self, blocks: usize) {
         self.stats.queried += blocks as u64;

@@ -211,6 +211,11 @@ impl LlavaModel {
         self.decoder.new_cache()
     }
 
+    /// Sizes the decoder's paged KV pool (see [`Decoder::configure_kv_pool`]).
+    pub fn configure_kv_pool(&mut self, config: crate::kv::KvPoolConfig) -> Result<()> {
+        self.decoder.configure_kv_pool(config)
+    }
+
     /// Image tokens for one image: projector output, anyres-packed with newlines [T, hidden].
     pub fn encode_image(&self, image: &ImageInput) -> Result<Tensor> {
         let pv = image

@@ -119,6 +119,14 @@ impl KvCache {
         &mut self.table
     }
 
+    /// For an empty cache: takes the leading blocks whose content hashes are `hashes` from the
+    /// pool's prefix cache (see [`BlockTable::reuse_prefix`]); returns the positions now cached.
+    pub fn reuse_prefix(&mut self, hashes: &[u64]) -> usize {
+        assert!(self.len == 0, "prefix reuse into a non-empty cache");
+        self.len = self.table.reuse_prefix(hashes) * self.table.block_size();
+        self.len
+    }
+
     /// Forgets the positions from `len` on (their blocks stay reserved for rewriting).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);

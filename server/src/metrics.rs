@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 
 use model::diagnostics::Modality;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -26,6 +26,13 @@ pub mod names {
     pub const REQUESTS_REJECTED_TOTAL: &str = "tga_requests_rejected_total";
     pub const CLIENT_DISCONNECTS_TOTAL: &str = "tga_client_disconnects_total";
     pub const MODEL_INFO: &str = "tga_model_info";
+    // The paged KV cache (vLLM's kv_cache_usage_perc, num_preemptions, prefix_cache_*).
+    pub const KV_CACHE_USAGE_RATIO: &str = "tga_kv_cache_usage_ratio";
+    pub const KV_CACHE_BLOCKS_USED: &str = "tga_kv_cache_blocks_used";
+    pub const KV_CACHE_BLOCKS_FREE: &str = "tga_kv_cache_blocks_free";
+    pub const PREEMPTIONS_TOTAL: &str = "tga_preemptions_total";
+    pub const PREFIX_CACHE_QUERIES_TOTAL: &str = "tga_prefix_cache_queries_total";
+    pub const PREFIX_CACHE_HITS_TOTAL: &str = "tga_prefix_cache_hits_total";
     // Safety diagnostics (SERVING.md).
     pub const SAFETY_REQUESTS_TOTAL: &str = "tga_safety_requests_total";
     pub const SAFETY_REFUSALS_TOTAL: &str = "tga_safety_refusals_total";
@@ -143,6 +150,12 @@ pub struct Metrics {
     pub client_disconnects: IntCounter,
     pub model_info: IntGaugeVec,
     pub diagnostics_events_dropped: IntCounter,
+    pub kv_cache_usage: Gauge,
+    pub kv_blocks_used: IntGauge,
+    pub kv_blocks_free: IntGauge,
+    pub preemptions: IntCounter,
+    pub prefix_cache_queries: IntCounter,
+    pub prefix_cache_hits: IntCounter,
     safety: OnceLock<SafetyMetrics>,
 }
 
@@ -246,6 +259,37 @@ impl Metrics {
             diagnostics_events_dropped: counter(
                 names::DIAGNOSTICS_EVENTS_DROPPED_TOTAL,
                 "Safety events a slow /v1/safety/events subscriber lost.",
+            ),
+            kv_cache_usage: {
+                let metric = Gauge::new(
+                    names::KV_CACHE_USAGE_RATIO,
+                    "Share of the paged KV cache's blocks held by sequences (0 to 1).",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(metric.clone()))
+                    .expect("unique metric");
+                metric
+            },
+            kv_blocks_used: gauge(
+                names::KV_CACHE_BLOCKS_USED,
+                "KV cache blocks held by sequences.",
+            ),
+            kv_blocks_free: gauge(
+                names::KV_CACHE_BLOCKS_FREE,
+                "KV cache blocks free or holding a reusable cached prefix.",
+            ),
+            preemptions: counter(
+                names::PREEMPTIONS_TOTAL,
+                "Sequences preempted (blocks freed, recomputed later) because decode ran out of KV cache blocks.",
+            ),
+            prefix_cache_queries: counter(
+                names::PREFIX_CACHE_QUERIES_TOTAL,
+                "Prompt tokens in full blocks looked up in the prefix cache.",
+            ),
+            prefix_cache_hits: counter(
+                names::PREFIX_CACHE_HITS_TOTAL,
+                "Prompt tokens found in the prefix cache (not recomputed).",
             ),
             safety: OnceLock::new(),
             registry,

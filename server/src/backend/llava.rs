@@ -13,6 +13,7 @@ use model::diagnostics::{
     LogitLens, RefusalSet, RefusalTokens, Summary,
 };
 use model::image::{decode_image, preprocess, probe_image, ImageLimits};
+use model::kv::{BlockTable, KvBlocks};
 use model::llava::{LinearWeights, LlavaModel, LoadOptions};
 use model::mistral::{KeyMask, KvCache, LayerTaps, StateEdit};
 use model::template::{
@@ -26,7 +27,8 @@ use model::sampling::{argmax, SampledToken, Sampler, SamplingParams};
 
 use super::retrieval::{Retrieved, Retriever};
 use super::{
-    BackendError, DiagnosticsProcessor, ModelBackend, ProcessError, PromptProcessor, TokenSampler,
+    BackendError, DiagnosticsProcessor, ModelBackend, PrefillInput, ProcessError, PromptProcessor,
+    SequenceCache, TokenSampler,
 };
 use crate::engine::plan::{
     CaptionPass, CaptionPlan, CaptionPooling, CaptionPrompt, DiagnosePlan, Diagnosis,
@@ -426,15 +428,19 @@ impl LlavaBackend {
     pub fn warm_up(&mut self) -> Result<(), BackendError> {
         let mut cache = self.new_cache();
         let bos = self.tokenizer.bos_id().unwrap_or(1);
-        let logits = self.prefill(
-            &Prompt {
-                token_ids: vec![bos, bos],
-                image_spans: vec![],
-                images: vec![],
-                layout: PromptLayout::default(),
-            },
-            &mut cache,
-        )?;
+        let prompt = Prompt {
+            token_ids: vec![bos, bos],
+            image_spans: vec![],
+            images: vec![],
+            layout: PromptLayout::default(),
+        };
+        let input = PrefillInput {
+            prompt: &prompt,
+            generated: &[],
+        };
+        let logits = self
+            .prefill(&input, input.len(), &mut cache)?
+            .ok_or_else(|| BackendError::new("warm-up prefill gave no logits"))?;
         let tok = argmax(&logits) as u32;
         self.decode_batch(&[tok], &mut [&mut cache])?;
         Ok(())
@@ -615,29 +621,114 @@ fn internal(e: impl std::fmt::Display) -> BackendError {
     BackendError::new(e)
 }
 
+/// One sequence's state in [`LlavaBackend`]: its KV cache and, while its prompt is prefilled in
+/// chunks, the input embeddings of the positions still to run (images encoded once).
+pub struct LlavaCache {
+    kv: KvCache,
+    /// Embeddings of positions `from..` of the input being prefilled.
+    pending: Option<(usize, Tensor)>,
+}
+
+impl SequenceCache for LlavaCache {
+    fn table(&self) -> &BlockTable {
+        self.kv.table()
+    }
+    fn table_mut(&mut self) -> &mut BlockTable {
+        self.kv.table_mut()
+    }
+    fn len(&self) -> usize {
+        self.kv.len()
+    }
+    fn reuse_prefix(&mut self, hashes: &[u64]) -> usize {
+        self.kv.reuse_prefix(hashes)
+    }
+}
+
+impl LlavaBackend {
+    /// Input embeddings of positions `start..` of `input`; only the images that reach into
+    /// them are encoded (a reused prefix's are not).
+    fn embed_from(&self, input: &PrefillInput, start: usize) -> Result<Tensor, BackendError> {
+        let prompt = input.prompt;
+        let mut ids: Vec<u32> = (0..input.len()).map(|p| input.token(p)).collect();
+        let mut images = Vec::new();
+        for (img, span) in prompt.images.iter().zip(&prompt.image_spans) {
+            if span.end <= start {
+                // Not run: any id will do under the span (its embedding is sliced off).
+                ids[span.clone()].fill(0);
+                continue;
+            }
+            let pv = Tensor::from_slice(&img.pixel_values, img.shape.as_slice(), &Device::Cpu)
+                .map_err(internal)?;
+            let feats = self
+                .model
+                .encode_image(&model::llava::ImageInput {
+                    pixel_values: pv,
+                    original_hw: img.image_size,
+                })
+                .map_err(internal)?;
+            images.push((span.clone(), feats));
+        }
+        let embeds = self.model.embed_prompt(&ids, &images).map_err(internal)?;
+        embeds
+            .narrow(0, start, input.len() - start)
+            .map_err(internal)
+    }
+}
+
 impl ModelBackend for LlavaBackend {
-    type Cache = KvCache;
+    type Cache = LlavaCache;
     type Sampler = LlavaSampler;
 
-    fn new_cache(&self) -> KvCache {
-        self.model.new_cache()
+    fn kv_blocks(&self) -> KvBlocks {
+        self.model.decoder().kv_blocks().clone()
     }
 
-    fn prefill(&mut self, prompt: &Prompt, cache: &mut KvCache) -> Result<Vec<f32>, BackendError> {
-        let images = self.encode_images(prompt)?;
+    fn new_cache(&self) -> LlavaCache {
+        LlavaCache {
+            kv: self.model.new_cache(),
+            pending: None,
+        }
+    }
+
+    fn prefill(
+        &mut self,
+        input: &PrefillInput,
+        end: usize,
+        cache: &mut LlavaCache,
+    ) -> Result<Option<Vec<f32>>, BackendError> {
+        let start = cache.kv.len();
+        if start >= end || end > input.len() {
+            return Err(BackendError::new(format!(
+                "prefill of positions {start}..{end} of a {}-position input",
+                input.len()
+            )));
+        }
+        let (from, embeds) = match cache.pending.take() {
+            Some((from, e)) if from <= start => (from, e),
+            _ => (start, self.embed_from(input, start)?),
+        };
+        let chunk = embeds
+            .narrow(0, start - from, end - start)
+            .map_err(internal)?;
         let out = self
             .model
-            .prefill(&prompt.token_ids, &images, cache, &LayerTaps::default())
+            .decoder()
+            .prefill(&chunk, &mut cache.kv, &LayerTaps::default())
             .map_err(internal)?;
-        row(&out.logits)
+        if end < input.len() {
+            cache.pending = Some((from, embeds));
+            return Ok(None);
+        }
+        Ok(Some(row(&out.logits)?))
     }
 
     fn prefill_diagnosed(
         &mut self,
         prompt: &Prompt,
         plan: &DiagnosePlan,
-        cache: &mut KvCache,
+        cache: &mut LlavaCache,
     ) -> Result<(Vec<f32>, Diagnosis), BackendError> {
+        let cache = &mut cache.kv;
         let lens = self
             .lens
             .as_ref()
@@ -768,10 +859,11 @@ impl ModelBackend for LlavaBackend {
     fn decode_batch(
         &mut self,
         tokens: &[u32],
-        caches: &mut [&mut KvCache],
+        caches: &mut [&mut LlavaCache],
     ) -> Result<Vec<Vec<f32>>, BackendError> {
+        let mut kvs: Vec<&mut KvCache> = caches.iter_mut().map(|c| &mut c.kv).collect();
         self.model
-            .decode_step(tokens, caches)
+            .decode_step(tokens, &mut kvs)
             .map_err(internal)?
             .to_vec2::<f32>()
             .map_err(internal)

@@ -15,6 +15,7 @@ pub mod retrieval;
 use std::fmt;
 
 use model::diagnostics::{RefusalSet, RefusalTokens};
+use model::kv::{BlockTable, KvBlocks};
 use model::sampling::{SampledToken, SamplingParams};
 
 use crate::engine::plan::{CaptionPrompt, DiagnosePlan, Diagnosis};
@@ -116,28 +117,80 @@ impl fmt::Display for BackendError {
 
 impl std::error::Error for BackendError {}
 
+/// What a prefill runs: the prompt and, for a sequence recomputed after a preemption, the tokens
+/// it had generated (positions `prompt.len()..`) before it lost its cache.
+#[derive(Debug, Clone, Copy)]
+pub struct PrefillInput<'a> {
+    pub prompt: &'a Prompt,
+    pub generated: &'a [u32],
+}
+
+impl PrefillInput<'_> {
+    pub fn len(&self) -> usize {
+        self.prompt.len() + self.generated.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The token id at `pos` (image positions hold the prompt's placeholder ids).
+    pub fn token(&self, pos: usize) -> u32 {
+        match pos.checked_sub(self.prompt.len()) {
+            None => self.prompt.token_ids[pos],
+            Some(i) => self.generated[i],
+        }
+    }
+}
+
+/// One sequence's model state as the scheduler sees it: its block table in the backend's KV
+/// pool and the positions computed.
+pub trait SequenceCache: Send {
+    fn table(&self) -> &BlockTable;
+    /// To reserve blocks ahead of a forward.
+    fn table_mut(&mut self) -> &mut BlockTable;
+    /// Positions computed (the next position to fill).
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// For an empty cache: takes the leading full blocks with these content hashes from the
+    /// prefix cache; returns the positions reused.
+    fn reuse_prefix(&mut self, hashes: &[u64]) -> usize;
+}
+
 /// The model as the engine thread drives it. The engine owns it on one OS thread, so it needs
 /// `Send` but not `Sync`; every call may take as long as the model takes.
+///
+/// Its KV cache is a pool of blocks ([`Self::kv_blocks`]) that the engine plans with: it
+/// reserves every block a forward will write before calling it, so a forward never runs out of
+/// room halfway.
 pub trait ModelBackend: Send + 'static {
-    /// One sequence's KV cache (and any other per-sequence model state).
-    type Cache: Send;
+    /// One sequence's KV cache (its block table) and any other per-sequence model state.
+    type Cache: SequenceCache;
     type Sampler: TokenSampler;
+
+    /// The KV pool's allocator, shared with every cache of this backend.
+    fn kv_blocks(&self) -> KvBlocks;
 
     /// An empty cache for a new sequence.
     fn new_cache(&self) -> Self::Cache;
 
-    /// Runs the whole prompt (text and images) into `cache`; returns the logits of its last
-    /// position (length = vocabulary size).
+    /// Runs positions `cache.len()..end` of `input` (text and images) into `cache`: the whole
+    /// input, or one chunk of it under the step's token budget. Returns the logits of its last
+    /// position (length = vocabulary size) when `end == input.len()`, else `None`.
     fn prefill(
         &mut self,
-        prompt: &Prompt,
+        input: &PrefillInput,
+        end: usize,
         cache: &mut Self::Cache,
-    ) -> Result<Vec<f32>, BackendError>;
+    ) -> Result<Option<Vec<f32>>, BackendError>;
 
-    /// [`Self::prefill`] with the safety diagnostics of `plan`: the caption pass (and the model's
-    /// own caption) when the plan has a caption, the layer taps and interventions of the prompt
-    /// pass, and the per-layer records. The returned logits are those of the (possibly
-    /// intervened) prompt pass, and `cache` continues from it.
+    /// A whole-prompt prefill (into an empty cache) with the safety diagnostics of `plan`: the
+    /// caption pass (and the model's own caption) when the plan has a caption, the layer taps and
+    /// interventions of the prompt pass, and the per-layer records. The returned logits are
+    /// those of the (possibly intervened) prompt pass, and `cache` continues from it. The
+    /// caption passes draw on the same pool, beyond the prompt's blocks.
     fn prefill_diagnosed(
         &mut self,
         prompt: &Prompt,

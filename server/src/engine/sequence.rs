@@ -11,6 +11,7 @@ use model::sampling::StopMatcher;
 use model::tokenizer::IncrementalDetokenizer;
 
 use super::plan::{DiagnosePlan, Diagnosis};
+use super::request::Prompt;
 use super::{Event, FinishReason, GenerationError, TokenLogprob, Usage};
 use crate::backend::{BackendError, ModelBackend, TokenSampler};
 use crate::firehose::Firehose;
@@ -24,6 +25,15 @@ pub(super) struct Sequence<B: ModelBackend> {
     pub(super) _permit: OwnedSemaphorePermit,
     pub(super) cache: B::Cache,
     pub(super) sampler: B::Sampler,
+    /// Kept for a recompute after a preemption (images included).
+    pub(super) prompt: Prompt,
+    /// The safety diagnostics of the first prefill (a recompute runs the same interventions).
+    pub(super) diagnose: Option<Arc<DiagnosePlan>>,
+    /// Content hashes of the prompt's full blocks for prefix sharing (empty: not shared).
+    pub(super) prefix_hashes: Vec<u64>,
+    pub(super) phase: Phase,
+    /// Sampled tokens (stop tokens excepted): the last one is the next decode step's input.
+    pub(super) generated: Vec<u32>,
     /// Input of the next decode step.
     pub(super) last_token: u32,
     pub(super) max_new_tokens: usize,
@@ -37,6 +47,17 @@ pub(super) struct Sequence<B: ModelBackend> {
     pub(super) last_token_at: Instant,
     /// Set for a diagnosed request: its report, completed with the judged answer at the end.
     pub(super) diagnosis: Option<Box<SequenceDiagnosis>>,
+}
+
+/// Where a sequence is in its life in the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Filling its cache up to `target` positions: the prompt, or after a preemption the
+    /// prompt and every generated token but the last. `diagnosed` while the whole-prompt
+    /// diagnosed pass is still to run.
+    Prefill { target: usize, diagnosed: bool },
+    /// In the decode batch.
+    Decode,
 }
 
 /// A diagnosed sequence's measurements while its answer is generated.
@@ -132,6 +153,7 @@ impl<B: ModelBackend> Sequence<B> {
             return Ok(Some(FinishReason::Stop));
         }
         self.last_token = sampled.id;
+        self.generated.push(sampled.id);
         if self.want_logprobs {
             let text = |id: u32| backend.decode_text(&[id]);
             self.pending_logprobs.push(TokenLogprob {

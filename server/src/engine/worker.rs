@@ -1,4 +1,14 @@
-//! The engine thread's loop: receive, drop cancelled, admit (prefill), decode one step, repeat.
+//! The engine thread's loop: receive, drop cancelled, plan the step in KV blocks (room for every
+//! decoding sequence, preempting the youngest when there is none), prefill chunks of admitted
+//! prompts under the step's token budget, decode one step, repeat.
+//!
+//! Memory is planned in blocks of the backend's paged KV pool (vLLM's scheduler): a request is
+//! admitted only when its prompt's blocks fit beside a small watermark; a decoding sequence that
+//! needs a block when none is free preempts the youngest sequence, whose blocks are freed and
+//! which is recomputed later from its prompt and the tokens it had generated (so its stream
+//! neither repeats nor loses a token); prompts are prefilled in chunks of at most
+//! `max_batch_tokens` per step, between decode steps of the running batch; full prompt blocks
+//! are shared by content hash (automatic prefix caching).
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -7,25 +17,46 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::{self, error::TryRecvError};
 
+use model::kv::{prefix_hashes, KvBlocks};
 use model::sampling::StopMatcher;
 use model::tokenizer::IncrementalDetokenizer;
 
-use super::sequence::{Sequence, SequenceDiagnosis};
+use super::request::Prompt;
+use super::sequence::{Phase, Sequence, SequenceDiagnosis};
 use super::{Command, EngineConfig, Event, FinishReason, GenerationError, Job, Usage};
-use crate::backend::{BackendError, ModelBackend};
+use crate::backend::{BackendError, ModelBackend, PrefillInput, SequenceCache};
 use crate::firehose::Firehose;
 use crate::metrics::Metrics;
 
+/// A request waiting for blocks: new, or preempted (its generation so far kept).
+enum Waiting<B: ModelBackend> {
+    New(Box<Job>),
+    Resumed(Box<Sequence<B>>),
+}
+
+impl<B: ModelBackend> Waiting<B> {
+    fn events(&self) -> &mpsc::UnboundedSender<Event> {
+        match self {
+            Waiting::New(job) => &job.events,
+            Waiting::Resumed(seq) => &seq.events,
+        }
+    }
+}
+
 pub(super) struct Worker<B: ModelBackend> {
     backend: B,
+    kv: KvBlocks,
     config: EngineConfig,
     commands: mpsc::UnboundedReceiver<Command>,
     metrics: Arc<Metrics>,
     firehose: Arc<Firehose>,
-    waiting: VecDeque<Job>,
+    waiting: VecDeque<Waiting<B>>,
+    /// Admitted sequences, oldest first (the last is the first to be preempted).
     running: Vec<Sequence<B>>,
     /// Set once shutdown began: running sequences are cut when it passes.
     deadline: Option<Instant>,
+    /// Prefix-cache counters already exported.
+    prefix_seen: model::kv::PrefixStats,
 }
 
 impl<B: ModelBackend> Worker<B> {
@@ -36,8 +67,10 @@ impl<B: ModelBackend> Worker<B> {
         metrics: Arc<Metrics>,
         firehose: Arc<Firehose>,
     ) -> Self {
+        let kv = backend.kv_blocks();
         Self {
             backend,
+            kv,
             config,
             commands,
             metrics,
@@ -45,23 +78,26 @@ impl<B: ModelBackend> Worker<B> {
             waiting: VecDeque::new(),
             running: Vec::new(),
             deadline: None,
+            prefix_seen: Default::default(),
         }
     }
 
     pub(super) fn run(mut self) {
+        let pool = self.kv.config();
         tracing::info!(
             max_num_seqs = self.config.max_num_seqs,
             max_waiting = self.config.max_waiting,
             max_batch_tokens = self.config.max_batch_tokens,
+            kv_blocks = pool.num_blocks,
+            block_size = pool.block_size,
             "engine started"
         );
+        self.export_kv();
         while self.receive() {
             self.drop_disconnected();
             self.cut_at_deadline();
-            self.admit();
-            if !self.running.is_empty() {
-                self.decode_step();
-            }
+            self.step();
+            self.export_kv();
         }
         // Submissions that raced with shutdown are answered rather than dropped unanswered.
         self.commands.close();
@@ -103,7 +139,7 @@ impl<B: ModelBackend> Worker<B> {
                         .events
                         .send(Event::Failed(GenerationError::ShuttingDown));
                 }
-                Command::Submit(job) => self.waiting.push_back(*job),
+                Command::Submit(job) => self.waiting.push_back(Waiting::New(job)),
                 Command::Shutdown { deadline } => {
                     tracing::info!(
                         running = self.running.len(),
@@ -111,26 +147,34 @@ impl<B: ModelBackend> Worker<B> {
                         "engine shutting down"
                     );
                     self.deadline = Some(deadline);
-                    for job in self.waiting.drain(..) {
-                        self.metrics.waiting.dec();
-                        let _ = job
-                            .events
-                            .send(Event::Failed(GenerationError::ShuttingDown));
-                    }
+                    // New requests are refused; preempted ones were running and may finish
+                    // within the grace period like the others.
+                    let metrics = &self.metrics;
+                    self.waiting.retain(|w| match w {
+                        Waiting::New(job) => {
+                            metrics.waiting.dec();
+                            let _ = job
+                                .events
+                                .send(Event::Failed(GenerationError::ShuttingDown));
+                            false
+                        }
+                        Waiting::Resumed(_) => true,
+                    });
                 }
             }
         }
     }
 
-    /// Frees the slots of requests whose client went away (their event receiver was dropped).
+    /// Frees the slots (and blocks) of requests whose client went away (their event receiver
+    /// was dropped).
     fn drop_disconnected(&mut self) {
         let metrics = &self.metrics;
-        self.waiting.retain(|job| {
-            let gone = job.events.is_closed();
+        self.waiting.retain(|w| {
+            let gone = w.events().is_closed();
             if gone {
                 metrics.waiting.dec();
                 metrics.client_disconnects.inc();
-                tracing::info!(request_id = %job.request.request_id, "client disconnected while waiting");
+                tracing::info!("client disconnected while waiting");
             }
             !gone
         });
@@ -154,111 +198,383 @@ impl<B: ModelBackend> Worker<B> {
                 tracing::warn!(request_id = %seq.request_id, "cut at the shutdown deadline");
                 seq.fail(GenerationError::ShuttingDown, &self.metrics);
             }
+            for w in self.waiting.drain(..) {
+                self.metrics.waiting.dec();
+                let _ = w
+                    .events()
+                    .send(Event::Failed(GenerationError::ShuttingDown));
+            }
         }
     }
 
-    /// Prefills waiting requests, oldest first, while there are free sequence slots and the
-    /// step's prefill-token budget lasts.
-    fn admit(&mut self) {
-        let mut budget = self.config.max_batch_tokens;
-        let mut admitted = 0;
-        while self.running.len() < self.config.max_num_seqs && self.deadline.is_none() {
+    /// The KV gauges and prefix-cache counters, from the pool's allocator.
+    fn export_kv(&mut self) {
+        let pool = self.kv.lock();
+        let (used, total) = (pool.used(), pool.config().num_blocks);
+        let stats = pool.prefix_stats();
+        let block_size = pool.config().block_size as u64;
+        drop(pool);
+        self.metrics.kv_blocks_used.set(used as i64);
+        self.metrics.kv_blocks_free.set((total - used) as i64);
+        self.metrics
+            .kv_cache_usage
+            .set(used as f64 / total.max(1) as f64);
+        let seen = self.prefix_seen;
+        self.metrics
+            .prefix_cache_queries
+            .inc_by((stats.queried - seen.queried) * block_size);
+        self.metrics
+            .prefix_cache_hits
+            .inc_by((stats.hit - seen.hit) * block_size);
+        self.prefix_seen = stats;
+    }
+
+    /// Blocks kept free beyond an admitted prompt's, so that running sequences can still grow
+    /// a little (vLLM's 1 % watermark).
+    fn watermark(&self) -> usize {
+        self.kv.config().num_blocks.div_ceil(100)
+    }
+
+    /// One scheduler step: room for the decode batch, prefill chunks, admissions, one decode.
+    fn step(&mut self) {
+        self.reserve_decode_room();
+        let decoding = self
+            .running
+            .iter()
+            .filter(|s| s.phase == Phase::Decode)
+            .count();
+        // At least one prompt token per step, so that prompts progress even under a full batch.
+        let mut budget = self.config.max_batch_tokens.saturating_sub(decoding).max(1);
+        let mut prefilled_any = false;
+        // Sequences already admitted continue their prompts, oldest first.
+        let running = std::mem::take(&mut self.running);
+        for seq in running {
+            if budget == 0 || seq.phase == Phase::Decode {
+                self.running.push(seq);
+                continue;
+            }
+            if let Some(seq) = self.prefill_step(seq, &mut budget, &mut prefilled_any) {
+                self.running.push(seq);
+            }
+        }
+        self.admit(&mut budget, &mut prefilled_any);
+        if self.running.iter().any(|s| s.phase == Phase::Decode) {
+            self.decode_step();
+        }
+    }
+
+    /// Every decoding sequence gets room for its next token; where the pool has none, the
+    /// youngest sequence is preempted (possibly the one asking), until it fits.
+    fn reserve_decode_room(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].phase != Phase::Decode {
+                i += 1;
+                continue;
+            }
+            let need = self.running[i].cache.len() + 1;
+            if self.running[i].cache.table_mut().reserve(need).is_ok() {
+                i += 1;
+                continue;
+            }
+            // No room: the youngest goes back to the queue. When that is this sequence, it
+            // waits too, and the loop ends with the older ones served.
+            let victim = self.running.pop().expect("running holds sequence i");
+            self.preempt(victim);
+        }
+    }
+
+    /// Frees `seq`'s blocks and queues it at the front, to be recomputed from its prompt and
+    /// generated tokens when blocks are free again.
+    fn preempt(&mut self, mut seq: Sequence<B>) {
+        self.metrics.preemptions.inc();
+        self.metrics.running.dec();
+        self.metrics.waiting.inc();
+        tracing::info!(
+            request_id = %seq.request_id,
+            generated = seq.generated.len(),
+            "preempted: KV cache full, recomputed later"
+        );
+        seq.cache = self.backend.new_cache();
+        seq.phase = Phase::Prefill {
+            target: seq.prompt.len() + seq.generated.len().saturating_sub(1),
+            diagnosed: seq.diagnose.is_some(),
+        };
+        self.waiting.push_front(Waiting::Resumed(Box::new(seq)));
+    }
+
+    /// Blocks a waiting request needs to be admitted: its whole prefill and first decode token,
+    /// less the prefix blocks it would reuse, plus room for a diagnosed request's caption passes.
+    fn blocks_to_admit(&self, w: &Waiting<B>) -> usize {
+        let block_size = self.kv.config().block_size;
+        let (tokens, hashes, extra) = match w {
+            Waiting::New(job) => {
+                let prompt = &job.request.prompt;
+                let extra = job
+                    .request
+                    .diagnose
+                    .as_ref()
+                    .map_or(0, |plan| caption_tokens(plan, prompt));
+                (prompt.len() + 1, shareable_hashes(job, block_size), extra)
+            }
+            Waiting::Resumed(seq) => {
+                let Phase::Prefill { target, .. } = seq.phase else {
+                    unreachable!("a waiting sequence is prefilling")
+                };
+                let extra = seq
+                    .diagnose
+                    .as_ref()
+                    .map_or(0, |plan| caption_tokens(plan, &seq.prompt));
+                (target + 1, seq.prefix_hashes.clone(), extra)
+            }
+        };
+        let cached = self.kv.lock().cached_prefix(&hashes);
+        tokens.div_ceil(block_size) - cached + extra.div_ceil(block_size)
+    }
+
+    /// Admits waiting requests, oldest first (preempted ones are at the front), while there
+    /// are sequence slots, step budget and free blocks, and runs their first prefill chunk.
+    fn admit(&mut self, budget: &mut usize, prefilled_any: &mut bool) {
+        while self.running.len() < self.config.max_num_seqs && *budget > 0 {
             let Some(front) = self.waiting.front() else {
                 break;
             };
-            let prompt_len = front.request.prompt.len();
-            if admitted > 0 && prompt_len > budget {
+            if self.deadline.is_some() && matches!(front, Waiting::New(_)) {
                 break;
             }
-            let job = self.waiting.pop_front().expect("front exists");
+            let need = self.blocks_to_admit(front);
+            let available = self.kv.lock().available();
+            // The watermark only holds back a request while others run: alone, a request
+            // that fits the pool (validation checks it) always goes.
+            let reserve = if self.running.is_empty() {
+                0
+            } else {
+                self.watermark()
+            };
+            if need + reserve > available {
+                break;
+            }
+            let seq = match self.waiting.pop_front().expect("front exists") {
+                Waiting::New(job) => self.start(*job),
+                Waiting::Resumed(seq) => *seq,
+            };
             self.metrics.waiting.dec();
-            budget = budget.saturating_sub(prompt_len);
-            admitted += 1;
-            if let Some(seq) = self.prefill(job) {
+            // Counted as running from here; every way out of the batch uncounts it before
+            // telling the client, so the gauge is never behind what a client has seen.
+            self.metrics.running.inc();
+            let Some(seq) = self.place(seq) else {
+                continue;
+            };
+            if let Some(seq) = self.prefill_step(seq, budget, prefilled_any) {
                 self.running.push(seq);
             }
         }
     }
 
-    /// Runs one request's prompt and samples its first token; `None` if it already ended.
-    fn prefill(&mut self, job: Job) -> Option<Sequence<B>> {
+    /// A new request becomes a sequence (not yet in the batch).
+    fn start(&mut self, job: Job) -> Sequence<B> {
+        let block_size = self.kv.config().block_size;
+        let prefix_hashes = shareable_hashes(&job, block_size);
         let Job {
             request,
             events,
             permit,
         } = job;
-        let started = Instant::now();
         self.metrics
             .queue_time
-            .observe((started - request.arrived).as_secs_f64());
-        let mut cache = self.backend.new_cache();
-        let backend = &mut self.backend;
-        let result = catch_unwind(AssertUnwindSafe(|| match &request.diagnose {
-            Some(plan) => backend
-                .prefill_diagnosed(&request.prompt, plan, &mut cache)
-                .map(|(logits, diagnosis)| (logits, Some(diagnosis))),
-            None => backend
-                .prefill(&request.prompt, &mut cache)
-                .map(|logits| (logits, None)),
-        }))
-        .unwrap_or_else(|panic| Err(BackendError::new(panic_message(&panic))));
-        let (logits, diagnosis) = match result {
-            Ok(out) => out,
-            Err(err) => {
-                tracing::error!(request_id = %request.request_id, error = %err, "prefill failed");
-                let _ = events.send(Event::Failed(GenerationError::Internal(err.0)));
-                return None;
-            }
-        };
-        let prompt = &request.prompt;
-        self.metrics.prompt_tokens.inc_by(prompt.len() as u64);
-        self.metrics
-            .image_tokens
-            .inc_by(prompt.image_tokens() as u64);
-        self.metrics.images.inc_by(prompt.images.len() as u64);
-        tracing::debug!(
-            request_id = %request.request_id,
-            prompt_tokens = prompt.len(),
-            prefill_ms = started.elapsed().as_millis() as u64,
-            "prefilled"
-        );
-        let diagnosis = match (&request.diagnose, diagnosis) {
-            (Some(plan), Some(diagnosis)) => {
-                if plan.deliver {
-                    let _ = events.send(Event::Diagnosed(Box::new(diagnosis.clone())));
-                }
-                Some(Box::new(SequenceDiagnosis {
-                    plan: plan.clone(),
-                    diagnosis,
-                    answer: String::new(),
-                }))
-            }
-            _ => None,
-        };
-        // Counted as running from here; every way out of the batch uncounts it before telling
-        // the client, so the gauge is never behind what a client has seen.
-        self.metrics.running.inc();
-        let seq = Sequence {
+            .observe(request.arrived.elapsed().as_secs_f64());
+        let prompt = request.prompt;
+        Sequence {
             request_id: request.request_id,
             sampler: self.backend.sampler(&request.sampling),
             want_logprobs: request.sampling.logprobs,
             events,
             _permit: permit,
-            cache,
+            cache: self.backend.new_cache(),
+            phase: Phase::Prefill {
+                target: prompt.len(),
+                diagnosed: request.diagnose.is_some(),
+            },
+            diagnose: request.diagnose,
+            prefix_hashes,
+            generated: Vec::new(),
             last_token: 0,
             max_new_tokens: request.stopping.max_new_tokens,
             detokenizer: IncrementalDetokenizer::new(),
             stops: StopMatcher::new(request.stopping.stop),
             pending_logprobs: Vec::new(),
             usage: Usage {
-                prompt_tokens: request.prompt.token_ids.len(),
+                prompt_tokens: prompt.token_ids.len(),
                 completion_tokens: 0,
-                image_tokens: request.prompt.image_tokens(),
+                image_tokens: prompt.image_tokens(),
             },
+            prompt,
             arrived: request.arrived,
-            last_token_at: started,
-            diagnosis,
+            last_token_at: Instant::now(),
+            diagnosis: None,
+        }
+    }
+
+    /// Gives an admitted sequence its blocks: the cached prefix it can reuse, then the rest of
+    /// its prefill and its first decode token. `None` if that failed (it is answered).
+    fn place(&mut self, mut seq: Sequence<B>) -> Option<Sequence<B>> {
+        let Phase::Prefill { target, .. } = seq.phase else {
+            return Some(seq);
         };
+        if !seq.prefix_hashes.is_empty() {
+            seq.cache.reuse_prefix(&seq.prefix_hashes);
+        }
+        match seq.cache.table_mut().reserve(target + 1) {
+            Ok(()) => Some(seq),
+            Err(err) => {
+                // Checked at admission; only a fault gets here.
+                tracing::error!(request_id = %seq.request_id, error = %err, "no KV blocks for an admitted request");
+                seq.fail(GenerationError::Internal(err.to_string()), &self.metrics);
+                None
+            }
+        }
+    }
+
+    /// Runs the next prefill chunk of `seq` within `budget` (the diagnosed pass whole); when
+    /// its prefill is complete it samples the first token (a new request) or rejoins the
+    /// decode batch (a recomputed one). `None` once it has ended.
+    fn prefill_step(
+        &mut self,
+        mut seq: Sequence<B>,
+        budget: &mut usize,
+        prefilled_any: &mut bool,
+    ) -> Option<Sequence<B>> {
+        let Phase::Prefill { target, diagnosed } = seq.phase else {
+            return Some(seq);
+        };
+        if diagnosed {
+            // Its taps need the whole prompt in one forward: it waits for a step of its own.
+            if *prefilled_any && seq.prompt.len() > *budget {
+                return Some(seq);
+            }
+            *budget = budget.saturating_sub(seq.prompt.len());
+            *prefilled_any = true;
+            return self.diagnosed_prefill(seq);
+        }
+        let start = seq.cache.len();
+        let end = target.min(start + *budget);
+        if end <= start {
+            return Some(seq);
+        }
+        *budget -= end - start;
+        *prefilled_any = true;
+        let started = Instant::now();
+        let generated = seq.generated.len().saturating_sub(1);
+        let backend = &mut self.backend;
+        let result = {
+            let input = PrefillInput {
+                prompt: &seq.prompt,
+                generated: &seq.generated[..generated],
+            };
+            let cache = &mut seq.cache;
+            catch_unwind(AssertUnwindSafe(|| backend.prefill(&input, end, cache)))
+                .unwrap_or_else(|panic| Err(BackendError::new(panic_message(&panic))))
+        };
+        let logits = match result {
+            Ok(logits) => logits,
+            Err(err) => {
+                tracing::error!(request_id = %seq.request_id, error = %err, "prefill failed");
+                seq.fail(GenerationError::Internal(err.0), &self.metrics);
+                return None;
+            }
+        };
+        tracing::debug!(
+            request_id = %seq.request_id,
+            positions = end - start,
+            prefill_ms = started.elapsed().as_millis() as u64,
+            "prefill chunk"
+        );
+        if end < target {
+            return Some(seq);
+        }
+        seq.phase = Phase::Decode;
+        if !seq.prefix_hashes.is_empty() {
+            seq.cache.table().publish(&seq.prefix_hashes);
+        }
+        if !seq.generated.is_empty() {
+            // Recomputed after a preemption: its next input is the token it last sampled.
+            return Some(seq);
+        }
+        self.count_prompt(&seq.prompt);
+        match logits {
+            Some(logits) => self.advance(seq, &logits),
+            None => {
+                seq.fail(
+                    GenerationError::Internal("the last prefill chunk gave no logits".into()),
+                    &self.metrics,
+                );
+                None
+            }
+        }
+    }
+
+    fn count_prompt(&self, prompt: &Prompt) {
+        self.metrics.prompt_tokens.inc_by(prompt.len() as u64);
+        self.metrics
+            .image_tokens
+            .inc_by(prompt.image_tokens() as u64);
+        self.metrics.images.inc_by(prompt.images.len() as u64);
+    }
+
+    /// The whole-prompt diagnosed pass. For a new request it delivers the diagnosis and samples
+    /// the first token; for one recomputed after a preemption it only refills the cache (the
+    /// same interventions), and the tokens generated before are prefilled after it.
+    fn diagnosed_prefill(&mut self, mut seq: Sequence<B>) -> Option<Sequence<B>> {
+        let plan = seq
+            .diagnose
+            .clone()
+            .expect("a diagnosed sequence has a plan");
+        let started = Instant::now();
+        let backend = &mut self.backend;
+        let (prompt, cache) = (&seq.prompt, &mut seq.cache);
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            backend.prefill_diagnosed(prompt, &plan, cache)
+        }))
+        .unwrap_or_else(|panic| Err(BackendError::new(panic_message(&panic))));
+        let (logits, diagnosis) = match result {
+            Ok(out) => out,
+            Err(err) => {
+                tracing::error!(request_id = %seq.request_id, error = %err, "prefill failed");
+                seq.fail(GenerationError::Internal(err.0), &self.metrics);
+                return None;
+            }
+        };
+        tracing::debug!(
+            request_id = %seq.request_id,
+            prompt_tokens = seq.prompt.len(),
+            prefill_ms = started.elapsed().as_millis() as u64,
+            "prefilled with diagnostics"
+        );
+        let Phase::Prefill { target, .. } = seq.phase else {
+            unreachable!("prefilling")
+        };
+        if !seq.generated.is_empty() {
+            seq.phase = match target > seq.prompt.len() {
+                true => Phase::Prefill {
+                    target,
+                    diagnosed: false,
+                },
+                false => Phase::Decode,
+            };
+            return Some(seq);
+        }
+        seq.phase = Phase::Decode;
+        self.count_prompt(&seq.prompt);
+        if plan.deliver {
+            let _ = seq
+                .events
+                .send(Event::Diagnosed(Box::new(diagnosis.clone())));
+        }
+        seq.diagnosis = Some(Box::new(SequenceDiagnosis {
+            plan,
+            diagnosis,
+            answer: String::new(),
+        }));
         // `max_tokens: 0` (the diagnose endpoint): the prompt pass was the whole point.
         if seq.max_new_tokens == 0 {
             self.finish(seq, FinishReason::Length);
@@ -304,44 +620,110 @@ impl<B: ModelBackend> Worker<B> {
         }
     }
 
-    /// One decode step for the whole running batch.
+    /// One decode step for the sequences in the decode phase (room for each was reserved).
     fn decode_step(&mut self) {
-        let tokens: Vec<u32> = self.running.iter().map(|seq| seq.last_token).collect();
+        let (mut batch, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|s| s.phase == Phase::Decode);
+        let tokens: Vec<u32> = batch.iter().map(|seq| seq.last_token).collect();
         self.metrics.batch_size.observe(tokens.len() as f64);
         let backend = &mut self.backend;
-        let mut caches: Vec<&mut B::Cache> =
-            self.running.iter_mut().map(|seq| &mut seq.cache).collect();
+        let mut caches: Vec<&mut B::Cache> = batch.iter_mut().map(|seq| &mut seq.cache).collect();
         let result = catch_unwind(AssertUnwindSafe(|| {
             backend.decode_batch(&tokens, &mut caches)
         }))
         .unwrap_or_else(|panic| Err(BackendError::new(panic_message(&panic))));
         drop(caches);
+        // The batch keeps its age order: prefilling sequences are younger than most decoding
+        // ones, but preemption only needs "youngest last" approximately, so the prefilling ones
+        // go after.
+        self.running = rest;
         let all_logits = match result {
             Ok(logits) if logits.len() == tokens.len() => logits,
             Ok(logits) => {
-                return self.fail_all(BackendError(format!(
-                    "decode_batch returned {} logit rows for {} sequences",
-                    logits.len(),
-                    tokens.len()
-                )))
+                return self.fail_batch(
+                    batch,
+                    BackendError(format!(
+                        "decode_batch returned {} logit rows for {} sequences",
+                        logits.len(),
+                        tokens.len()
+                    )),
+                )
             }
-            Err(err) => return self.fail_all(err),
+            Err(err) => return self.fail_batch(batch, err),
         };
-        let running = std::mem::take(&mut self.running);
-        for (seq, logits) in running.into_iter().zip(all_logits) {
+        let mut decoded = Vec::with_capacity(batch.len());
+        for (seq, logits) in batch.into_iter().zip(all_logits) {
             if let Some(seq) = self.advance(seq, &logits) {
-                self.running.push(seq);
+                decoded.push(seq);
             }
         }
+        decoded.append(&mut self.running);
+        self.running = decoded;
     }
 
-    /// A failed decode step loses every running sequence (their caches are in an unknown state);
-    /// waiting requests are unaffected.
-    fn fail_all(&mut self, err: BackendError) {
-        tracing::error!(error = %err, sequences = self.running.len(), "decode step failed");
-        for seq in self.running.drain(..) {
+    /// A failed decode step loses the sequences in it (their caches are in an unknown state);
+    /// prefilling and waiting requests are unaffected.
+    fn fail_batch(&mut self, batch: Vec<Sequence<B>>, err: BackendError) {
+        tracing::error!(error = %err, sequences = batch.len(), "decode step failed");
+        for seq in batch {
             seq.fail(GenerationError::Internal(err.0.clone()), &self.metrics);
         }
+    }
+}
+
+/// The prefix hashes of a request's prompt blocks that may be shared: every full block before
+/// the last prompt position (which is always computed, for its logits), images' pixels mixed
+/// into the blocks they cover. A diagnosed request neither shares nor publishes: its taps need
+/// every position computed, and its interventions change the states of later layers.
+fn shareable_hashes(job: &Job, block_size: usize) -> Vec<u64> {
+    let request = &job.request;
+    if request.diagnose.is_some() {
+        return Vec::new();
+    }
+    prompt_hashes(&request.prompt, block_size)
+}
+
+fn prompt_hashes(prompt: &Prompt, block_size: usize) -> Vec<u64> {
+    use std::hash::{Hash, Hasher};
+    let image_hashes: Vec<u64> = prompt
+        .images
+        .iter()
+        .map(|img| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            img.pixel_values.len().hash(&mut h);
+            for x in &img.pixel_values {
+                x.to_bits().hash(&mut h);
+            }
+            img.image_size.hash(&mut h);
+            h.finish()
+        })
+        .collect();
+    let shareable = prompt.len().saturating_sub(1);
+    prefix_hashes(&prompt.token_ids[..shareable], block_size, |blk| {
+        // The images whose positions this block holds.
+        let mut h = 0u64;
+        for (span, ih) in prompt.image_spans.iter().zip(&image_hashes) {
+            if span.start < blk.end && blk.start < span.end {
+                h = h.rotate_left(7) ^ ih;
+            }
+        }
+        h
+    })
+}
+
+/// Tokens a diagnosed request's caption passes may hold in the pool beside its prompt: the
+/// caption prompt, and for the model's own caption its describe prompt (about the request's
+/// length) and the caption generated.
+fn caption_tokens(plan: &super::plan::DiagnosePlan, prompt: &Prompt) -> usize {
+    use super::plan::CaptionPlan;
+    match &plan.caption {
+        CaptionPlan::None => 0,
+        CaptionPlan::Given(_) => plan
+            .caption_prompt
+            .as_ref()
+            .map_or(prompt.len(), |c| c.ids.len()),
+        CaptionPlan::Model { max_tokens } => 2 * (prompt.len() + max_tokens),
     }
 }
 

@@ -10,9 +10,13 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use model::kv::{BlockTable, KvBlocks, KvPoolConfig};
 use model::sampling::{SampledToken, SamplingParams};
 use server::app::{AppState, HttpConfig, ModelCard, ServingConfig, ServingModel};
-use server::backend::{BackendError, ModelBackend, ProcessError, PromptProcessor, TokenSampler};
+use server::backend::{
+    BackendError, ModelBackend, PrefillInput, ProcessError, PromptProcessor, SequenceCache,
+    TokenSampler,
+};
 use server::engine::request::{ChatTurn, ImageInput, Prompt, PromptLayout, Role, TurnPart};
 use server::firehose::Firehose;
 use server::metrics::Metrics;
@@ -137,21 +141,59 @@ impl Gate {
 #[derive(Default)]
 pub struct Observed {
     pub batch_sizes: Mutex<Vec<usize>>,
+    /// Prompts whose prefill completed (chunks and recomputes after preemption included).
     pub prefills: Mutex<usize>,
+    /// Positions run by each prefill call (one entry per chunk).
+    pub prefill_chunks: Mutex<Vec<usize>>,
+    /// The pool, to check that every block is free after a test.
+    pub kv: Mutex<Option<KvBlocks>>,
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct FakeOptions {
     pub step_delay: Duration,
     pub gate: Option<Gate>,
+    /// The fake's KV pool: blocks of `block_size` positions.
+    pub kv_pool: KvPoolConfig,
+}
+
+impl Default for FakeOptions {
+    fn default() -> Self {
+        Self {
+            step_delay: Duration::ZERO,
+            gate: None,
+            kv_pool: KvPoolConfig {
+                block_size: 16,
+                num_blocks: 4096,
+            },
+        }
+    }
 }
 
 pub struct FakeModel {
     options: FakeOptions,
     observed: Arc<Observed>,
+    kv: KvBlocks,
 }
 
+impl FakeModel {
+    pub fn new(options: FakeOptions, observed: Arc<Observed>) -> Self {
+        let kv = KvBlocks::new(options.kv_pool);
+        *observed.kv.lock().unwrap() = Some(kv.clone());
+        Self {
+            options,
+            observed,
+            kv,
+        }
+    }
+}
+
+/// The fake's per-sequence state: a real block table (so the engine's planning is checked:
+/// every position written must have been reserved) and the tokens the "cache" holds.
 pub struct FakeCache {
+    table: BlockTable,
+    /// Positions computed.
+    len: usize,
     tokens: Vec<u32>,
     prompt_len: usize,
     /// Generation ends with EOS after this many tokens (prompt marker `EOS@n`).
@@ -199,12 +241,34 @@ fn prompt_marker(prompt: &[u32], marker: &str) -> Option<String> {
     )
 }
 
+impl SequenceCache for FakeCache {
+    fn table(&self) -> &BlockTable {
+        &self.table
+    }
+    fn table_mut(&mut self) -> &mut BlockTable {
+        &mut self.table
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn reuse_prefix(&mut self, hashes: &[u64]) -> usize {
+        self.len = self.table.reuse_prefix(hashes) * self.table.block_size();
+        self.len
+    }
+}
+
 impl ModelBackend for FakeModel {
     type Cache = FakeCache;
     type Sampler = FakeSampler;
 
+    fn kv_blocks(&self) -> KvBlocks {
+        self.kv.clone()
+    }
+
     fn new_cache(&self) -> FakeCache {
         FakeCache {
+            table: self.kv.table(),
+            len: 0,
             tokens: Vec::new(),
             prompt_len: 0,
             eos_after: None,
@@ -213,9 +277,29 @@ impl ModelBackend for FakeModel {
 
     fn prefill(
         &mut self,
-        prompt: &Prompt,
+        input: &PrefillInput,
+        end: usize,
         cache: &mut FakeCache,
-    ) -> Result<Vec<f32>, BackendError> {
+    ) -> Result<Option<Vec<f32>>, BackendError> {
+        let prompt = input.prompt;
+        assert!(cache.len < end && end <= input.len(), "prefill range");
+        assert!(
+            cache.table.capacity() > end,
+            "the engine reserves the prefill and the first decode position ({} < {})",
+            cache.table.capacity(),
+            end + 1
+        );
+        self.observed
+            .prefill_chunks
+            .lock()
+            .unwrap()
+            .push(end - cache.len);
+        // The fake "cache" is the token list (a reused prefix's tokens come from the input).
+        cache.tokens = (0..end).map(|p| input.token(p)).collect();
+        cache.len = end;
+        if end < input.len() {
+            return Ok(None);
+        }
         *self.observed.prefills.lock().unwrap() += 1;
         if prompt_marker(&prompt.token_ids, "PANIC").is_some() {
             panic!("scripted panic");
@@ -225,14 +309,13 @@ impl ModelBackend for FakeModel {
         }
         let images = prompt.token_ids.iter().filter(|&&t| t == IMAGE).count();
         assert_eq!(images, prompt.image_tokens(), "image positions expanded");
-        cache.tokens = prompt.token_ids.clone();
         cache.prompt_len = prompt.token_ids.len();
         cache.eos_after = prompt_marker(&prompt.token_ids, "EOS@").and_then(|n| n.parse().ok());
         if prompt_marker(&prompt.token_ids, "POISON").is_some() {
             // A row the fake sampler panics on: a fault after prefill, in the per-token step.
-            return Ok(vec![f32::NAN; VOCAB]);
+            return Ok(Some(vec![f32::NAN; VOCAB]));
         }
-        Ok(logits_for(cache))
+        Ok(Some(logits_for(cache)))
     }
 
     fn decode_batch(
@@ -252,7 +335,12 @@ impl ModelBackend for FakeModel {
             .iter()
             .zip(caches.iter_mut())
             .map(|(&token, cache)| {
+                assert!(
+                    cache.table.capacity() > cache.len,
+                    "decode without a reserved position"
+                );
                 cache.tokens.push(token);
+                cache.len += 1;
                 logits_for(cache)
             })
             .collect())
@@ -434,10 +522,7 @@ impl TestServer {
 
     /// Loads the fake model (as the real loader does once a checkpoint is read).
     pub fn load(&self, options: &TestOptions) {
-        let model = FakeModel {
-            options: options.fake.clone(),
-            observed: self.observed.clone(),
-        };
+        let model = FakeModel::new(options.fake.clone(), self.observed.clone());
         let serving = ServingModel::start(
             model,
             Arc::new(FakeProcessor),
