@@ -154,13 +154,14 @@ impl BlockAllocator {
         Some(block)
     }
 
-    /// How many of the leading `hashes` the prefix cache holds (a peek: nothing is retained or
-    /// counted).
-    pub fn cached_prefix(&self, hashes: &[u64]) -> usize {
-        hashes
-            .iter()
-            .take_while(|h| self.by_hash.contains_key(h))
-            .count()
+    /// How many of the leading `hashes` the prefix cache holds, and how many of those no
+    /// sequence holds (reusing them takes them out of [`Self::available`]). A peek: nothing is
+    /// retained or counted.
+    pub fn cached_prefix(&self, hashes: &[u64]) -> (usize, usize) {
+        let blocks = hashes.iter().map_while(|h| self.by_hash.get(h));
+        blocks.fold((0, 0), |(n, idle), &b| {
+            (n + 1, idle + usize::from(self.refs[b as usize] == 0))
+        })
     }
 
     /// Counts prefix-cache queries that were not looked up (the blocks after the first miss).

@@ -128,6 +128,9 @@ impl Default for ServingConfig {
 /// A loaded model, ready to serve: its card, the validator in front of it, and its engine.
 pub struct ServingModel {
     pub card: ModelCard,
+    /// Tokens the backend's paged KV cache holds over all sequences: also the longest
+    /// sequence that can run.
+    pub kv_cache_tokens: usize,
     pub validator: Validator,
     pub engine: Engine,
 }
@@ -146,7 +149,9 @@ impl ServingModel {
         if let Some(limit) = config.max_model_len {
             card.max_model_len = card.max_model_len.min(limit);
         }
+        let kv_cache_tokens = backend.kv_blocks().config().capacity_tokens();
         let mut limits = Limits::new(card.max_model_len);
+        limits.kv_cache_tokens = kv_cache_tokens;
         limits.max_images_per_request = config.max_images_per_request;
         limits.max_request_pixels = config.max_request_pixels;
         let media = MediaFetcher::new(config.media.clone()).map_err(std::io::Error::other)?;
@@ -164,6 +169,7 @@ impl ServingModel {
         let engine = Engine::start(backend, config.engine.clone(), metrics, firehose)?;
         Ok(Self {
             card,
+            kv_cache_tokens,
             validator,
             engine,
         })

@@ -248,9 +248,26 @@ pub struct ServeArgs {
     /// Accepted requests waiting for a slot; beyond it, 429.
     #[arg(long, env = "TGA_MAX_WAITING", default_value_t = 64)]
     pub max_waiting: u32,
-    /// Prompt tokens prefilled between two decode steps.
-    #[arg(long, env = "TGA_MAX_BATCH_TOKENS", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_batch_tokens: u32,
+    /// Tokens one scheduler step computes (vLLM's max_num_batched_tokens): a decode token per
+    /// running sequence, the rest prompt chunks, so a long (image) prompt is prefilled in chunks
+    /// between decode steps instead of freezing every stream for its whole prefill. Default:
+    /// 2048 on CUDA, 256 on the CPU (where 256 prompt tokens cost about as much as a few decode
+    /// steps; bench/RESULTS.md).
+    #[arg(long, env = "TGA_MAX_BATCH_TOKENS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_batch_tokens: Option<u32>,
+    /// Token positions per KV cache block (vLLM's block size).
+    #[arg(long, env = "TGA_BLOCK_SIZE", default_value_t = model::mistral::DEFAULT_BLOCK_SIZE as u32, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub block_size: u32,
+    /// Memory for the paged KV cache, e.g. `2MiB`, `512MB`, `24GiB` (or bytes). Default: on
+    /// CUDA, what `--gpu-memory-utilization` leaves after the weights; on the CPU, a quarter of
+    /// the RAM available after loading (at most what `--max-num-seqs` full-context sequences
+    /// need).
+    #[arg(long, env = "TGA_KV_CACHE_MEMORY", value_parser = parse_size)]
+    pub kv_cache_memory: Option<u64>,
+    /// On CUDA, the share of the device's memory the server may use, weights included (vLLM's
+    /// meaning); the KV cache gets what is left after loading. Ignored with --kv-cache-memory.
+    #[arg(long, env = "TGA_GPU_MEMORY_UTILIZATION", default_value_t = 0.9, value_parser = parse_utilization)]
+    pub gpu_memory_utilization: f64,
     /// Lowers the model's context length (prompt + completion tokens).
     #[arg(long, env = "TGA_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
@@ -328,6 +345,47 @@ pub struct ServeArgs {
     /// (default: the upper end of the safety band).
     #[arg(long, env = "TGA_SAFETY_LAYER")]
     pub safety_layer: Option<usize>,
+}
+
+/// `2MiB`, `512MB`, `24GiB`, `1.5GiB`, `1024` (bytes): binary (KiB, MiB, GiB, TiB) and
+/// decimal (KB, MB, GB, TB) units, case-insensitive, an optional `B`.
+pub fn parse_size(value: &str) -> Result<u64, String> {
+    let v = value.trim();
+    let split = v
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(v.len());
+    let (number, unit) = v.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{value:?} is not a size like 2MiB, 512MB or 24GiB"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "t" | "tb" => 1_000_000_000_000,
+        "ki" | "kib" => 1 << 10,
+        "mi" | "mib" => 1 << 20,
+        "gi" | "gib" => 1 << 30,
+        "ti" | "tib" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {value:?} (use KiB, MiB, GiB, KB, MB, GB)"
+            ))
+        }
+    };
+    let bytes = number * scale as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!("{value:?} is not a usable size"));
+    }
+    Ok(bytes as u64)
+}
+
+fn parse_utilization(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        _ => Err(format!("{value:?} is not a share in (0, 1]")),
+    }
 }
 
 fn parse_rate(value: &str) -> Result<f64, String> {
@@ -410,7 +468,7 @@ impl ServeArgs {
         ServingConfig {
             engine: EngineConfig {
                 max_num_seqs: self.max_num_seqs as usize,
-                max_batch_tokens: self.max_batch_tokens as usize,
+                max_batch_tokens: self.max_batch_tokens() as usize,
                 max_waiting: self.max_waiting as usize,
             },
             media: MediaConfig {
@@ -427,6 +485,14 @@ impl ServeArgs {
                 safety_layer: self.safety_layer,
             },
         }
+    }
+
+    /// `--max-batch-tokens`, or the device's default.
+    pub fn max_batch_tokens(&self) -> u32 {
+        self.max_batch_tokens.unwrap_or(match self.device {
+            DeviceSpec::Cpu => 256,
+            _ => 2048,
+        })
     }
 
     pub fn shutdown_grace(&self) -> Duration {

@@ -16,6 +16,7 @@
 //! - [`error`]: every error status and OpenAI error JSON, in one place.
 //! - [`metrics`]: the serving metrics, in a registry owned by the app; [`firehose`]: the stream
 //!   of diagnosed requests (`/v1/safety/events`).
+//! - [`kv_budget`]: the paged KV cache sized in bytes from the flags and the device.
 //! - [`app`]: shared state, the loaded model, serving with graceful shutdown.
 //! - [`cli`]: the `tga-serve` command line (every flag also an environment variable).
 //! - [`eval`]: `tga-serve eval`, the cross-modal safety evaluation (DSR image vs text);
@@ -30,6 +31,7 @@ pub mod eval;
 pub mod eval_plots;
 pub mod firehose;
 pub mod http;
+pub mod kv_budget;
 pub mod media;
 pub mod metrics;
 pub mod openai;

@@ -186,7 +186,7 @@ fn load_model(
         tracing::warn!("bf16 on CPU is slow in candle (weights are widened on every matmul); f32 is recommended");
     }
     let started = std::time::Instant::now();
-    let loaded = server::backend::llava::load(
+    let mut loaded = server::backend::llava::load(
         &dir,
         vision_tower.clone(),
         Some(dtype),
@@ -194,6 +194,44 @@ fn load_model(
         template,
         &device,
     )?;
+    let max_model_len = args.max_model_len.map_or(
+        loaded.model.config().text.max_position_embeddings,
+        |limit| limit.min(loaded.model.config().text.max_position_embeddings),
+    );
+    let kv = server::kv_budget::plan(
+        &loaded.model.config().text,
+        dtype,
+        &device,
+        &server::kv_budget::KvBudgetArgs {
+            kv_cache_memory: args.kv_cache_memory,
+            gpu_memory_utilization: args.gpu_memory_utilization,
+            block_size: args.block_size as usize,
+            max_num_seqs: args.max_num_seqs as usize,
+            max_model_len,
+            max_batch_tokens: args.max_batch_tokens() as usize,
+        },
+    )?;
+    std::sync::Arc::get_mut(&mut loaded.model)
+        .ok_or("the model is shared before its KV cache is sized")?
+        .configure_kv_pool(kv.pool)?;
+    let capacity = kv.pool.capacity_tokens();
+    tracing::info!(
+        blocks = kv.pool.num_blocks,
+        block_size = kv.pool.block_size,
+        tokens = capacity,
+        bytes = kv.bytes(),
+        mib = format!("{:.1}", kv.bytes() as f64 / (1u64 << 20) as f64),
+        longest_sequence = capacity.min(max_model_len),
+        source = ?kv.source,
+        "KV cache"
+    );
+    if capacity < max_model_len {
+        tracing::warn!(
+            kv_tokens = capacity,
+            max_model_len,
+            "the KV cache holds fewer tokens than the context length: longer requests are refused"
+        );
+    }
     let cfg = loaded.model.config();
     let card = ModelCard {
         id: args.served_model_name.clone().unwrap_or_else(|| {

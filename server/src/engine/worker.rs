@@ -303,8 +303,9 @@ impl<B: ModelBackend> Worker<B> {
         self.waiting.push_front(Waiting::Resumed(Box::new(seq)));
     }
 
-    /// Blocks a waiting request needs to be admitted: its whole prefill and first decode token,
-    /// less the prefix blocks it would reuse, plus room for a diagnosed request's caption passes.
+    /// Blocks a waiting request takes out of the available ones when admitted: its whole
+    /// prefill and first decode token, less the prefix blocks it reuses (those no one holds are
+    /// taken too), plus room for a diagnosed request's caption passes.
     fn blocks_to_admit(&self, w: &Waiting<B>) -> usize {
         let block_size = self.kv.config().block_size;
         let (tokens, hashes, extra) = match w {
@@ -328,8 +329,8 @@ impl<B: ModelBackend> Worker<B> {
                 (target + 1, seq.prefix_hashes.clone(), extra)
             }
         };
-        let cached = self.kv.lock().cached_prefix(&hashes);
-        tokens.div_ceil(block_size) - cached + extra.div_ceil(block_size)
+        let (cached, idle) = self.kv.lock().cached_prefix(&hashes);
+        tokens.div_ceil(block_size) - cached + idle + extra.div_ceil(block_size)
     }
 
     /// Admits waiting requests, oldest first (preempted ones are at the front), while there
@@ -363,7 +364,7 @@ impl<B: ModelBackend> Worker<B> {
             // telling the client, so the gauge is never behind what a client has seen.
             self.metrics.running.inc();
             let Some(seq) = self.place(seq) else {
-                continue;
+                break;
             };
             if let Some(seq) = self.prefill_step(seq, budget, prefilled_any) {
                 self.running.push(seq);
@@ -416,20 +417,23 @@ impl<B: ModelBackend> Worker<B> {
     }
 
     /// Gives an admitted sequence its blocks: the cached prefix it can reuse, then the rest of
-    /// its prefill and its first decode token. `None` if that failed (it is answered).
+    /// its prefill and its first decode token. `None` if they are not there after all (checked
+    /// at admission, so it should not happen): it goes back to the front of the queue.
     fn place(&mut self, mut seq: Sequence<B>) -> Option<Sequence<B>> {
         let Phase::Prefill { target, .. } = seq.phase else {
             return Some(seq);
         };
-        if !seq.prefix_hashes.is_empty() {
+        if !seq.prefix_hashes.is_empty() && seq.cache.is_empty() {
             seq.cache.reuse_prefix(&seq.prefix_hashes);
         }
         match seq.cache.table_mut().reserve(target + 1) {
             Ok(()) => Some(seq),
             Err(err) => {
-                // Checked at admission; only a fault gets here.
-                tracing::error!(request_id = %seq.request_id, error = %err, "no KV blocks for an admitted request");
-                seq.fail(GenerationError::Internal(err.to_string()), &self.metrics);
+                tracing::warn!(request_id = %seq.request_id, error = %err, "admitted without room; waiting again");
+                seq.cache = self.backend.new_cache();
+                self.metrics.running.dec();
+                self.metrics.waiting.inc();
+                self.waiting.push_front(Waiting::Resumed(Box::new(seq)));
                 None
             }
         }

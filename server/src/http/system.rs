@@ -34,13 +34,15 @@ pub(super) async fn list_models(
 }
 
 fn model_object(state: &AppState) -> Result<ModelObject, ApiError> {
-    let card = &state.model()?.card;
+    let model = state.model()?;
+    let card = &model.card;
     Ok(ModelObject {
         id: card.id.clone(),
         object: "model".into(),
         created: card.created,
         owned_by: card.owned_by.clone(),
         max_model_len: card.max_model_len,
+        kv_cache_tokens: model.kv_cache_tokens,
         supports_images: card.supports_images,
         builtin: card.builtin,
     })

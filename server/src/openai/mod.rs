@@ -305,6 +305,9 @@ pub struct ModelObject {
     pub owned_by: String,
     /// Longest prompt + completion, in tokens (vLLM's name).
     pub max_model_len: usize,
+    /// Tokens the paged KV cache holds over all running sequences; a request longer than this
+    /// (or than `max_model_len`) is refused with `context_length_exceeded`.
+    pub kv_cache_tokens: usize,
     /// Whether `image_url` content parts are accepted.
     pub supports_images: bool,
     /// True for the tiny model built into the binary (served when no `--model` is given).

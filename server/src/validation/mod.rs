@@ -38,6 +38,8 @@ pub const MAX_STOP_BYTES: usize = 256;
 pub struct Limits {
     /// Prompt + completion tokens.
     pub max_model_len: usize,
+    /// Tokens the paged KV cache holds: no sequence can grow beyond them.
+    pub kv_cache_tokens: usize,
     pub max_images_per_request: usize,
     pub max_stop_sequences: usize,
     /// Pixels summed over the request's images, checked from their headers.
@@ -48,6 +50,7 @@ impl Limits {
     pub fn new(max_model_len: usize) -> Self {
         Self {
             max_model_len,
+            kv_cache_tokens: usize::MAX,
             max_images_per_request: DEFAULT_MAX_IMAGES_PER_REQUEST,
             max_stop_sequences: MAX_STOP_SEQUENCES,
             max_request_pixels: DEFAULT_MAX_REQUEST_PIXELS,
@@ -580,21 +583,30 @@ impl Validator {
         prompt_tokens: usize,
         max_tokens: Option<usize>,
     ) -> Result<usize, ApiError> {
-        let max = self.limits.max_model_len;
+        let max = self.limits.max_model_len.min(self.limits.kv_cache_tokens);
         let overflow = |message: String| {
             ApiError::new(ErrorCode::ContextLengthExceeded, message).with_param("messages")
         };
+        // Which limit binds: the model's context, or the KV cache's room for one sequence.
+        let limit = if self.limits.kv_cache_tokens < self.limits.max_model_len {
+            format!(
+                "This server's KV cache holds at most {max} tokens (the model's context is {})",
+                self.limits.max_model_len
+            )
+        } else {
+            format!("This model's maximum context length is {max} tokens")
+        };
         match max_tokens {
             Some(completion) if prompt_tokens + completion > max => Err(overflow(format!(
-                "This model's maximum context length is {max} tokens. However, you requested {} \
-                 tokens ({prompt_tokens} in the messages, {completion} in the completion). \
-                 Please reduce the length of the messages or completion.",
+                "{limit}. However, you requested {} tokens ({prompt_tokens} in the messages, \
+                 {completion} in the completion). Please reduce the length of the messages or \
+                 completion.",
                 prompt_tokens + completion
             ))),
             Some(completion) => Ok(completion),
             None if prompt_tokens >= max => Err(overflow(format!(
-                "This model's maximum context length is {max} tokens. However, your messages \
-                 resulted in {prompt_tokens} tokens. Please reduce the length of the messages."
+                "{limit}. However, your messages resulted in {prompt_tokens} tokens. Please \
+                 reduce the length of the messages."
             ))),
             None => Ok(max - prompt_tokens),
         }
