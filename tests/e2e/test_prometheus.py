@@ -156,6 +156,12 @@ def test_prometheus_scrapes_the_serving_metrics(spawn_server, prometheus_for):
     p99 = prom.value("histogram_quantile(0.99, sum by (le) (tga_time_to_first_token_seconds_bucket))")
     assert p99 is not None and 0 < p99 < 2560
     assert prom.value('tga_time_to_first_token_seconds_bucket{le="+Inf"}') == 4
+    # The paged KV cache: all blocks back in the pool once idle, the prefix cache asked.
+    assert prom.value("tga_kv_cache_usage_ratio") == 0
+    assert prom.value("tga_kv_cache_blocks_used") == 0
+    assert prom.value("tga_kv_cache_blocks_free") > 0
+    assert prom.value("tga_preemptions_total") == 0
+    assert prom.value("tga_prefix_cache_queries_total") >= prom.value("tga_prefix_cache_hits_total") >= 0
 
     # The target is healthy and Prometheus knows each metric's type from the exposition.
     targets = requests.get(prom.url + "/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
@@ -167,6 +173,10 @@ def test_prometheus_scrapes_the_serving_metrics(spawn_server, prometheus_for):
         "tga_time_to_first_token_seconds": "histogram",
         "tga_batch_size": "histogram",
         "tga_model_info": "gauge",
+        "tga_kv_cache_usage_ratio": "gauge",
+        "tga_kv_cache_blocks_used": "gauge",
+        "tga_preemptions_total": "counter",
+        "tga_prefix_cache_hits_total": "counter",
     }
     for name, kind in expected_types.items():
         assert name in metadata and metadata[name][0]["type"] == kind, (name, metadata.get(name))
