@@ -190,7 +190,7 @@ impl VisionTower {
 
     /// `pixel_values` [B, C, S, S] → hidden state of the feature layer [B, 1 + patches, hidden].
     pub fn forward(&self, pixel_values: &Tensor) -> candle_core::Result<Tensor> {
-        cpu::on_pool(|| self.forward_on_pool(pixel_values))
+        cpu::on_pool_for(pixel_values.device(), || self.forward_on_pool(pixel_values))
     }
 
     fn forward_on_pool(&self, pixel_values: &Tensor) -> candle_core::Result<Tensor> {

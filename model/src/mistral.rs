@@ -731,7 +731,7 @@ impl Decoder {
         cache: &mut KvCache,
         taps: &LayerTaps,
     ) -> Result<PrefillOutput> {
-        cpu::on_pool(|| self.prefill_on_pool(embeds, cache, taps))
+        cpu::on_pool_for(&self.device, || self.prefill_on_pool(embeds, cache, taps))
     }
 
     fn prefill_on_pool(
@@ -880,7 +880,7 @@ impl Decoder {
     /// `caches[b]`. Each linear layer is one matmul over the B new rows; attention runs per
     /// sequence over its own cache. Returns f32 logits [B, vocab].
     pub fn decode_step(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
-        cpu::on_pool(|| self.decode_step_on_pool(tokens, caches))
+        cpu::on_pool_for(&self.device, || self.decode_step_on_pool(tokens, caches))
     }
 
     fn decode_step_on_pool(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {

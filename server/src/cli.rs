@@ -110,6 +110,8 @@ impl EvalArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Dtype {
+    /// bf16 on CUDA (tensor cores), f32 on the CPU (candle's CPU bf16 matmuls are slow).
+    Auto,
     F32,
     Bf16,
 }
@@ -117,8 +119,18 @@ pub enum Dtype {
 impl Dtype {
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Auto => "auto",
             Self::F32 => "f32",
             Self::Bf16 => "bf16",
+        }
+    }
+
+    /// The compute dtype on `device` (`auto` resolved).
+    pub fn resolve(self, device: &candle_core::Device) -> Self {
+        match self {
+            Self::Auto if device.is_cuda() => Self::Bf16,
+            Self::Auto => Self::F32,
+            other => other,
         }
     }
 }
@@ -222,7 +234,9 @@ pub struct ServeArgs {
     /// Chat template name (default: the checkpoint's own).
     #[arg(long, env = "TGA_TEMPLATE")]
     pub template: Option<String>,
-    #[arg(long, env = "TGA_DTYPE", value_enum, default_value_t = Dtype::F32)]
+    /// Compute dtype: `auto` is bf16 on CUDA and f32 on the CPU; f32 on CUDA is the parity
+    /// mode (exact FP32 GEMMs).
+    #[arg(long, env = "TGA_DTYPE", value_enum, default_value_t = Dtype::Auto)]
     pub dtype: Dtype,
     /// Storage of the decoder's linear weights (nearly all parameters): `compute` converts them
     /// to the compute dtype at load; `checkpoint` keeps a bf16/f16 checkpoint's 16-bit weights
@@ -508,6 +522,24 @@ fn seconds(value: f64) -> Duration {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn sizes_take_binary_and_decimal_units() {
+        assert_eq!(parse_size("2MiB"), Ok(2 << 20));
+        assert_eq!(parse_size("24GiB"), Ok(24 << 30));
+        assert_eq!(parse_size("512mb"), Ok(512_000_000));
+        assert_eq!(parse_size("1.5 GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("2 parsecs").is_err());
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("0").is_err());
+    }
+
+    #[test]
+    fn dtype_auto_is_f32_on_the_cpu() {
+        assert_eq!(Dtype::Auto.resolve(&candle_core::Device::Cpu), Dtype::F32);
+        assert_eq!(Dtype::Bf16.resolve(&candle_core::Device::Cpu), Dtype::Bf16);
+    }
 
     #[test]
     fn cli_definition_is_consistent() {

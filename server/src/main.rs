@@ -178,9 +178,10 @@ fn load_model(
         .template
         .as_deref()
         .or_else(|| builtin.and_then(Builtin::template));
-    let dtype = match args.dtype {
-        Dtype::F32 => candle_core::DType::F32,
+    let resolved_dtype = args.dtype.resolve(&device);
+    let dtype = match resolved_dtype {
         Dtype::Bf16 => candle_core::DType::BF16,
+        Dtype::F32 | Dtype::Auto => candle_core::DType::F32,
     };
     if dtype == candle_core::DType::BF16 && device.is_cpu() {
         tracing::warn!("bf16 on CPU is slow in candle (weights are widened on every matmul); f32 is recommended");
@@ -257,7 +258,7 @@ fn load_model(
             model::config::CheckpointFormat::Original => "llava_mistral",
         }
         .into(),
-        dtype: args.dtype.as_str().into(),
+        dtype: resolved_dtype.as_str().into(),
         device: args.device.to_string(),
     };
     let limits = model::image::ImageLimits {
@@ -297,6 +298,9 @@ fn load_model(
     let processor = Arc::new(processor);
     let mut backend = server::backend::llava::LlavaBackend::new(&loaded);
     backend.warm_up()?;
+    // Loading and the warm-up ran on this thread; the engine thread takes over the model now.
+    // On CUDA each host thread has its own stream: wait for this one's work before handing over.
+    device.synchronize()?;
     tracing::info!(
         model = %card.id,
         device = %args.device,

@@ -121,6 +121,21 @@ pub(crate) fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
+/// [`on_pool`] on the CPU; on another device `f` runs on the calling thread, so that all the work
+/// of a forward on a GPU is issued from the one thread that owns the model (candle gives each host
+/// thread its own CUDA stream, and nothing orders two threads' streams: a result read on one
+/// thread could be read before another thread's kernels wrote it).
+pub(crate) fn on_pool_for<R: Send>(
+    device: &candle_core::Device,
+    f: impl FnOnce() -> R + Send,
+) -> R {
+    if device.is_cpu() {
+        on_pool(f)
+    } else {
+        f()
+    }
+}
+
 /// Fixtures shared by the submodules' unit tests.
 #[cfg(test)]
 mod test_support {
