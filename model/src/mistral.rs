@@ -79,6 +79,119 @@ pub struct TapOutput {
     pub pooled: Option<Tensor>,
 }
 
+/// The taps of one prompt prefilled in chunks, gathered chunk by chunk
+/// ([`Decoder::prefill_chunk`]) and assembled by [`Self::finish`] into what one whole prefill
+/// records.
+#[derive(Debug, Default)]
+pub struct TapAccumulator {
+    /// Per hidden-state tap: [N+1, hidden], once its chunk ran.
+    hidden: Vec<Option<Tensor>>,
+    /// Per attention query: per block [heads, 1, keys of its chunk].
+    attention: Vec<Option<Vec<Tensor>>>,
+    /// [N+1, spans, hidden]: per pooled span, the sum of its positions seen so far.
+    pooled_sum: Option<Tensor>,
+}
+
+impl TapAccumulator {
+    pub fn new(taps: &LayerTaps) -> Self {
+        Self {
+            hidden: vec![None; taps.hidden_positions.len()],
+            attention: vec![None; taps.attention_queries.len()],
+            pooled_sum: None,
+        }
+    }
+
+    fn add(
+        &mut self,
+        hidden_here: &[(usize, u32)],
+        hidden_rec: &[Tensor],
+        queries_here: &[(usize, usize)],
+        attention: &[Tensor],
+        pooled_rec: &[Tensor],
+    ) -> Result<()> {
+        if !hidden_here.is_empty() {
+            let layers = Tensor::stack(hidden_rec, 0)?; // [N+1, k, hidden]
+            for (k, &(i, _)) in hidden_here.iter().enumerate() {
+                self.hidden[i] = Some(layers.narrow(1, k, 1)?.squeeze(1)?);
+            }
+        }
+        // Row k of each block's record is this chunk's k-th query.
+        for (k, &(i, _)) in queries_here.iter().enumerate() {
+            let rows = attention
+                .iter()
+                .map(|a| a.narrow(1, k, 1))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            self.attention[i] = Some(rows);
+        }
+        if !pooled_rec.is_empty() {
+            let sums = Tensor::stack(pooled_rec, 0)?;
+            self.pooled_sum = Some(match self.pooled_sum.take() {
+                None => sums,
+                Some(prev) => (prev + sums)?,
+            });
+        }
+        Ok(())
+    }
+
+    /// The taps of the whole prompt (`total` positions): attention rows padded to every key,
+    /// pooled sums divided into means. A tap whose position no chunk ran is an error.
+    pub fn finish(self, taps: &LayerTaps, total: usize) -> Result<TapOutput> {
+        let missing = |p: usize, what: &str| {
+            ModelError::InvalidInput(format!("{what} at position {p}: no forward ran it"))
+        };
+        let hidden = match self.hidden.is_empty() {
+            true => None,
+            false => {
+                let rows = self
+                    .hidden
+                    .into_iter()
+                    .zip(&taps.hidden_positions)
+                    .map(|(h, &p)| h.ok_or_else(|| missing(p, "hidden-state tap")))
+                    .collect::<Result<Vec<_>>>()?;
+                Some(Tensor::stack(&rows, 1)?)
+            }
+        };
+        let mut attention = Vec::new();
+        if !self.attention.is_empty() {
+            let per_query = self
+                .attention
+                .into_iter()
+                .zip(&taps.attention_queries)
+                .map(|(a, &p)| a.ok_or_else(|| missing(p, "attention tap")))
+                .collect::<Result<Vec<_>>>()?;
+            for block in 0..per_query[0].len() {
+                let rows = per_query
+                    .iter()
+                    .map(|q| {
+                        let r = &q[block];
+                        let keys = r.dim(D::Minus1)?;
+                        r.pad_with_zeros(D::Minus1, 0, total - keys)
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                attention.push(Tensor::cat(&rows, 1)?);
+            }
+        }
+        let pooled = match self.pooled_sum {
+            None => None,
+            Some(sums) => {
+                // As `mean`: the sum times 1/len.
+                let means = taps
+                    .pooled_spans
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| sums.narrow(1, i, 1)? * (1.0 / s.len() as f64))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Some(Tensor::cat(&means, 1)?)
+            }
+        };
+        Ok(TapOutput {
+            hidden,
+            attention,
+            pooled,
+        })
+    }
+}
+
 /// One sequence's view of the paged KV cache: its block table, the positions cached, and the
 /// key mask of the prefill that filled it.
 #[derive(Debug)]
@@ -724,14 +837,72 @@ impl Decoder {
     }
 
     /// Runs `embeds` [n, hidden] (positions cache.len()..) through the decoder, appending to the
-    /// cache. Returns f32 logits of the chosen positions and the recorded taps.
+    /// cache. Returns f32 logits of the chosen positions and the recorded taps, every one of
+    /// which must lie in this forward.
     pub fn prefill(
         &self,
         embeds: &Tensor,
         cache: &mut KvCache,
         taps: &LayerTaps,
     ) -> Result<PrefillOutput> {
-        cpu::on_pool_for(&self.device, || self.prefill_on_pool(embeds, cache, taps))
+        let start = cache.len;
+        let total = start + embeds.dim(0)?;
+        let outside = |p: usize| p < start || p >= total;
+        let bad = taps
+            .hidden_positions
+            .iter()
+            .map(|&p| (p, "hidden-state tap"))
+            .chain(taps.logit_positions.iter().flatten().map(|&p| (p, "logit")))
+            .find(|&(p, _)| outside(p));
+        if let Some((p, what)) = bad {
+            return Err(ModelError::InvalidInput(format!(
+                "{what} position {p} outside this forward ({start}..{total})"
+            )));
+        }
+        if let Some(s) = taps
+            .pooled_spans
+            .iter()
+            .find(|s| s.is_empty() || s.start < start || s.end > total)
+        {
+            return Err(ModelError::InvalidInput(format!(
+                "pooled span {s:?} outside this forward ({start}..{total})"
+            )));
+        }
+        if let Some(s) = taps
+            .state_edits
+            .iter()
+            .flat_map(|e| &e.positions)
+            .find(|s| s.start < start || s.end > total)
+        {
+            return Err(ModelError::InvalidInput(format!(
+                "state edit span {s:?} outside this forward ({start}..{total})"
+            )));
+        }
+        let mut acc = TapAccumulator::new(taps);
+        let logits = self.prefill_chunk(embeds, cache, taps, &mut acc, true)?;
+        Ok(PrefillOutput {
+            logits: logits.expect("asked for logits"),
+            taps: acc.finish(taps, total)?,
+        })
+    }
+
+    /// One chunk of a prompt prefilled in several forwards (chunked prefill): runs `embeds`
+    /// [n, hidden] at positions `cache.len()..`, recording into `acc` the taps of `taps` that
+    /// fall in this chunk (hidden states and attention rows of its positions, partial sums of the
+    /// pooled spans) and applying its interventions to this chunk's positions; the key mask
+    /// holds for every chunk. Returns the logits (of `taps.logit_positions` in this chunk, or
+    /// of its last position) when `logits`. [`TapAccumulator::finish`] assembles the taps.
+    pub fn prefill_chunk(
+        &self,
+        embeds: &Tensor,
+        cache: &mut KvCache,
+        taps: &LayerTaps,
+        acc: &mut TapAccumulator,
+        logits: bool,
+    ) -> Result<Option<Tensor>> {
+        cpu::on_pool_for(&self.device, || {
+            self.prefill_on_pool(embeds, cache, taps, acc, logits)
+        })
     }
 
     fn prefill_on_pool(
@@ -739,49 +910,55 @@ impl Decoder {
         embeds: &Tensor,
         cache: &mut KvCache,
         taps: &LayerTaps,
-    ) -> Result<PrefillOutput> {
+        acc: &mut TapAccumulator,
+        want_logits: bool,
+    ) -> Result<Option<Tensor>> {
         let n = embeds.dim(0)?;
         if n == 0 {
             return Err(ModelError::InvalidInput("empty prompt".into()));
         }
         let start = cache.len;
         let total = start + n;
+        let here = |p: usize| p >= start && p < total;
         self.pool.prepare(cache, start..total)?;
         let slots = match start {
             0 => None,
             _ => Some(slots_tensor(&cache.table, total, &self.device)?),
         };
-        let check = |p: usize, what: &str| {
-            if p < start || p >= total {
-                Err(ModelError::InvalidInput(format!(
-                    "{what} position {p} outside this forward ({start}..{total})"
-                )))
-            } else {
-                Ok(())
-            }
-        };
-        for &p in &taps.hidden_positions {
-            check(p, "hidden-state tap")?;
-        }
-        for s in &taps.pooled_spans {
-            if s.is_empty() || s.start < start || s.end > total {
-                return Err(ModelError::InvalidInput(format!(
-                    "pooled span {s:?} outside this forward ({start}..{total})"
-                )));
-            }
-        }
+        // A key mask given with the prompt holds for all its chunks and what follows.
+        let mask_keys = taps.mask_keys.clone().or_else(|| cache.mask.clone());
         let positions: Vec<usize> = (start..total).collect();
         let (cos, sin) = self.rotary.cos_sin(&positions, &self.device, self.dtype)?;
-        let hidden_idx = if taps.hidden_positions.is_empty() {
-            None
-        } else {
-            let idx: Vec<u32> = taps
-                .hidden_positions
-                .iter()
-                .map(|&p| (p - start) as u32)
-                .collect();
-            Some(Tensor::new(idx.as_slice(), &self.device)?)
+        // This chunk's hidden-state taps: (index in taps.hidden_positions, row in the chunk).
+        let hidden_here: Vec<(usize, u32)> = taps
+            .hidden_positions
+            .iter()
+            .enumerate()
+            .filter(|&(_, &p)| here(p))
+            .map(|(i, &p)| (i, (p - start) as u32))
+            .collect();
+        let hidden_idx = match hidden_here.is_empty() {
+            true => None,
+            false => {
+                let rows: Vec<u32> = hidden_here.iter().map(|&(_, r)| r).collect();
+                Some(Tensor::new(rows.as_slice(), &self.device)?)
+            }
         };
+        // This chunk's attention taps: (index in taps.attention_queries, position).
+        let queries_here: Vec<(usize, usize)> = taps
+            .attention_queries
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|&(_, q)| here(q))
+            .collect();
+        let queries: Vec<usize> = queries_here.iter().map(|&(_, q)| q).collect();
+        // Each pooled span's part in this chunk.
+        let pooled_parts: Vec<Range<usize>> = taps
+            .pooled_spans
+            .iter()
+            .map(|s| s.start.max(start)..s.end.min(total))
+            .collect();
         let mut hidden_rec = Vec::new();
         let mut pooled_rec = Vec::new();
         let record = |xs: &Tensor,
@@ -791,17 +968,19 @@ impl Decoder {
             if let Some(idx) = &hidden_idx {
                 hidden_rec.push(xs.index_select(idx, 0)?.to_dtype(DType::F32)?);
             }
-            if !taps.pooled_spans.is_empty() {
-                let means = taps
-                    .pooled_spans
+            if !pooled_parts.is_empty() {
+                let hidden = xs.dim(1)?;
+                let sums = pooled_parts
                     .iter()
-                    .map(|s| {
-                        xs.narrow(0, s.start - start, s.len())?
+                    .map(|p| match p.is_empty() {
+                        true => Tensor::zeros((1, hidden), DType::F32, xs.device()),
+                        false => xs
+                            .narrow(0, p.start - start, p.len())?
                             .to_dtype(DType::F32)?
-                            .mean_keepdim(0)
+                            .sum_keepdim(0),
                     })
                     .collect::<candle_core::Result<Vec<_>>>()?;
-                pooled_rec.push(Tensor::cat(&means, 0)?);
+                pooled_rec.push(Tensor::cat(&sums, 0)?);
             }
             Ok(())
         };
@@ -811,13 +990,12 @@ impl Decoder {
         let mut attention = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let block = i + 1;
-            let masked = taps
-                .mask_keys
+            let masked = mask_keys
                 .as_ref()
                 .filter(|m| m.layers.contains(&block))
                 .map(|m| m.spans.as_slice());
             let attn_taps = AttnTaps {
-                queries: &taps.attention_queries,
+                queries: &queries,
                 masked,
             };
             let mut rec = None;
@@ -840,16 +1018,21 @@ impl Decoder {
             record(&xs, &mut hidden_rec, &mut pooled_rec)?;
         }
         cache.len = total;
-        if taps.mask_keys.is_some() {
-            cache.mask = taps.mask_keys.clone();
+        if mask_keys.is_some() {
+            cache.mask = mask_keys;
         }
+        acc.add(&hidden_here, &hidden_rec, &queries_here, &attention, &pooled_rec)?;
 
+        if !want_logits {
+            return Ok(None);
+        }
         let logit_rows = match &taps.logit_positions {
             Some(ps) => {
-                for &p in ps {
-                    check(p, "logit")?;
-                }
-                let idx: Vec<u32> = ps.iter().map(|&p| (p - start) as u32).collect();
+                let idx: Vec<u32> = ps
+                    .iter()
+                    .filter(|&&p| here(p))
+                    .map(|&p| (p - start) as u32)
+                    .collect();
                 xs.index_select(&Tensor::new(idx.as_slice(), &self.device)?, 0)?
             }
             None => xs.narrow(0, n - 1, 1)?,
@@ -858,22 +1041,7 @@ impl Decoder {
             .lm_head
             .forward(&self.norm.forward(&logit_rows)?)?
             .to_dtype(DType::F32)?;
-        Ok(PrefillOutput {
-            logits,
-            taps: TapOutput {
-                hidden: if hidden_rec.is_empty() {
-                    None
-                } else {
-                    Some(Tensor::stack(&hidden_rec, 0)?)
-                },
-                attention,
-                pooled: if pooled_rec.is_empty() {
-                    None
-                } else {
-                    Some(Tensor::stack(&pooled_rec, 0)?)
-                },
-            },
-        })
+        Ok(Some(logits))
     }
 
     /// One decode step for B sequences of different lengths: `tokens[b]` is appended to
@@ -980,16 +1148,14 @@ fn apply_edit(xs: &Tensor, start: usize, edit: &StateEdit) -> Result<Tensor> {
     let (n, h) = xs.dims2()?;
     let v = edit.vector.to_dtype(xs.dtype())?.reshape((1, h))?;
     let mut select = vec![0f32; n];
+    // Only the positions of this forward (a chunk of the prompt); other chunks get theirs.
     for span in &edit.positions {
-        if span.start < start || span.end > start + n {
-            return Err(ModelError::InvalidInput(format!(
-                "state edit span {span:?} outside this forward ({start}..{})",
-                start + n
-            )));
-        }
-        for p in span.clone() {
+        for p in span.start.max(start)..span.end.min(start + n) {
             select[p - start] = 1.0;
         }
+    }
+    if select.iter().all(|&s| s == 0.0) {
+        return Ok(xs.clone());
     }
     let sel = Tensor::from_vec(select, (n, 1), xs.device())?.to_dtype(xs.dtype())?;
     let delta = sel.broadcast_mul(&v)?;

@@ -586,3 +586,81 @@ fn paged_batched_decode_equals_single_sequence_decode() {
         }
     }
 }
+
+/// The diagnostics' taps over a prompt prefilled in chunks equal those of one whole prefill:
+/// hidden states at chosen positions, the last position's attention rows, mean-pooled image
+/// states, with a key mask and a hidden-state edit applied across the chunks (DIAGNOSTICS.md §4).
+#[test]
+fn taps_and_interventions_are_exact_across_chunks() {
+    if dtype() != DType::F32 {
+        return eprintln!("skipped: f32 tolerance");
+    }
+    use model::mistral::{EditMode, KeyMask, StateEdit, TapAccumulator};
+    let model = load_variant("llava_next");
+    let decoder = model.decoder();
+    let hidden = decoder.config().hidden_size;
+    let mut worst = [0f32; 4];
+    for case in cases("llava_next") {
+        let prep = prepare(&model, &case);
+        let n = prep.ids.len();
+        let last = n - 1;
+        let spans: Vec<Range<usize>> = match prep.images.is_empty() {
+            true => vec![1..n / 2, n / 3..n - 1],
+            false => prep.images.iter().map(|(s, _)| s.clone()).collect(),
+        };
+        let taps = LayerTaps {
+            hidden_positions: vec![last, 0, n / 2],
+            attention_queries: vec![last, n / 2],
+            pooled_spans: spans.clone(),
+            mask_keys: Some(KeyMask {
+                layers: vec![2],
+                spans: vec![spans[0].start..spans[0].start + 3],
+            }),
+            state_edits: vec![StateEdit {
+                after_layer: 1,
+                positions: spans.clone(),
+                vector: Tensor::ones(hidden, DType::F32, &model.device().clone()).unwrap(),
+                mode: EditMode::Add,
+            }],
+            ..Default::default()
+        };
+        let embeds = model.embed_prompt(&prep.ids, &prep.images).unwrap();
+        let mut cache = model.new_cache();
+        let whole = decoder.prefill(&embeds, &mut cache, &taps).unwrap();
+        for chunk in [1, 7, 16, 100] {
+            let mut cache = model.new_cache();
+            let mut acc = TapAccumulator::new(&taps);
+            let mut logits = None;
+            for a in (0..n).step_by(chunk) {
+                let len = chunk.min(n - a);
+                let part = embeds.narrow(0, a, len).unwrap();
+                let last_chunk = a + len == n;
+                logits = decoder
+                    .prefill_chunk(&part, &mut cache, &taps, &mut acc, last_chunk)
+                    .unwrap()
+                    .or(logits);
+            }
+            let got = acc.finish(&taps, n).unwrap();
+            let name = format!("{} chunk {chunk}", case.name);
+            let d = [
+                max_abs_diff(&logits.unwrap(), &whole.logits),
+                max_abs_diff(got.hidden.as_ref().unwrap(), whole.taps.hidden.as_ref().unwrap()),
+                max_abs_diff(got.pooled.as_ref().unwrap(), whole.taps.pooled.as_ref().unwrap()),
+                got.attention
+                    .iter()
+                    .zip(&whole.taps.attention)
+                    .map(|(a, b)| max_abs_diff(a, b))
+                    .fold(0f32, f32::max),
+            ];
+            assert_eq!(got.attention.len(), whole.taps.attention.len(), "{name}");
+            for (i, (&d, tol)) in d.iter().zip([TOL, TOL, TOL, ATTN_TOL]).enumerate() {
+                assert!(d <= tol, "{name}: tap {i} differs by {d}");
+                worst[i] = worst[i].max(d);
+            }
+        }
+    }
+    eprintln!(
+        "chunked vs whole taps: max |Δ| logits {:.1e}, hidden {:.1e}, pooled {:.1e}, attention {:.1e}",
+        worst[0], worst[1], worst[2], worst[3]
+    );
+}
