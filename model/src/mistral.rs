@@ -1021,7 +1021,13 @@ impl Decoder {
         if mask_keys.is_some() {
             cache.mask = mask_keys;
         }
-        acc.add(&hidden_here, &hidden_rec, &queries_here, &attention, &pooled_rec)?;
+        acc.add(
+            &hidden_here,
+            &hidden_rec,
+            &queries_here,
+            &attention,
+            &pooled_rec,
+        )?;
 
         if !want_logits {
             return Ok(None);

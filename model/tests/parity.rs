@@ -614,7 +614,7 @@ fn taps_and_interventions_are_exact_across_chunks() {
             pooled_spans: spans.clone(),
             mask_keys: Some(KeyMask {
                 layers: vec![2],
-                spans: vec![spans[0].start..spans[0].start + 3],
+                spans: std::iter::once(spans[0].start..spans[0].start + 3).collect(),
             }),
             state_edits: vec![StateEdit {
                 after_layer: 1,
@@ -644,8 +644,14 @@ fn taps_and_interventions_are_exact_across_chunks() {
             let name = format!("{} chunk {chunk}", case.name);
             let d = [
                 max_abs_diff(&logits.unwrap(), &whole.logits),
-                max_abs_diff(got.hidden.as_ref().unwrap(), whole.taps.hidden.as_ref().unwrap()),
-                max_abs_diff(got.pooled.as_ref().unwrap(), whole.taps.pooled.as_ref().unwrap()),
+                max_abs_diff(
+                    got.hidden.as_ref().unwrap(),
+                    whole.taps.hidden.as_ref().unwrap(),
+                ),
+                max_abs_diff(
+                    got.pooled.as_ref().unwrap(),
+                    whole.taps.pooled.as_ref().unwrap(),
+                ),
                 got.attention
                     .iter()
                     .zip(&whole.taps.attention)

@@ -304,7 +304,20 @@ fn check_case(name: &str, got: &Value, want: &Value, dev: &mut Deviations) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn diagnose_endpoint_matches_the_transformers_reference() {
-    let server = RealServer::start(ServingConfig::default()).await;
+    check_reference(ServingConfig::default()).await;
+}
+
+/// The same reference with every prompt prefilled in chunks of 7 positions (chunked prefill):
+/// taps, pooled image states, attention rows and interventions are exact across chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diagnostics_of_chunked_prefills_match_the_transformers_reference() {
+    let mut serving = ServingConfig::default();
+    serving.engine.max_batch_tokens = 7;
+    check_reference(serving).await;
+}
+
+async fn check_reference(serving: ServingConfig) {
+    let server = RealServer::start(serving).await;
     let reference = reference();
     assert_eq!(reference["n_layers"], 3);
     let mut dev = Deviations::default();

@@ -15,7 +15,7 @@ use model::diagnostics::{
 use model::image::{decode_image, preprocess, probe_image, ImageLimits};
 use model::kv::{BlockTable, KvBlocks};
 use model::llava::{LinearWeights, LlavaModel, LoadOptions};
-use model::mistral::{KeyMask, KvCache, LayerTaps, StateEdit};
+use model::mistral::{KeyMask, KvCache, LayerTaps, PrefillOutput, StateEdit, TapAccumulator};
 use model::template::{
     build_prompt, ChatMessage, ChatTemplate, ContentPart, PromptMode, PromptTokens,
     IMAGE_PLACEHOLDER,
@@ -627,6 +627,8 @@ pub struct LlavaCache {
     kv: KvCache,
     /// Embeddings of positions `from..` of the input being prefilled.
     pending: Option<(usize, Tensor)>,
+    /// A diagnosed prefill between its chunks.
+    diagnosed: Option<Box<DiagnosedPrefill>>,
 }
 
 impl SequenceCache for LlavaCache {
@@ -675,65 +677,25 @@ impl LlavaBackend {
     }
 }
 
-impl ModelBackend for LlavaBackend {
-    type Cache = LlavaCache;
-    type Sampler = LlavaSampler;
+/// A diagnosed prefill in progress: what its first chunk prepared for the others.
+struct DiagnosedPrefill {
+    taps: LayerTaps,
+    acc: TapAccumulator,
+    caption: Option<String>,
+    caption_pass: Option<CaptionStates>,
+    warnings: Vec<String>,
+    /// The whole prompt's input embeddings.
+    embeds: Tensor,
+}
 
-    fn kv_blocks(&self) -> KvBlocks {
-        self.model.decoder().kv_blocks().clone()
-    }
-
-    fn new_cache(&self) -> LlavaCache {
-        LlavaCache {
-            kv: self.model.new_cache(),
-            pending: None,
-        }
-    }
-
-    fn prefill(
-        &mut self,
-        input: &PrefillInput,
-        end: usize,
-        cache: &mut LlavaCache,
-    ) -> Result<Option<Vec<f32>>, BackendError> {
-        let start = cache.kv.len();
-        if start >= end || end > input.len() {
-            return Err(BackendError::new(format!(
-                "prefill of positions {start}..{end} of a {}-position input",
-                input.len()
-            )));
-        }
-        let (from, embeds) = match cache.pending.take() {
-            Some((from, e)) if from <= start => (from, e),
-            _ => (start, self.embed_from(input, start)?),
-        };
-        let chunk = embeds
-            .narrow(0, start - from, end - start)
-            .map_err(internal)?;
-        let out = self
-            .model
-            .decoder()
-            .prefill(&chunk, &mut cache.kv, &LayerTaps::default())
-            .map_err(internal)?;
-        if end < input.len() {
-            cache.pending = Some((from, embeds));
-            return Ok(None);
-        }
-        Ok(Some(row(&out.logits)?))
-    }
-
-    fn prefill_diagnosed(
-        &mut self,
+impl LlavaBackend {
+    /// The first chunk's work: the images encoded, the caption (given, or the model's own), the
+    /// caption pass, and the taps and interventions of the request pass.
+    fn begin_diagnosed(
+        &self,
         prompt: &Prompt,
         plan: &DiagnosePlan,
-        cache: &mut LlavaCache,
-    ) -> Result<(Vec<f32>, Diagnosis), BackendError> {
-        let cache = &mut cache.kv;
-        let lens = self
-            .lens
-            .as_ref()
-            .ok_or_else(|| BackendError::new("this model has no logit lens"))?;
-        let n = plan.n_layers;
+    ) -> Result<DiagnosedPrefill, BackendError> {
         let images = self.encode_images(prompt)?;
         let mut warnings = Vec::new();
 
@@ -790,11 +752,36 @@ impl ModelBackend for LlavaBackend {
                 });
             }
         }
-        let out = self
+        let embeds = self
             .model
-            .prefill(&prompt.token_ids, &images, cache, &taps)
+            .embed_prompt(&prompt.token_ids, &images)
             .map_err(internal)?;
+        Ok(DiagnosedPrefill {
+            acc: TapAccumulator::new(&taps),
+            taps,
+            caption,
+            caption_pass,
+            warnings,
+            embeds,
+        })
+    }
 
+    /// The diagnosis of a finished diagnosed prefill: the logit lens at the last position, the
+    /// attention shares, the image–caption cosines, the per-layer records and the summary.
+    fn finish_diagnosed(
+        &self,
+        prompt: &Prompt,
+        plan: &DiagnosePlan,
+        out: PrefillOutput,
+        caption: Option<String>,
+        caption_pass: Option<CaptionStates>,
+        warnings: Vec<String>,
+    ) -> Result<(Vec<f32>, Diagnosis), BackendError> {
+        let lens = self
+            .lens
+            .as_ref()
+            .ok_or_else(|| BackendError::new("this model has no logit lens"))?;
+        let n = plan.n_layers;
         let hidden = out
             .taps
             .hidden
@@ -855,7 +842,114 @@ impl ModelBackend for LlavaBackend {
             },
         ))
     }
+}
 
+impl ModelBackend for LlavaBackend {
+    type Cache = LlavaCache;
+    type Sampler = LlavaSampler;
+
+    fn kv_blocks(&self) -> KvBlocks {
+        self.model.decoder().kv_blocks().clone()
+    }
+
+    fn new_cache(&self) -> LlavaCache {
+        LlavaCache {
+            kv: self.model.new_cache(),
+            pending: None,
+            diagnosed: None,
+        }
+    }
+
+    fn prefill(
+        &mut self,
+        input: &PrefillInput,
+        end: usize,
+        cache: &mut LlavaCache,
+    ) -> Result<Option<Vec<f32>>, BackendError> {
+        let start = cache.kv.len();
+        if start >= end || end > input.len() {
+            return Err(BackendError::new(format!(
+                "prefill of positions {start}..{end} of a {}-position input",
+                input.len()
+            )));
+        }
+        let (from, embeds) = match cache.pending.take() {
+            Some((from, e)) if from <= start => (from, e),
+            _ => (start, self.embed_from(input, start)?),
+        };
+        let chunk = embeds
+            .narrow(0, start - from, end - start)
+            .map_err(internal)?;
+        let out = self
+            .model
+            .decoder()
+            .prefill(&chunk, &mut cache.kv, &LayerTaps::default())
+            .map_err(internal)?;
+        if end < input.len() {
+            cache.pending = Some((from, embeds));
+            return Ok(None);
+        }
+        Ok(Some(row(&out.logits)?))
+    }
+
+    fn prefill_diagnosed(
+        &mut self,
+        prompt: &Prompt,
+        plan: &DiagnosePlan,
+        end: usize,
+        cache: &mut LlavaCache,
+    ) -> Result<Option<(Vec<f32>, Diagnosis)>, BackendError> {
+        let start = cache.kv.len();
+        if start >= end || end > prompt.len() {
+            return Err(BackendError::new(format!(
+                "diagnosed prefill of positions {start}..{end} of a {}-position prompt",
+                prompt.len()
+            )));
+        }
+        let mut progress = match cache.diagnosed.take() {
+            Some(progress) => progress,
+            None if start == 0 => Box::new(self.begin_diagnosed(prompt, plan)?),
+            None => {
+                return Err(BackendError::new(
+                    "a diagnosed prefill must start at position 0",
+                ))
+            }
+        };
+        let chunk = progress
+            .embeds
+            .narrow(0, start, end - start)
+            .map_err(internal)?;
+        let last = end == prompt.len();
+        let logits = self
+            .model
+            .decoder()
+            .prefill_chunk(
+                &chunk,
+                &mut cache.kv,
+                &progress.taps,
+                &mut progress.acc,
+                last,
+            )
+            .map_err(internal)?;
+        if !last {
+            cache.diagnosed = Some(progress);
+            return Ok(None);
+        }
+        let DiagnosedPrefill {
+            taps,
+            acc,
+            caption,
+            caption_pass,
+            warnings,
+            ..
+        } = *progress;
+        let out = PrefillOutput {
+            logits: logits.ok_or_else(|| BackendError::new("the last chunk gave no logits"))?,
+            taps: acc.finish(&taps, prompt.len()).map_err(internal)?,
+        };
+        self.finish_diagnosed(prompt, plan, out, caption, caption_pass, warnings)
+            .map(Some)
+    }
     fn decode_batch(
         &mut self,
         tokens: &[u32],

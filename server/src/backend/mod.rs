@@ -186,18 +186,21 @@ pub trait ModelBackend: Send + 'static {
         cache: &mut Self::Cache,
     ) -> Result<Option<Vec<f32>>, BackendError>;
 
-    /// A whole-prompt prefill (into an empty cache) with the safety diagnostics of `plan`: the
-    /// caption pass (and the model's own caption) when the plan has a caption, the layer taps and
-    /// interventions of the prompt pass, and the per-layer records. The returned logits are
-    /// those of the (possibly intervened) prompt pass, and `cache` continues from it. The
-    /// caption passes draw on the same pool, beyond the prompt's blocks.
+    /// [`Self::prefill`] of the prompt (positions `cache.len()..end`, from 0, in chunks like
+    /// any prompt) with the safety diagnostics of `plan`: the caption pass (and the model's own
+    /// caption) at the first chunk when the plan has a caption, the layer taps and
+    /// interventions of the prompt pass over every chunk, and at the last chunk the per-layer
+    /// records. The returned logits are those of the (possibly intervened) prompt pass, and
+    /// `cache` continues from it. The caption passes draw on the same pool, beyond the prompt's
+    /// blocks.
     fn prefill_diagnosed(
         &mut self,
         prompt: &Prompt,
         plan: &DiagnosePlan,
+        end: usize,
         cache: &mut Self::Cache,
-    ) -> Result<(Vec<f32>, Diagnosis), BackendError> {
-        let _ = (prompt, plan, cache);
+    ) -> Result<Option<(Vec<f32>, Diagnosis)>, BackendError> {
+        let _ = (prompt, plan, end, cache);
         Err(BackendError::new("this model does not support diagnostics"))
     }
 

@@ -451,22 +451,22 @@ impl<B: ModelBackend> Worker<B> {
         let Phase::Prefill { target, diagnosed } = seq.phase else {
             return Some(seq);
         };
-        if diagnosed {
-            // Its taps need the whole prompt in one forward: it waits for a step of its own.
-            if *prefilled_any && seq.prompt.len() > *budget {
-                return Some(seq);
-            }
-            *budget = budget.saturating_sub(seq.prompt.len());
-            *prefilled_any = true;
-            return self.diagnosed_prefill(seq);
-        }
         let start = seq.cache.len();
-        let end = target.min(start + *budget);
+        // A diagnosed pass covers the prompt (its taps and interventions, chunk by chunk); the
+        // tokens generated before a preemption follow as plain chunks.
+        let end = match diagnosed {
+            true => seq.prompt.len(),
+            false => target,
+        }
+        .min(start + *budget);
         if end <= start {
             return Some(seq);
         }
         *budget -= end - start;
         *prefilled_any = true;
+        if diagnosed {
+            return self.diagnosed_prefill(seq, end);
+        }
         let started = Instant::now();
         let generated = seq.generated.len().saturating_sub(1);
         let backend = &mut self.backend;
@@ -525,10 +525,11 @@ impl<B: ModelBackend> Worker<B> {
         self.metrics.images.inc_by(prompt.images.len() as u64);
     }
 
-    /// The whole-prompt diagnosed pass. For a new request it delivers the diagnosis and samples
-    /// the first token; for one recomputed after a preemption it only refills the cache (the
-    /// same interventions), and the tokens generated before are prefilled after it.
-    fn diagnosed_prefill(&mut self, mut seq: Sequence<B>) -> Option<Sequence<B>> {
+    /// A chunk of the diagnosed prompt pass, up to `end`. Once the prompt is done, a new request
+    /// delivers its diagnosis and samples the first token; one recomputed after a preemption
+    /// has only refilled its cache (the same interventions), and the tokens it had generated
+    /// are prefilled after it.
+    fn diagnosed_prefill(&mut self, mut seq: Sequence<B>, end: usize) -> Option<Sequence<B>> {
         let plan = seq
             .diagnose
             .clone()
@@ -537,11 +538,12 @@ impl<B: ModelBackend> Worker<B> {
         let backend = &mut self.backend;
         let (prompt, cache) = (&seq.prompt, &mut seq.cache);
         let result = catch_unwind(AssertUnwindSafe(|| {
-            backend.prefill_diagnosed(prompt, &plan, cache)
+            backend.prefill_diagnosed(prompt, &plan, end, cache)
         }))
         .unwrap_or_else(|panic| Err(BackendError::new(panic_message(&panic))));
         let (logits, diagnosis) = match result {
-            Ok(out) => out,
+            Ok(Some(out)) => out,
+            Ok(None) => return Some(seq),
             Err(err) => {
                 tracing::error!(request_id = %seq.request_id, error = %err, "prefill failed");
                 seq.fail(GenerationError::Internal(err.0), &self.metrics);
@@ -551,7 +553,7 @@ impl<B: ModelBackend> Worker<B> {
         tracing::debug!(
             request_id = %seq.request_id,
             prompt_tokens = seq.prompt.len(),
-            prefill_ms = started.elapsed().as_millis() as u64,
+            last_chunk_ms = started.elapsed().as_millis() as u64,
             "prefilled with diagnostics"
         );
         let Phase::Prefill { target, .. } = seq.phase else {
