@@ -240,7 +240,9 @@ impl<B: ModelBackend> Worker<B> {
         self.metrics.running.inc();
         let seq = Sequence {
             request_id: request.request_id,
-            sampler: self.backend.sampler(&request.sampling),
+            sampler: self
+                .backend
+                .sampler(&request.sampling, &request.prompt.token_ids),
             want_logprobs: request.sampling.logprobs,
             events,
             _permit: permit,
@@ -248,7 +250,8 @@ impl<B: ModelBackend> Worker<B> {
             last_token: 0,
             max_new_tokens: request.stopping.max_new_tokens,
             detokenizer: IncrementalDetokenizer::new(),
-            stops: StopMatcher::new(request.stopping.stop),
+            stops: StopMatcher::new(request.stopping.stop)
+                .including_stop(request.sampling.include_stop_str_in_output),
             pending_logprobs: Vec::new(),
             usage: Usage {
                 prompt_tokens: request.prompt.token_ids.len(),
