@@ -327,6 +327,26 @@ async fn logprob_bytes_concatenate_to_the_content() {
 }
 
 #[tokio::test]
+async fn logprobs_of_a_stopped_output_spell_its_content() {
+    let server = TestServer::start(TestOptions::default()).await;
+    let long = replay_greedy("cut me", 40, 0.0, 0.0, 1.0);
+    let stop = ascii_window(&long, 6, 2);
+    for include in [false, true] {
+        let (_, body) = server
+            .chat(&request(
+                "cut me",
+                40,
+                json!({"stop": [stop], "include_stop_str_in_output": include, "logprobs": true}),
+            ))
+            .await;
+        // One byte a token: the tokens of the stop string (and after it) are left out unless
+        // the stop string is part of the content.
+        assert_eq!(logprob_bytes(&body), content(&body).as_bytes(), "{body}");
+        assert!(content(&body).ends_with(&stop) == include);
+    }
+}
+
+#[tokio::test]
 async fn out_of_range_sampling_parameters_are_400s_naming_them() {
     let server = TestServer::start(TestOptions::default()).await;
     let cases = [

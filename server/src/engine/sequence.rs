@@ -31,12 +31,23 @@ pub(super) struct Sequence<B: ModelBackend> {
     pub(super) stops: StopMatcher,
     pub(super) want_logprobs: bool,
     /// Logprobs of tokens whose text is still held back; they go out with that text.
-    pub(super) pending_logprobs: Vec<TokenLogprob>,
+    pub(super) pending_logprobs: PendingLogprobs,
     pub(super) usage: Usage,
     pub(super) arrived: Instant,
     pub(super) last_token_at: Instant,
     /// Set for a diagnosed request: its report, completed with the judged answer at the end.
     pub(super) diagnosis: Option<Box<SequenceDiagnosis>>,
+}
+
+/// Logprobs not sent yet, and what was sent, to keep them spelling the content when a stop string
+/// cuts it.
+#[derive(Default)]
+pub(super) struct PendingLogprobs {
+    entries: Vec<TokenLogprob>,
+    /// Bytes of the entries sent so far.
+    sent_entry_bytes: usize,
+    /// Bytes of the text sent so far.
+    sent_text_bytes: usize,
 }
 
 /// A diagnosed sequence's measurements while its answer is generated.
@@ -162,18 +173,18 @@ impl<B: ModelBackend> Sequence<B> {
         let out = self.stops.push_armed(&delta, armed);
         let text = out.text;
         if out.stopped {
-            self.emit(text, true);
+            self.emit(text, true, true);
             return Ok(Some(FinishReason::Stop));
         }
         if self.usage.completion_tokens >= self.max_new_tokens {
-            self.emit(text, false);
+            self.emit(text, false, false);
             return Ok(Some(if self.emit_rest(backend, String::new(), armed) {
                 FinishReason::Stop
             } else {
                 FinishReason::Length
             }));
         }
-        self.emit(text, false);
+        self.emit(text, false, false);
         Ok(None)
     }
 
@@ -217,7 +228,7 @@ impl<B: ModelBackend> Sequence<B> {
             .zip(&sampled.top_logprobs)
             .map(|((text, bytes), &(_, logprob))| (text, bytes, logprob))
             .collect();
-        self.pending_logprobs.push(TokenLogprob {
+        self.pending_logprobs.entries.push(TokenLogprob {
             token,
             bytes,
             logprob: sampled.logprob,
@@ -235,20 +246,35 @@ impl<B: ModelBackend> Sequence<B> {
         if !out.stopped {
             text.push_str(&self.stops.finish());
         }
-        self.emit(text, true);
+        self.emit(text, true, out.stopped);
         out.stopped
     }
 
-    fn emit(&mut self, text: String, last: bool) {
+    /// Sends `text` with the pending logprobs; `cut`: a stop string ended the output in it, and
+    /// the tokens whose text lies wholly past the cut (the stop string's, after it) are left out,
+    /// so that the logprobs still spell the content.
+    fn emit(&mut self, text: String, last: bool, cut: bool) {
+        let pending = &mut self.pending_logprobs;
+        if cut {
+            let content_end = pending.sent_text_bytes + text.len();
+            let mut start = pending.sent_entry_bytes;
+            pending.entries.retain(|entry| {
+                let keep = start < content_end;
+                start += entry.bytes.len();
+                keep
+            });
+        }
         // An empty delta is only worth sending to deliver the last tokens' logprobs.
-        let flush_logprobs = last && !self.pending_logprobs.is_empty();
+        let flush_logprobs = last && !pending.entries.is_empty();
         if text.is_empty() && !flush_logprobs {
             return;
         }
         if let Some(diagnosis) = &mut self.diagnosis {
             diagnosis.answer.push_str(&text);
         }
-        let logprobs = std::mem::take(&mut self.pending_logprobs);
+        let logprobs = std::mem::take(&mut pending.entries);
+        pending.sent_entry_bytes += logprobs.iter().map(|e| e.bytes.len()).sum::<usize>();
+        pending.sent_text_bytes += text.len();
         // A closed receiver is noticed before the next step (`drop_disconnected`).
         let _ = self.events.send(Event::Delta { text, logprobs });
     }

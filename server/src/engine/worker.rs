@@ -252,7 +252,7 @@ impl<B: ModelBackend> Worker<B> {
             detokenizer: IncrementalDetokenizer::new(),
             stops: StopMatcher::new(request.stopping.stop)
                 .including_stop(request.sampling.include_stop_str_in_output),
-            pending_logprobs: Vec::new(),
+            pending_logprobs: Default::default(),
             usage: Usage {
                 prompt_tokens: request.prompt.token_ids.len(),
                 completion_tokens: 0,
