@@ -1287,6 +1287,64 @@ mod tests {
         assert!(observed[1] > 900, "{observed:?}");
     }
 
+    /// Cost of the logit processors per token on a 32k vocabulary (run with
+    /// `cargo test --release -p tga-model --lib sampling_cost -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn sampling_cost_per_token_on_a_32k_vocabulary() {
+        let vocab = 32_064u32;
+        let prompt: Vec<u32> = (0..2000).map(|i| (i * 7919) % vocab).collect();
+        // Peaked like a language model's rows: a few dozen tokens carry the mass.
+        let rows: Vec<Vec<f32>> = (0..8)
+            .map(|s| row(s, vocab).iter().map(|x| x * 4.0).collect())
+            .collect();
+        for (name, params) in [
+            ("greedy", SamplingParams::greedy()),
+            (
+                "greedy + penalties, bias",
+                SamplingParams {
+                    presence_penalty: 0.5,
+                    frequency_penalty: 0.5,
+                    repetition_penalty: 1.2,
+                    logit_bias: (0..300).map(|i| (i * 101, 1.0)).collect(),
+                    ..SamplingParams::greedy()
+                },
+            ),
+            (
+                "T=0.7 top_p=0.9",
+                SamplingParams {
+                    temperature: 0.7,
+                    top_p: 0.9,
+                    seed: Some(1),
+                    ..Default::default()
+                },
+            ),
+            (
+                "+ penalties, bias, min_p",
+                SamplingParams {
+                    temperature: 0.7,
+                    top_p: 0.9,
+                    min_p: 0.05,
+                    presence_penalty: 0.5,
+                    frequency_penalty: 0.5,
+                    repetition_penalty: 1.2,
+                    logit_bias: (0..300).map(|i| (i * 101, 1.0)).collect(),
+                    seed: Some(1),
+                    ..Default::default()
+                },
+            ),
+        ] {
+            let mut s = Sampler::for_sequence(params, &prompt, &[2]);
+            let steps = 512;
+            let start = std::time::Instant::now();
+            for i in 0..steps {
+                s.sample_logits(&rows[i % rows.len()]).unwrap();
+            }
+            let per = start.elapsed().as_secs_f64() / steps as f64 * 1e6;
+            eprintln!("{name}: {per:.1} µs per token");
+        }
+    }
+
     fn stream(stops: &[&str], chunks: &[&str]) -> (String, bool) {
         let mut m = StopMatcher::new(stops.iter().map(|s| s.to_string()));
         let mut out = String::new();
