@@ -888,6 +888,26 @@ impl IncrementalDetokenizer {
         self.advance(decode, false)
     }
 
+    /// The text each of `ids` would add if it came next, in the context of the tokens pushed so
+    /// far: a SentencePiece `▁help` after a word adds `" help"` with its space (decoded alone it
+    /// would lose it, as transformers strips a leading space). This is what logprobs report as a
+    /// token's text; for the token that is pushed next, the texts of all tokens pushed
+    /// concatenate to the decode of all of them (byte-fallback pieces, whose text depends on
+    /// the bytes after them, are the caller's: their own byte).
+    pub fn next_texts(&self, ids: &[u32], decode: impl Fn(&[u32]) -> String) -> Vec<String> {
+        let mut window = self.ids[self.prefix_offset..].to_vec();
+        let before = decode(&window);
+        ids.iter()
+            .map(|&id| {
+                window.push(id);
+                let after = decode(&window);
+                window.pop();
+                let start = common_prefix_len(&before, &after);
+                after[start..].to_string()
+            })
+            .collect()
+    }
+
     /// Whatever is still pending (a trailing incomplete character comes out as U+FFFD).
     pub fn flush(&mut self, decode: impl Fn(&[u32]) -> String) -> String {
         self.advance(decode, true)
@@ -1158,6 +1178,84 @@ mod tests {
         assert_eq!(detok.push(0xF0, decode), "");
         assert_eq!(detok.flush(decode), "\u{FFFD}");
         assert_eq!(detok.flush(decode), "");
+    }
+
+    fn fixture_tokenizer() -> Tokenizer {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tiny-llava-next");
+        Tokenizer::from_dir(dir).unwrap()
+    }
+
+    fn byte_id(tok: &Tokenizer, b: u8) -> u32 {
+        tok.token_to_id(&format!("<0x{b:02X}>")).unwrap()
+    }
+
+    #[test]
+    fn invalid_byte_runs_decode_as_transformers_does() {
+        // transformers 5.23's `decode` (tokenizers' `ByteFallback`) turns each byte of a run of
+        // byte-fallback pieces that is not valid UTF-8 into U+FFFD, valid bytes after it
+        // included: the committed reference (tools/diagnose_reference.py) decodes
+        // [▁has, <0xA9>, ▁asked, ▁An, <0xA6>, <0x6B>] to "has\u{FFFD} asked An\u{FFFD}\u{FFFD}".
+        let tok = fixture_tokenizer();
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fixtures/reference/diagnostics/cases.json");
+        let reference: Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut invalid = 0;
+        for case in reference["cases"].as_array().unwrap() {
+            let case = &case["expected"];
+            let ids: Vec<u32> = case["answer_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|id| id.as_u64().unwrap() as u32)
+                .collect();
+            let answer = case["answer"].as_str().unwrap();
+            assert_eq!(tok.decode(&ids, true).unwrap(), answer, "{ids:?}");
+            invalid += usize::from(answer.contains('\u{FFFD}'));
+        }
+        assert!(invalid >= 2, "the reference holds invalid byte runs");
+        let ids = [byte_id(&tok, 0xD6), byte_id(&tok, 0x70)];
+        assert_eq!(tok.decode(&ids, true).unwrap(), "\u{FFFD}\u{FFFD}");
+    }
+
+    #[test]
+    fn next_texts_are_what_each_token_adds_in_context() {
+        let tok = fixture_tokenizer();
+        let decode = |ids: &[u32]| tok.decode(ids, true).unwrap();
+        let text = "Sorry, I cannot help with that. I apologize: café 😀!";
+        let ids = tok.encode(text, false).unwrap();
+        let byte_piece = |t: &str| {
+            (t.len() == 6 && t.starts_with("<0x"))
+                .then(|| u8::from_str_radix(&t[3..5], 16).unwrap())
+        };
+        let is_byte = |id: u32| {
+            tok.id_to_token(id)
+                .is_some_and(|t| byte_piece(&t).is_some())
+        };
+        let mut detok = IncrementalDetokenizer::new();
+        let mut bytes = Vec::new();
+        let mut streamed = String::new();
+        let help = tok.token_to_id("▁help").unwrap();
+        for &id in &ids {
+            let added = if is_byte(id) {
+                vec![byte_piece(&tok.id_to_token(id).unwrap()).unwrap()]
+            } else {
+                let texts = detok.next_texts(&[id, help], decode);
+                if !detok.ids.is_empty() {
+                    // An alternative keeps its space too.
+                    assert_eq!(texts[1], " help");
+                }
+                texts[0].clone().into_bytes()
+            };
+            if id == help {
+                assert_eq!(added, b" help");
+            }
+            bytes.extend(added);
+            streamed.push_str(&detok.push_token(id, is_byte(id), decode));
+        }
+        streamed.push_str(&detok.flush(decode));
+        assert_eq!(streamed, decode(&ids));
+        assert_eq!(String::from_utf8(bytes).unwrap(), decode(&ids));
     }
 
     #[test]

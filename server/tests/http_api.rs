@@ -137,7 +137,9 @@ async fn multibyte_characters_arrive_whole_in_stream_deltas() {
     let (_, frames) = server.stream(&request).await;
     let streamed = parse_stream(&frames);
     assert!(streamed.text.contains('😀') && streamed.text.contains('ö'));
-    assert!(streamed.deltas.iter().any(|d| d == "😀"));
+    // The fake's bytes from 0x80 on are byte-fallback pieces: a run of them is held until the
+    // next token shows it complete, so the emoji arrives whole, with that token's text.
+    assert!(streamed.deltas.iter().any(|d| d.starts_with('😀')));
     assert!(streamed.usage.is_none(), "no usage chunk unless asked");
 }
 

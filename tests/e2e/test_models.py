@@ -116,6 +116,22 @@ class SentencePieceDecoder:
         text = "".join(parts)
         return text[1:] if text.startswith(" ") else text
 
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """What each token adds to the decode of those before it (a `▁word` after a word keeps
+        its space); a byte-fallback piece is its own byte (U+FFFD unless ASCII)."""
+        out = []
+        for k, i in enumerate(ids):
+            piece = self.pieces.get(i) or ""
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                out.append(bytes([int(piece[3:5], 16)]).decode("utf-8", "replace"))
+                continue
+            before, after = self.decode(ids[:k]), self.decode(ids[: k + 1])
+            n = 0
+            while n < min(len(before), len(after)) and before[n] == after[n]:
+                n += 1
+            out.append(after[n:])
+        return out
+
 
 def reference_cases(variant: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((FIXTURES / "reference" / variant).glob("*.json"))]
@@ -139,17 +155,17 @@ def openai_messages(case: dict) -> list[dict]:
 
 
 def assert_same_tokens(decoder: SentencePieceDecoder, result: dict, greedy: list[int], what: str):
-    """The answer is transformers' greedy tokens: token by token (each token's text, from the
-    logprobs) and, where the tokens decode to valid UTF-8, as one text."""
-    tokens = [entry["token"] for entry in result["choices"][0]["logprobs"]["content"]]
-    expected_tokens = [decoder.decode([i]) for i in greedy]
-    assert tokens == expected_tokens, f"{what}: tokens differ from transformers' greedy tokens"
+    """The answer is transformers' greedy tokens: token by token (each token's text in context,
+    from the logprobs) and as one text, transformers' decode of them (invalid byte runs too)."""
+    entries = result["choices"][0]["logprobs"]["content"]
+    tokens = [entry["token"] for entry in entries]
+    assert tokens == decoder.token_texts(greedy), f"{what}: tokens differ from transformers' greedy tokens"
     got = result["choices"][0]["message"]["content"]
     expected = decoder.decode(greedy)
-    # Byte-fallback pieces that do not form UTF-8 are replaced differently when decoded token by
-    # token (as a stream must) than by one decode of the whole answer; only valid text is compared.
+    assert got == expected, f"{what}: {got!r} != transformers' {expected!r}"
+    joined = b"".join(bytes(entry["bytes"]) for entry in entries)
     if "\ufffd" not in expected:
-        assert got == expected, f"{what}: {got!r} != transformers' {expected!r}"
+        assert joined == expected.encode(), f"{what}: logprob bytes do not make the content"
 
 
 @pytest.mark.parametrize(

@@ -316,6 +316,10 @@ impl PromptProcessor for LlavaProcessor {
         self.max_token_bytes
     }
 
+    fn vocab_size(&self) -> Option<usize> {
+        Some(self.model.config().text.vocab_size)
+    }
+
     fn retrieve(&self, bytes: &[u8]) -> Result<Option<Retrieved>, ProcessError> {
         let Some(retriever) = &self.retriever else {
             return Ok(None);
@@ -963,8 +967,12 @@ impl ModelBackend for LlavaBackend {
             .map_err(internal)
     }
 
-    fn sampler(&self, params: &SamplingParams) -> LlavaSampler {
-        LlavaSampler(Sampler::new(params.clone()))
+    fn sampler(&self, params: &SamplingParams, prompt: &[u32]) -> LlavaSampler {
+        LlavaSampler(Sampler::for_sequence(
+            params.clone(),
+            prompt,
+            &self.stop_ids,
+        ))
     }
 
     fn stop_token_ids(&self) -> &[u32] {
@@ -987,6 +995,10 @@ impl ModelBackend for LlavaBackend {
     fn decode_text(&self, ids: &[u32]) -> String {
         self.tokenizer.decode(ids, true).unwrap_or_default()
     }
+
+    fn decode_text_with_special(&self, ids: &[u32]) -> String {
+        self.tokenizer.decode(ids, false).unwrap_or_default()
+    }
 }
 
 pub struct LlavaSampler(Sampler);
@@ -994,6 +1006,10 @@ pub struct LlavaSampler(Sampler);
 impl TokenSampler for LlavaSampler {
     fn sample(&mut self, logits: &[f32]) -> Result<SampledToken, BackendError> {
         self.0.sample_logits(logits).map_err(internal)
+    }
+
+    fn params(&self) -> &SamplingParams {
+        self.0.params()
     }
 }
 

@@ -63,6 +63,12 @@ pub trait PromptProcessor: Send + Sync + 'static {
     /// times the context length cannot fit, and is refused before it is tokenized.
     fn max_token_bytes(&self) -> usize;
 
+    /// Rows of the model's logits (the ids `logit_bias` and `stop_token_ids` may name); `None`
+    /// when unknown (the ids are then not checked).
+    fn vocab_size(&self) -> Option<usize> {
+        None
+    }
+
     /// TGA retrieval: the nearest caption of the image in `bytes`; `None` when the model is
     /// served without a retrieval corpus.
     fn retrieve(&self, bytes: &[u8]) -> Result<Option<retrieval::Retrieved>, ProcessError> {
@@ -96,7 +102,11 @@ pub trait DiagnosticsProcessor: Send + Sync {
 /// A per-sequence sampler: it owns the sequence's RNG, so a seed gives the same output whatever
 /// else shares the batch.
 pub trait TokenSampler: Send {
+    /// Samples the sequence's next token (and counts it, for the penalties).
     fn sample(&mut self, logits: &[f32]) -> Result<SampledToken, BackendError>;
+
+    /// The request's settings, which also say how the sequence stops and is detokenized.
+    fn params(&self) -> &SamplingParams;
 }
 
 /// A failure inside the model (a real internal fault: the request gets a 500).
@@ -213,8 +223,9 @@ pub trait ModelBackend: Send + 'static {
         caches: &mut [&mut Self::Cache],
     ) -> Result<Vec<Vec<f32>>, BackendError>;
 
-    /// A fresh sampler for one sequence.
-    fn sampler(&self, params: &SamplingParams) -> Self::Sampler;
+    /// A fresh sampler for one sequence whose prompt is `prompt` (the repetition penalty counts
+    /// it); its `min_tokens` mask covers [`Self::stop_token_ids`].
+    fn sampler(&self, params: &SamplingParams, prompt: &[u32]) -> Self::Sampler;
 
     /// Tokens that end generation (EOS and the template's end-of-turn tokens); never shown.
     fn stop_token_ids(&self) -> &[u32];
@@ -235,4 +246,10 @@ pub trait ModelBackend: Send + 'static {
     /// Text of `ids`, special tokens skipped (transformers' `decode(ids, skip_special_tokens=True)`).
     /// A trailing incomplete UTF-8 sequence comes out as U+FFFD, as the tokenizers crate does.
     fn decode_text(&self, ids: &[u32]) -> String;
+
+    /// [`Self::decode_text`] with special tokens kept (`skip_special_tokens: false`); the
+    /// default is for a backend without special tokens.
+    fn decode_text_with_special(&self, ids: &[u32]) -> String {
+        self.decode_text(ids)
+    }
 }

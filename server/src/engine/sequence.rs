@@ -7,7 +7,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio::sync::OwnedSemaphorePermit;
 
-use model::sampling::StopMatcher;
+use model::sampling::{SampledToken, StopMatcher};
 use model::tokenizer::IncrementalDetokenizer;
 
 use super::plan::{DiagnosePlan, Diagnosis};
@@ -41,7 +41,7 @@ pub(super) struct Sequence<B: ModelBackend> {
     pub(super) stops: StopMatcher,
     pub(super) want_logprobs: bool,
     /// Logprobs of tokens whose text is still held back; they go out with that text.
-    pub(super) pending_logprobs: Vec<TokenLogprob>,
+    pub(super) pending_logprobs: PendingLogprobs,
     pub(super) usage: Usage,
     pub(super) arrived: Instant,
     pub(super) last_token_at: Instant,
@@ -58,6 +58,17 @@ pub(super) enum Phase {
     Prefill { target: usize, diagnosed: bool },
     /// In the decode batch.
     Decode,
+}
+
+/// Logprobs not sent yet, and what was sent, to keep them spelling the content when a stop string
+/// cuts it.
+#[derive(Default)]
+pub(super) struct PendingLogprobs {
+    entries: Vec<TokenLogprob>,
+    /// Bytes of the entries sent so far.
+    sent_entry_bytes: usize,
+    /// Bytes of the text sent so far.
+    sent_text_bytes: usize,
 }
 
 /// A diagnosed sequence's measurements while its answer is generated.
@@ -127,6 +138,11 @@ fn record_diagnosed(
 
 impl<B: ModelBackend> Sequence<B> {
     /// Samples from `logits` and emits the text it completes; `Some` when the sequence is done.
+    ///
+    /// Stopping follows vLLM: EOS (unless `ignore_eos`) and `stop_token_ids` end the sequence
+    /// without their text (with it under `include_stop_str_in_output`), and neither they nor stop
+    /// strings end it before `min_tokens` tokens have been generated (the sampler masks the stop
+    /// tokens until then; stop strings count from the next token on).
     pub(super) fn on_logits(
         &mut self,
         logits: &[f32],
@@ -148,71 +164,139 @@ impl<B: ModelBackend> Sequence<B> {
         self.usage.completion_tokens += 1;
         metrics.generation_tokens.inc();
 
-        if backend.stop_token_ids().contains(&sampled.id) {
-            self.emit_rest(backend);
+        let params = self.sampler.params();
+        let (min_tokens, include_stop) = (params.min_tokens, params.include_stop_str_in_output);
+        let id = sampled.id;
+        let is_eos = !params.ignore_eos && backend.stop_token_ids().contains(&id);
+        let is_stop_token = (is_eos || params.stop_token_ids.binary_search(&id).is_ok())
+            && self.usage.completion_tokens >= min_tokens;
+        // Stop strings count once min_tokens tokens came before (vLLM's `> min_tokens`).
+        let armed = self.usage.completion_tokens > min_tokens;
+        if is_stop_token {
+            let mut text = String::new();
+            if include_stop {
+                self.record_logprobs(&sampled, backend);
+                let decode = self.decoder(backend);
+                text = self
+                    .detokenizer
+                    .push_token(id, backend.is_byte_token(id), decode);
+            }
+            // vLLM checks no stop string on the step a stop token ends.
+            self.emit_rest(backend, text, false);
             return Ok(Some(FinishReason::Stop));
         }
-        self.last_token = sampled.id;
-        self.generated.push(sampled.id);
-        if self.want_logprobs {
-            let text = |id: u32| backend.decode_text(&[id]);
-            self.pending_logprobs.push(TokenLogprob {
-                token: text(sampled.id),
-                bytes: backend.token_bytes(sampled.id),
-                logprob: sampled.logprob,
-                top: sampled
-                    .top_logprobs
-                    .iter()
-                    .map(|&(id, logprob)| (text(id), backend.token_bytes(id), logprob))
-                    .collect(),
-            });
-        }
-        let delta =
-            self.detokenizer
-                .push_token(sampled.id, backend.is_byte_token(sampled.id), |ids| {
-                    backend.decode_text(ids)
-                });
-        let out = self.stops.push(&delta);
+        self.last_token = id;
+        self.generated.push(id);
+        self.record_logprobs(&sampled, backend);
+        let decode = self.decoder(backend);
+        let delta = self
+            .detokenizer
+            .push_token(id, backend.is_byte_token(id), decode);
+        let out = self.stops.push_armed(&delta, armed);
         let text = out.text;
         if out.stopped {
-            self.emit(text, true);
+            self.emit(text, true, true);
             return Ok(Some(FinishReason::Stop));
         }
         if self.usage.completion_tokens >= self.max_new_tokens {
-            self.emit(text, false);
-            return Ok(Some(if self.emit_rest(backend) {
+            self.emit(text, false, false);
+            return Ok(Some(if self.emit_rest(backend, String::new(), armed) {
                 FinishReason::Stop
             } else {
                 FinishReason::Length
             }));
         }
-        self.emit(text, false);
+        self.emit(text, false, false);
         Ok(None)
     }
 
-    /// Emits the text still held by the detokenizer and the stop matcher; true if it completed a
-    /// stop string after all.
-    fn emit_rest(&mut self, backend: &B) -> bool {
-        let delta = self.detokenizer.flush(|ids| backend.decode_text(ids));
-        let out = self.stops.push(&delta);
+    /// The request's detokenization: special tokens skipped or kept as it says.
+    fn decoder<'a>(&self, backend: &'a B) -> impl Fn(&[u32]) -> String + 'a {
+        let skip = self.sampler.params().skip_special_tokens;
+        move |ids| {
+            if skip {
+                backend.decode_text(ids)
+            } else {
+                backend.decode_text_with_special(ids)
+            }
+        }
+    }
+
+    /// Queues the logprobs of `sampled` (asked for), each token's text being what it adds to the
+    /// output in context (a SentencePiece `▁help` after a word is `" help"`, not `"help"` as
+    /// decoded alone), its bytes those of that text; a byte-fallback piece has its own byte (its
+    /// text alone is U+FFFD unless the byte is ASCII). So the bytes of the tokens concatenate to
+    /// the output's bytes wherever the generated bytes are valid UTF-8 (an invalid byte run is
+    /// U+FFFD per byte in the text, as transformers decodes it, and its raw bytes in `bytes`).
+    fn record_logprobs(&mut self, sampled: &SampledToken, backend: &B) {
+        if !self.want_logprobs {
+            return;
+        }
+        let mut ids = Vec::with_capacity(1 + sampled.top_logprobs.len());
+        ids.push(sampled.id);
+        ids.extend(sampled.top_logprobs.iter().map(|&(id, _)| id));
+        let texts = self.detokenizer.next_texts(&ids, self.decoder(backend));
+        let mut pieces = ids.iter().zip(texts).map(|(&id, text)| {
+            if backend.is_byte_token(id) {
+                let bytes = backend.token_bytes(id);
+                (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+            } else {
+                let bytes = text.as_bytes().to_vec();
+                (text, bytes)
+            }
+        });
+        let (token, bytes) = pieces.next().expect("the sampled token is first");
+        let top = pieces
+            .zip(&sampled.top_logprobs)
+            .map(|((text, bytes), &(_, logprob))| (text, bytes, logprob))
+            .collect();
+        self.pending_logprobs.entries.push(TokenLogprob {
+            token,
+            bytes,
+            logprob: sampled.logprob,
+            top,
+        });
+    }
+
+    /// Emits `delta` and the text still held by the detokenizer and the stop matcher; true if it
+    /// completed a stop string after all (only when `armed`).
+    fn emit_rest(&mut self, backend: &B, mut delta: String, armed: bool) -> bool {
+        let decode = self.decoder(backend);
+        delta.push_str(&self.detokenizer.flush(decode));
+        let out = self.stops.push_armed(&delta, armed);
         let mut text = out.text;
         if !out.stopped {
             text.push_str(&self.stops.finish());
         }
-        self.emit(text, true);
+        self.emit(text, true, out.stopped);
         out.stopped
     }
 
-    fn emit(&mut self, text: String, last: bool) {
+    /// Sends `text` with the pending logprobs; `cut`: a stop string ended the output in it, and
+    /// the tokens whose text lies wholly past the cut (the stop string's, after it) are left out,
+    /// so that the logprobs still spell the content.
+    fn emit(&mut self, text: String, last: bool, cut: bool) {
+        let pending = &mut self.pending_logprobs;
+        if cut {
+            let content_end = pending.sent_text_bytes + text.len();
+            let mut start = pending.sent_entry_bytes;
+            pending.entries.retain(|entry| {
+                let keep = start < content_end;
+                start += entry.bytes.len();
+                keep
+            });
+        }
         // An empty delta is only worth sending to deliver the last tokens' logprobs.
-        let flush_logprobs = last && !self.pending_logprobs.is_empty();
+        let flush_logprobs = last && !pending.entries.is_empty();
         if text.is_empty() && !flush_logprobs {
             return;
         }
         if let Some(diagnosis) = &mut self.diagnosis {
             diagnosis.answer.push_str(&text);
         }
-        let logprobs = std::mem::take(&mut self.pending_logprobs);
+        let logprobs = std::mem::take(&mut pending.entries);
+        pending.sent_entry_bytes += logprobs.iter().map(|e| e.bytes.len()).sum::<usize>();
+        pending.sent_text_bytes += text.len();
         // A closed receiver is noticed before the next step (`drop_disconnected`).
         let _ = self.events.send(Event::Delta { text, logprobs });
     }

@@ -387,7 +387,7 @@ impl<B: ModelBackend> Worker<B> {
         let prompt = request.prompt;
         Sequence {
             request_id: request.request_id,
-            sampler: self.backend.sampler(&request.sampling),
+            sampler: self.backend.sampler(&request.sampling, &prompt.token_ids),
             want_logprobs: request.sampling.logprobs,
             events,
             _permit: permit,
@@ -402,8 +402,9 @@ impl<B: ModelBackend> Worker<B> {
             last_token: 0,
             max_new_tokens: request.stopping.max_new_tokens,
             detokenizer: IncrementalDetokenizer::new(),
-            stops: StopMatcher::new(request.stopping.stop),
-            pending_logprobs: Vec::new(),
+            stops: StopMatcher::new(request.stopping.stop)
+                .including_stop(request.sampling.include_stop_str_in_output),
+            pending_logprobs: Default::default(),
             usage: Usage {
                 prompt_tokens: prompt.token_ids.len(),
                 completion_tokens: 0,

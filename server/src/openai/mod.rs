@@ -31,13 +31,66 @@ pub struct ChatCompletionRequest {
     pub max_completion_tokens: Option<i64>,
     /// 0 to 2; 0 is greedy. Default 1.
     #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 2.0)]
     pub temperature: Option<f64>,
-    /// In (0, 1]. Default 1.
+    /// Nucleus sampling: keep the most likely tokens whose probabilities add up to `top_p`
+    /// (at least one). In [0, 1]; 0 keeps only the most likely token. Default 1 (off).
     #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 1.0)]
     pub top_p: Option<f64>,
     /// vLLM's extension: keep the k most likely tokens; 0 or -1 disables it.
     #[serde(default)]
+    #[schema(minimum = -1)]
     pub top_k: Option<i64>,
+    /// vLLM's extension: drop the tokens whose probability is below `min_p` times that of the
+    /// most likely token (after temperature, top-k and top-p). In [0, 1]; default 0 (off).
+    #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    pub min_p: Option<f64>,
+    /// OpenAI's: subtracted once from the logit of every token that already occurs in the
+    /// completion (`logit -= presence_penalty * (count > 0)`). In [-2, 2]; default 0.
+    #[serde(default)]
+    #[schema(minimum = -2.0, maximum = 2.0)]
+    pub presence_penalty: Option<f64>,
+    /// OpenAI's: subtracted from the logit of a token once per occurrence in the completion so
+    /// far (`logit -= frequency_penalty * count`). In [-2, 2]; default 0.
+    #[serde(default)]
+    #[schema(minimum = -2.0, maximum = 2.0)]
+    pub frequency_penalty: Option<f64>,
+    /// vLLM's (transformers') extension: every token of the prompt or of the completion so far
+    /// has its logit divided by it when positive and multiplied by it otherwise. Greater than 0;
+    /// 1 (the default) is off, above 1 discourages repetition.
+    #[serde(default)]
+    #[schema(exclusive_minimum = 0.0)]
+    pub repetition_penalty: Option<f64>,
+    /// OpenAI's: token id (as a string) → bias in [-100, 100] added to its logit before
+    /// sampling; at most 300 entries; an id outside the model's vocabulary is a 400. 100
+    /// practically forces the token, -100 bans it.
+    #[serde(default)]
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    /// vLLM's extension: EOS and `stop_token_ids` cannot be sampled, and stop strings do not
+    /// match, before this many tokens are generated. At least 0 and at most `max_tokens`;
+    /// default 0.
+    #[serde(default)]
+    #[schema(minimum = 0)]
+    pub min_tokens: Option<i64>,
+    /// vLLM's extension: do not stop at the model's EOS token (it is then generated as any
+    /// other token). Default false.
+    #[serde(default)]
+    pub ignore_eos: Option<bool>,
+    /// vLLM's extension: more token ids that end the completion like EOS (`finish_reason`
+    /// `stop`; the token's text is not part of the content), also with `ignore_eos`. Ids outside
+    /// the model's vocabulary are a 400.
+    #[serde(default)]
+    pub stop_token_ids: Option<Vec<i64>>,
+    /// vLLM's extension: end the content with the stop string that matched (or the stop
+    /// token's text) instead of cutting it. Default false.
+    #[serde(default)]
+    pub include_stop_str_in_output: Option<bool>,
+    /// vLLM's extension: leave special tokens (EOS, `<image>`, ...) out of the text. Default
+    /// true.
+    #[serde(default)]
+    pub skip_special_tokens: Option<bool>,
     /// Same seed, same request: same output.
     #[serde(default)]
     pub seed: Option<i64>,

@@ -185,6 +185,16 @@ impl Validator {
                 ));
             }
         };
+        // vLLM's rule; without max_tokens the context's end may still come first (`length`).
+        if let Some(max) = max_tokens.filter(|&max| sampling.min_tokens > max) {
+            return Err(ApiError::invalid(
+                "min_tokens",
+                format!(
+                    "min_tokens must be at most max_tokens ({max}), got {}",
+                    sampling.min_tokens
+                ),
+            ));
+        }
 
         let (turns, image_refs) = self.conversation(&request.messages)?;
         let diagnose = match (purpose, diagnostics) {
@@ -327,17 +337,66 @@ impl Validator {
             }
             n => n.unwrap_or(0) as usize,
         };
+        let min_tokens = match request.min_tokens {
+            Some(n) if n < 0 => {
+                return Err(ApiError::invalid(
+                    "min_tokens",
+                    format!("min_tokens must be at least 0, got {n}"),
+                ))
+            }
+            n => n.unwrap_or(0) as usize,
+        };
+        let token_id = |param: &'static str, id: i64| {
+            u32::try_from(id).map_err(|_| {
+                ApiError::invalid(param, format!("{param} must hold token ids, got {id}"))
+            })
+        };
+        let mut logit_bias = Vec::new();
+        for (key, &bias) in request.logit_bias.iter().flatten() {
+            let id = key.trim().parse::<i64>().map_err(|_| {
+                ApiError::invalid(
+                    "logit_bias",
+                    format!("logit_bias keys must be token ids, got {key:?}"),
+                )
+            })?;
+            logit_bias.push((token_id("logit_bias", id)?, bias as f32));
+        }
+        logit_bias.sort_by_key(|&(id, _)| id);
+        if let Some(w) = logit_bias.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                format!("logit_bias names token {} twice", w[0].0),
+            ));
+        }
+        let mut stop_token_ids = request
+            .stop_token_ids
+            .iter()
+            .flatten()
+            .map(|&id| token_id("stop_token_ids", id))
+            .collect::<Result<Vec<u32>, ApiError>>()?;
+        stop_token_ids.sort_unstable();
+        stop_token_ids.dedup();
         let params = SamplingParams {
             temperature: request.temperature.unwrap_or(1.0) as f32,
             top_p: request.top_p.unwrap_or(1.0) as f32,
             top_k,
+            min_p: request.min_p.unwrap_or(0.0) as f32,
+            presence_penalty: request.presence_penalty.unwrap_or(0.0) as f32,
+            frequency_penalty: request.frequency_penalty.unwrap_or(0.0) as f32,
+            repetition_penalty: request.repetition_penalty.unwrap_or(1.0) as f32,
+            logit_bias,
+            min_tokens,
+            ignore_eos: request.ignore_eos.unwrap_or(false),
+            stop_token_ids,
+            include_stop_str_in_output: request.include_stop_str_in_output.unwrap_or(false),
+            skip_special_tokens: request.skip_special_tokens.unwrap_or(true),
             // Any 64-bit pattern is a valid seed; negative ones just reinterpret.
             seed: request.seed.map(|seed| seed as u64),
             logprobs: request.logprobs.unwrap_or(false),
             top_logprobs,
         };
         params
-            .validate()
+            .validate(self.processor.vocab_size())
             .map_err(|e| ApiError::invalid(e.param, e.message))?;
         // `top_logprobs` without `logprobs` is refused even when it is 0 (OpenAI's rule).
         if request.top_logprobs.is_some() && !params.logprobs {

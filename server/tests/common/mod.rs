@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use model::kv::{BlockTable, KvBlocks, KvPoolConfig};
-use model::sampling::{SampledToken, SamplingParams};
+use model::sampling::{SampledToken, Sampler, SamplingParams};
 use server::app::{AppState, HttpConfig, ModelCard, ServingConfig, ServingModel};
 use server::backend::{
     BackendError, ModelBackend, PrefillInput, ProcessError, PromptProcessor, SequenceCache,
@@ -67,6 +67,10 @@ impl PromptProcessor for FakeProcessor {
     fn max_token_bytes(&self) -> usize {
         // Byte-level: one token per byte.
         1
+    }
+
+    fn vocab_size(&self) -> Option<usize> {
+        Some(VOCAB)
     }
 
     fn build_prompt(
@@ -201,14 +205,14 @@ pub struct FakeCache {
 }
 
 /// The token the fake model wants after `cache`: the script from a prompt-dependent start.
-fn next_token(cache: &FakeCache) -> u32 {
-    let generated = cache.tokens.len() - cache.prompt_len;
-    if cache.eos_after.is_some_and(|n| generated >= n) {
+fn next_token(tokens: &[u32], prompt_len: usize, eos_after: Option<usize>) -> u32 {
+    let generated = tokens.len() - prompt_len;
+    if eos_after.is_some_and(|n| generated >= n) {
         return EOS;
     }
     let script = SCRIPT.as_bytes();
     let starts: Vec<usize> = SCRIPT.char_indices().map(|(i, _)| i).collect();
-    let hash = cache.tokens[..cache.prompt_len]
+    let hash = tokens[..prompt_len]
         .iter()
         .fold(0xcbf29ce484222325u64, |h, &t| {
             (h ^ t as u64).wrapping_mul(0x100000001b3)
@@ -218,12 +222,28 @@ fn next_token(cache: &FakeCache) -> u32 {
 }
 
 fn logits_for(cache: &FakeCache) -> Vec<f32> {
-    let target = next_token(cache);
+    logits_for_tokens(&cache.tokens, cache.prompt_len, cache.eos_after)
+}
+
+fn logits_for_tokens(tokens: &[u32], prompt_len: usize, eos_after: Option<usize>) -> Vec<f32> {
+    let target = next_token(tokens, prompt_len, eos_after);
     let mut logits = vec![-5.0f32; VOCAB];
     logits[target as usize] = 6.0;
     // A close second, so temperature sampling visibly depends on the seed.
     logits[((target as usize) + 1) % 256] = 5.0;
     logits
+}
+
+/// The fake model's logits after `prompt` and `generated` tokens (they depend on the count
+/// only), for tests that replay a request by hand.
+pub fn fake_logits(prompt: &[u32], generated: usize) -> Vec<f32> {
+    let mut tokens = prompt.to_vec();
+    tokens.extend(std::iter::repeat_n(0, generated));
+    logits_for_tokens(
+        &tokens,
+        prompt.len(),
+        prompt_marker(prompt, "EOS@").and_then(|n| n.parse().ok()),
+    )
 }
 
 fn prompt_marker(prompt: &[u32], marker: &str) -> Option<String> {
@@ -346,40 +366,51 @@ impl ModelBackend for FakeModel {
             .collect())
     }
 
-    fn sampler(&self, params: &SamplingParams) -> FakeSampler {
-        FakeSampler {
-            temperature: params.temperature,
-            state: params.seed.unwrap_or(0x1234_5678),
-            top: params.top_logprobs,
-        }
+    fn sampler(&self, params: &SamplingParams, prompt: &[u32]) -> FakeSampler {
+        FakeSampler(Sampler::for_sequence(params.clone(), prompt, &[EOS]))
     }
 
     fn stop_token_ids(&self) -> &[u32] {
         &[EOS]
     }
 
+    /// Bytes from 0x80 on are parts of characters, as a byte-fallback tokenizer's `<0x..>`
+    /// pieces are.
+    fn is_byte_token(&self, id: u32) -> bool {
+        (0x80..256).contains(&id)
+    }
+
+    fn token_bytes(&self, id: u32) -> Vec<u8> {
+        if id < 256 {
+            vec![id as u8]
+        } else {
+            Vec::new()
+        }
+    }
+
     fn decode_text(&self, ids: &[u32]) -> String {
         let bytes: Vec<u8> = ids.iter().filter(|&&t| t < 256).map(|&t| t as u8).collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
-}
 
-/// Greedy at temperature 0, otherwise softmax sampling with a seeded splitmix64.
-pub struct FakeSampler {
-    temperature: f32,
-    state: u64,
-    top: usize,
-}
-
-impl FakeSampler {
-    fn next_f32(&mut self) -> f32 {
-        self.state = self.state.wrapping_add(0x9e3779b97f4a7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
+    fn decode_text_with_special(&self, ids: &[u32]) -> String {
+        let mut bytes = Vec::new();
+        for &t in ids {
+            match t {
+                0..=255 => bytes.push(t as u8),
+                BOS => bytes.extend(b"<s>"),
+                EOS => bytes.extend(b"</s>"),
+                IMAGE => bytes.extend(b"<image>"),
+                _ => {}
+            }
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
     }
 }
+
+/// The real sampler (so the engine tests see logit bias, penalties and `min_tokens`), with a
+/// scripted panic on a poisoned row.
+pub struct FakeSampler(Sampler);
 
 impl TokenSampler for FakeSampler {
     fn sample(&mut self, logits: &[f32]) -> Result<SampledToken, BackendError> {
@@ -387,39 +418,13 @@ impl TokenSampler for FakeSampler {
             !logits[0].is_nan(),
             "scripted sampler panic on a poisoned row"
         );
-        let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let log_z = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
-        let id = if self.temperature == 0.0 {
-            logits
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .map(|(i, _)| i)
-                .unwrap()
-        } else {
-            let weights: Vec<f32> = logits
-                .iter()
-                .map(|l| ((l - max) / self.temperature).exp())
-                .collect();
-            let mut r = self.next_f32() * weights.iter().sum::<f32>();
-            weights
-                .iter()
-                .position(|w| {
-                    r -= w;
-                    r <= 0.0
-                })
-                .unwrap_or(weights.len() - 1)
-        };
-        let mut order: Vec<usize> = (0..logits.len()).collect();
-        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-        Ok(SampledToken {
-            id: id as u32,
-            logprob: logits[id] - log_z,
-            top_logprobs: order[..self.top]
-                .iter()
-                .map(|&i| (i as u32, logits[i] - log_z))
-                .collect(),
-        })
+        self.0
+            .sample_logits(logits)
+            .map_err(|e| BackendError::new(e.to_string()))
+    }
+
+    fn params(&self) -> &SamplingParams {
+        self.0.params()
     }
 }
 
