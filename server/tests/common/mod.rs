@@ -205,28 +205,33 @@ pub struct FakeCache {
 }
 
 /// The token the fake model wants after `cache`: the script from a prompt-dependent start.
-fn next_token(tokens: &[u32], prompt_len: usize, eos_after: Option<usize>) -> u32 {
-    let generated = tokens.len() - prompt_len;
+fn next_token(cache: &FakeCache) -> u32 {
+    script_token(
+        &cache.tokens[..cache.prompt_len],
+        cache.tokens.len() - cache.prompt_len,
+        cache.eos_after,
+    )
+}
+
+/// The script's token after `prompt` and `generated` tokens (EOS from `eos_after` on).
+fn script_token(prompt: &[u32], generated: usize, eos_after: Option<usize>) -> u32 {
     if eos_after.is_some_and(|n| generated >= n) {
         return EOS;
     }
     let script = SCRIPT.as_bytes();
     let starts: Vec<usize> = SCRIPT.char_indices().map(|(i, _)| i).collect();
-    let hash = tokens[..prompt_len]
-        .iter()
-        .fold(0xcbf29ce484222325u64, |h, &t| {
-            (h ^ t as u64).wrapping_mul(0x100000001b3)
-        });
+    let hash = prompt.iter().fold(0xcbf29ce484222325u64, |h, &t| {
+        (h ^ t as u64).wrapping_mul(0x100000001b3)
+    });
     let start = starts[(hash % starts.len() as u64) as usize];
     script[(start + generated) % script.len()] as u32
 }
 
 fn logits_for(cache: &FakeCache) -> Vec<f32> {
-    logits_for_tokens(&cache.tokens, cache.prompt_len, cache.eos_after)
+    target_logits(next_token(cache))
 }
 
-fn logits_for_tokens(tokens: &[u32], prompt_len: usize, eos_after: Option<usize>) -> Vec<f32> {
-    let target = next_token(tokens, prompt_len, eos_after);
+fn target_logits(target: u32) -> Vec<f32> {
     let mut logits = vec![-5.0f32; VOCAB];
     logits[target as usize] = 6.0;
     // A close second, so temperature sampling visibly depends on the seed.
@@ -237,13 +242,8 @@ fn logits_for_tokens(tokens: &[u32], prompt_len: usize, eos_after: Option<usize>
 /// The fake model's logits after `prompt` and `generated` tokens (they depend on the count
 /// only), for tests that replay a request by hand.
 pub fn fake_logits(prompt: &[u32], generated: usize) -> Vec<f32> {
-    let mut tokens = prompt.to_vec();
-    tokens.extend(std::iter::repeat_n(0, generated));
-    logits_for_tokens(
-        &tokens,
-        prompt.len(),
-        prompt_marker(prompt, "EOS@").and_then(|n| n.parse().ok()),
-    )
+    let eos_after = prompt_marker(prompt, "EOS@").and_then(|n| n.parse().ok());
+    target_logits(script_token(prompt, generated, eos_after))
 }
 
 fn prompt_marker(prompt: &[u32], marker: &str) -> Option<String> {
