@@ -1271,3 +1271,78 @@ async fn models_by_id_version_and_the_bearer_scheme_in_any_case() {
         .unwrap();
     assert_eq!(version["version"], env!("CARGO_PKG_VERSION"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Refused fields, /v1/completions, /tokenize, /detokenize
+
+/// Status and JSON body of a POST to `path`.
+async fn post(server: &TestServer, path: &str, body: &Value) -> (u16, Value) {
+    let response = server
+        .client
+        .post(server.url(path))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn documented_fields_without_effect_are_refused_and_unknown_ones_accepted() {
+    let server = TestServer::start(TestOptions::default()).await;
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+                        "parameters": {"type": "object", "properties": {}}}}]);
+    let with = |fields: Value| {
+        let mut request = text_request("hi");
+        request
+            .as_object_mut()
+            .unwrap()
+            .extend(fields.as_object().unwrap().clone());
+        request
+    };
+    for (fields, param) in [
+        (json!({"tools": tools}), "tools"),
+        (
+            json!({"tools": tools, "tool_choice": "auto"}),
+            "tool_choice",
+        ),
+        (
+            json!({"tools": tools, "tool_choice": "required"}),
+            "tool_choice",
+        ),
+        (
+            json!({"functions": [{"name": "f", "parameters": {}}]}),
+            "functions",
+        ),
+        (json!({"modalities": ["text", "audio"]}), "modalities"),
+        (
+            json!({"audio": {"voice": "alloy", "format": "wav"}}),
+            "audio",
+        ),
+    ] {
+        let (status, body) = server.chat(&with(fields.clone())).await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (400, "invalid_value"),
+            "{fields}"
+        );
+        assert_eq!(body["error"]["param"], param, "{fields}");
+    }
+    // The diagnose route validates the same request.
+    let (status, _) = post(
+        &server,
+        "/v1/safety/diagnose",
+        &with(json!({"tools": tools})),
+    )
+    .await;
+    assert_eq!(status, 400);
+    for fields in [
+        json!({"tools": tools, "tool_choice": "none"}),
+        json!({"modalities": ["text"]}),
+        json!({"a_field_no_one_documented": {"x": 1}, "parallel_tool_calls": false}),
+    ] {
+        let (status, body) = server.chat(&with(fields.clone())).await;
+        assert_eq!(status, 200, "{fields}: {body}");
+    }
+}

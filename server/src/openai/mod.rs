@@ -58,6 +58,32 @@ pub struct ChatCompletionRequest {
     /// Recorded in the logs only.
     #[serde(default)]
     pub user: Option<String>,
+    // Documented OpenAI fields whose effect this server cannot give: accepted only in their
+    // neutral form, refused otherwise (`validation::refused`).
+    /// The served templates have no tool support: refused unless `tool_choice` is `none` (with
+    /// tools present OpenAI's default is `auto`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub tools: Option<Vec<serde_json::Value>>,
+    /// Only `none` (or `auto` without tools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub tool_choice: Option<serde_json::Value>,
+    /// Deprecated form of `tools`: refused unless `function_call` is `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub functions: Option<Vec<serde_json::Value>>,
+    /// Deprecated form of `tool_choice`: only `none` (or `auto` without functions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub function_call: Option<serde_json::Value>,
+    /// Only `["text"]`: audio output is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modalities: Option<Vec<String>>,
+    /// Audio output parameters: refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub audio: Option<serde_json::Value>,
     /// tga-serve extension: safety diagnostics of this request (DIAGNOSTICS.md §7). The
     /// response then carries them under `diagnostics`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

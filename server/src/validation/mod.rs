@@ -3,8 +3,10 @@
 //! before anything is queued, so the engine only ever sees requests it can run.
 //!
 //! - [`diagnostics`]: the `diagnostics` options planned into what the engine runs.
+//! - [`refused`]: documented fields whose effect the server cannot give.
 
 pub mod diagnostics;
+mod refused;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -136,18 +138,8 @@ impl Validator {
         purpose: Purpose,
     ) -> Result<(ValidRequest, ResponseOptions), ApiError> {
         let diagnostics = request.diagnostics.take();
-        if let Some(model) = &request.model {
-            if model != &self.model_id {
-                return Err(ApiError::new(
-                    ErrorCode::ModelNotFound,
-                    format!(
-                        "The model `{model}` does not exist; this server serves `{}`.",
-                        self.model_id
-                    ),
-                )
-                .with_param("model"));
-            }
-        }
+        self.check_model(request.model.as_deref())?;
+        refused::refuse_unsupported(&request)?;
         if let Some(n) = request.n {
             if n != 1 {
                 return Err(ApiError::invalid(
@@ -572,6 +564,21 @@ impl Validator {
         })
         .await
         .map_err(|err| ApiError::internal(format!("image processing failed: {err}")))?
+    }
+
+    /// A request naming a model must name the served one (404 otherwise).
+    fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+        match model {
+            Some(model) if model != self.model_id => Err(ApiError::new(
+                ErrorCode::ModelNotFound,
+                format!(
+                    "The model `{model}` does not exist; this server serves `{}`.",
+                    self.model_id
+                ),
+            )
+            .with_param("model")),
+            _ => Ok(()),
+        }
     }
 
     /// OpenAI's context check and message; without `max_tokens`, the rest of the context (vLLM).
