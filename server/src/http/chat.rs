@@ -251,11 +251,11 @@ fn stream_response(
     Sse::new(frames).keep_alive(KeepAlive::default())
 }
 
-fn engine_vanished() -> ApiError {
+pub(super) fn engine_vanished() -> ApiError {
     ApiError::internal("the engine stopped without finishing the request")
 }
 
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

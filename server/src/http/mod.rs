@@ -3,10 +3,12 @@
 //! serving with graceful shutdown.
 
 mod chat;
+mod completions;
 mod extract;
 mod safety;
 mod sse;
 mod system;
+mod tokenize;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -106,6 +108,8 @@ fn percent_encode(text: &str) -> String {
     modifiers(&BearerAuth),
     tags(
         (name = "chat", description = "Chat completions"),
+        (name = "completions", description = "Legacy completions of a raw prompt (no chat template)"),
+        (name = "tokenizer", description = "The served tokenizer and chat template (vLLM's routes)"),
         (name = "models", description = "The served model"),
         (name = "safety", description = "Safety diagnostics (DIAGNOSTICS.md): per-layer refusal activation, attention shares, image-text alignment"),
         (name = "operations", description = "Health, readiness and metrics")
@@ -137,7 +141,10 @@ fn api_routes(state: &Arc<AppState>) -> (Router<Arc<AppState>>, utoipa::openapi:
     // check, so an unauthenticated client cannot take them).
     let generation = OpenApiRouter::new()
         .routes(routes!(chat::chat_completions))
+        .routes(routes!(completions::completions))
         .routes(routes!(safety::diagnose))
+        .routes(routes!(tokenize::tokenize))
+        .routes(routes!(tokenize::detokenize))
         .route_layer(middleware::from_fn_with_state(state.clone(), admit));
     let protected = generation
         .routes(routes!(system::list_models))
@@ -250,7 +257,12 @@ async fn track_requests(
         .as_ref()
         .map_or(UNMATCHED_ROUTE, |path| path.as_str())
         .to_owned();
-    let generation = (route == CHAT_COMPLETIONS_ROUTE || route == safety::DIAGNOSE_ROUTE)
+    let generation = [
+        CHAT_COMPLETIONS_ROUTE,
+        completions::COMPLETIONS_ROUTE,
+        safety::DIAGNOSE_ROUTE,
+    ]
+    .contains(&route.as_str())
         && request.method() == Method::POST;
     let response = next.run(request).await;
     state

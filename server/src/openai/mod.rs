@@ -4,9 +4,13 @@
 //!
 //! - [`diagnostics`]: the safety-diagnostics options, report and diagnose-endpoint types.
 //! - [`convert`]: the one set of engine → wire conversions.
+//! - [`completions`]: the legacy completions route's types; [`tokenize`]: vLLM's `/tokenize`
+//!   and `/detokenize`.
 
+pub mod completions;
 mod convert;
 pub mod diagnostics;
+pub mod tokenize;
 
 use std::fmt;
 

@@ -3,8 +3,10 @@
 //! before anything is queued, so the engine only ever sees requests it can run.
 //!
 //! - [`diagnostics`]: the `diagnostics` options planned into what the engine runs.
+//! - [`completions`]: raw prompts (`/v1/completions`, `/tokenize`, `/detokenize`).
 //! - [`refused`]: documented fields whose effect the server cannot give.
 
+pub mod completions;
 pub mod diagnostics;
 mod refused;
 
@@ -587,21 +589,31 @@ impl Validator {
         prompt_tokens: usize,
         max_tokens: Option<usize>,
     ) -> Result<usize, ApiError> {
+        self.check_context_of("messages", prompt_tokens, max_tokens)
+    }
+
+    /// [`Self::check_context`] for a prompt sent as `what` (`messages`, `prompt`).
+    fn check_context_of(
+        &self,
+        what: &str,
+        prompt_tokens: usize,
+        max_tokens: Option<usize>,
+    ) -> Result<usize, ApiError> {
         let max = self.limits.max_model_len;
         let overflow = |message: String| {
-            ApiError::new(ErrorCode::ContextLengthExceeded, message).with_param("messages")
+            ApiError::new(ErrorCode::ContextLengthExceeded, message).with_param(what)
         };
         match max_tokens {
             Some(completion) if prompt_tokens + completion > max => Err(overflow(format!(
                 "This model's maximum context length is {max} tokens. However, you requested {} \
-                 tokens ({prompt_tokens} in the messages, {completion} in the completion). \
-                 Please reduce the length of the messages or completion.",
+                 tokens ({prompt_tokens} in the {what}, {completion} in the completion). \
+                 Please reduce the length of the {what} or completion.",
                 prompt_tokens + completion
             ))),
             Some(completion) => Ok(completion),
             None if prompt_tokens >= max => Err(overflow(format!(
-                "This model's maximum context length is {max} tokens. However, your messages \
-                 resulted in {prompt_tokens} tokens. Please reduce the length of the messages."
+                "This model's maximum context length is {max} tokens. However, your {what} \
+                 resulted in {prompt_tokens} tokens. Please reduce the length of the {what}."
             ))),
             None => Ok(max - prompt_tokens),
         }
