@@ -1823,3 +1823,159 @@ async fn documented_fields_without_effect_are_refused_and_unknown_ones_accepted(
         assert_eq!(status, 200, "{fields}: {body}");
     }
 }
+
+/// Every limit the schema states is the one the handlers enforce: the constants agree, and a
+/// value at each stated bound is served while one just past it is a 400 naming the field.
+#[tokio::test]
+async fn the_openapi_document_states_the_enforced_limits() {
+    use model::sampling::{MAX_TEMPERATURE, MAX_TOP_LOGPROBS};
+    use server::openai::diagnostics::{MAX_CAPTION_BYTES, MAX_FOCUS_ITEMS, MAX_MASK_SPANS};
+    use server::validation::diagnostics::MAX_CAPTION_MAX_TOKENS;
+    use server::validation::{MAX_STOP_BYTES, MAX_STOP_SEQUENCES};
+
+    let doc = serde_json::to_value(server::http::openapi()).unwrap();
+    let schemas = &doc["components"]["schemas"];
+    let chat = &schemas["ChatCompletionRequest"]["properties"];
+    let completion = &schemas["CompletionRequest"]["properties"];
+    for properties in [chat, completion] {
+        let maximum = properties["temperature"]["maximum"].as_f64();
+        assert_eq!(maximum, Some(f64::from(MAX_TEMPERATURE)));
+    }
+    assert_eq!(chat["top_logprobs"]["maximum"], json!(MAX_TOP_LOGPROBS));
+    assert_eq!(completion["logprobs"]["maximum"], json!(MAX_TOP_LOGPROBS));
+    assert_eq!(chat["messages"]["minItems"], 1);
+    let stop = &schemas["StopSequences"]["oneOf"];
+    assert_eq!(stop[0]["maxLength"], json!(MAX_STOP_BYTES));
+    assert_eq!(stop[1]["maxItems"], json!(MAX_STOP_SEQUENCES));
+    assert_eq!(
+        schemas["MessageRole"]["enum"],
+        json!(["system", "developer", "user", "assistant"])
+    );
+    let diagnostics = &schemas["DiagnosticsOptions"]["properties"];
+    assert_eq!(diagnostics["focus"]["maxItems"], json!(MAX_FOCUS_ITEMS));
+    assert_eq!(
+        diagnostics["caption"]["maxLength"],
+        json!(MAX_CAPTION_BYTES)
+    );
+    assert_eq!(
+        diagnostics["caption_max_tokens"]["maximum"],
+        json!(MAX_CAPTION_MAX_TOKENS)
+    );
+    assert_eq!(
+        schemas["MaskAttentionOptions"]["properties"]["spans"]["maxItems"],
+        json!(MAX_MASK_SPANS)
+    );
+    // The SSE frames of each streaming route, [DONE] among them.
+    assert_eq!(schemas["StreamDone"]["enum"], json!(["[DONE]"]));
+    for (path, frame) in [
+        ("/v1/chat/completions", "ChatCompletionStreamFrame"),
+        ("/v1/completions", "CompletionStreamFrame"),
+        ("/v1/safety/diagnose", "DiagnoseStreamFrame"),
+    ] {
+        let content = &doc["paths"][path]["post"]["responses"]["200"]["content"];
+        assert_eq!(
+            content["text/event-stream"]["schema"]["$ref"],
+            format!("#/components/schemas/{frame}")
+        );
+        let frames = schemas[frame]["oneOf"].as_array().unwrap();
+        assert!(frames
+            .iter()
+            .any(|f| f["$ref"] == "#/components/schemas/StreamDone"));
+        assert!(frames
+            .iter()
+            .any(|f| f["$ref"] == "#/components/schemas/ErrorResponse"));
+    }
+    // The error responses of every route: the middleware's, and a body route's own.
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let responses = operation["responses"].as_object().unwrap();
+            for status in ["421", "401"] {
+                assert!(responses.contains_key(status), "{method} {path}: {status}");
+            }
+            if method == "post" {
+                for status in ["400", "404", "413", "415", "429", "503"] {
+                    assert!(responses.contains_key(status), "{method} {path}: {status}");
+                }
+            }
+        }
+    }
+
+    // The stated numeric bounds, against the running handlers.
+    let server = TestServer::start(TestOptions::default()).await;
+    let bounds = |properties: &Value, field: &str| {
+        let number = |key: &str| properties[field][key].as_f64();
+        (number("minimum"), number("maximum"))
+    };
+    let cases = [
+        ("/v1/chat/completions", chat, "temperature", 0.01, json!({})),
+        ("/v1/chat/completions", chat, "top_p", 0.01, json!({})),
+        ("/v1/chat/completions", chat, "top_k", 1.0, json!({})),
+        ("/v1/chat/completions", chat, "n", 1.0, json!({})),
+        (
+            "/v1/chat/completions",
+            chat,
+            "top_logprobs",
+            1.0,
+            json!({"logprobs": true}),
+        ),
+        ("/v1/chat/completions", chat, "max_tokens", 1.0, json!({})),
+        (
+            "/v1/completions",
+            completion,
+            "temperature",
+            0.01,
+            json!({}),
+        ),
+        ("/v1/completions", completion, "top_p", 0.01, json!({})),
+        ("/v1/completions", completion, "logprobs", 1.0, json!({})),
+        ("/v1/completions", completion, "n", 1.0, json!({})),
+        ("/v1/completions", completion, "best_of", 1.0, json!({})),
+        (
+            "/v1/completions",
+            completion,
+            "presence_penalty",
+            0.01,
+            json!({}),
+        ),
+    ];
+    for (path, properties, field, step, extra) in cases {
+        let (min, max) = bounds(properties, field);
+        assert!(
+            min.is_some() || max.is_some(),
+            "{path} {field} states no bound"
+        );
+        let mut base = if path == "/v1/completions" {
+            json!({"prompt": "hi", "max_tokens": 2})
+        } else {
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        };
+        base.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        // max_tokens 0 is the diagnose route's; chat completions need 1.
+        let min = if field == "max_tokens" {
+            Some(1.0)
+        } else {
+            min
+        };
+        let integer = step == 1.0;
+        let value = |v: f64| if integer { json!(v as i64) } else { json!(v) };
+        for (bound, past) in [(min, min.map(|m| m - step)), (max, max.map(|m| m + step))] {
+            let (Some(bound), Some(past)) = (bound, past) else {
+                continue;
+            };
+            let mut at = base.clone();
+            at[field] = value(bound);
+            let (status, body) = post(&server, path, &at).await;
+            assert_eq!(status, 200, "{path} {field} = {bound}: {body}");
+            let mut beyond = base.clone();
+            beyond[field] = value(past);
+            let (status, body) = post(&server, path, &beyond).await;
+            assert_eq!(status, 400, "{path} {field} = {past}: {body}");
+            assert_eq!(
+                body["error"]["param"], field,
+                "{path} {field} = {past}: {body}"
+            );
+        }
+    }
+}

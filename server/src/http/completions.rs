@@ -22,6 +22,7 @@ use crate::error::ApiError;
 use crate::openai::completions::{
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
 };
+use crate::openai::sse::CompletionStreamFrame;
 use crate::openai::{ErrorResponse, FinishReason, Usage};
 use crate::validation::completions::CompletionOptions;
 
@@ -42,7 +43,7 @@ pub const COMPLETIONS_ROUTE: &str = "/v1/completions";
             started is an OpenAI error object in a data frame.",
             content(
                 (CompletionResponse = "application/json"),
-                (CompletionResponse = "text/event-stream")
+                (CompletionStreamFrame = "text/event-stream")
             )
         ),
         (status = 400, description = "Malformed JSON, schema violation, a field this route refuses \

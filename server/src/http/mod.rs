@@ -165,10 +165,56 @@ fn api_routes(state: &Arc<AppState>) -> (Router<Arc<AppState>>, utoipa::openapi:
             require_api_key,
         ));
     }
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(protected)
         .merge(public)
-        .split_for_parts()
+        .split_for_parts();
+    utoipa::Modify::modify(&CommonResponses, &mut doc);
+    (router, doc)
+}
+
+/// The responses the middleware gives on any route, whatever its handler: 421 from the Host
+/// check of a loopback-bound server, and on the routes public by default the 401 of a server
+/// that guards them too.
+struct CommonResponses;
+
+impl utoipa::Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let error = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorResponse")))
+                        .build(),
+                )
+                .build()
+        };
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [&mut item.get, &mut item.post].into_iter().flatten();
+            for operation in operations {
+                let responses = &mut operation.responses.responses;
+                responses.entry("421".into()).or_insert_with(|| {
+                    error(
+                        "Host not served: a server bound to loopback answers only to localhost, \
+                         127.0.0.1, [::1] and the names given with --allowed-host",
+                    )
+                    .into()
+                });
+                if operation.security.is_none() {
+                    responses.entry("401".into()).or_insert_with(|| {
+                        error(
+                            "Missing or bad API key (only when the server also guards its \
+                             operational routes)",
+                        )
+                        .into()
+                    });
+                }
+            }
+        }
+    }
 }
 
 /// The OpenAPI document, exactly as `/openapi.json` serves it.

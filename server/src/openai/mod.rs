@@ -6,10 +6,12 @@
 //! - [`convert`]: the one set of engine → wire conversions.
 //! - [`completions`]: the legacy completions route's types; [`tokenize`]: vLLM's `/tokenize`
 //!   and `/detokenize`.
+//! - [`sse`]: the `data:` payloads of each streaming route (OpenAPI schemas only).
 
 pub mod completions;
 mod convert;
 pub mod diagnostics;
+pub mod sse;
 pub mod tokenize;
 
 use std::fmt;
@@ -27,20 +29,32 @@ pub struct ChatCompletionRequest {
     /// The served model's id; may be omitted (there is one model).
     #[serde(default)]
     pub model: Option<String>,
+    /// At least one message; images only in user messages, at most 8 per request (the server's
+    /// `--max-images-per-request`) and 8 × 2048² pixels together (`--max-request-pixels`); text
+    /// that cannot fit the context is refused before it is tokenized.
+    #[schema(min_items = 1)]
     pub messages: Vec<ChatMessage>,
-    /// Deprecated by OpenAI in favour of `max_completion_tokens`; both are accepted.
+    /// Deprecated by OpenAI in favour of `max_completion_tokens`; both are accepted. At least 1
+    /// (0 on `/v1/safety/diagnose`: the prompt pass only); prompt + it must fit the context;
+    /// without it, the rest of the context.
     #[serde(default)]
+    #[schema(minimum = 0)]
     pub max_tokens: Option<i64>,
+    /// As `max_tokens`, which it takes precedence over.
     #[serde(default)]
+    #[schema(minimum = 0)]
     pub max_completion_tokens: Option<i64>,
     /// 0 to 2; 0 is greedy. Default 1.
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f64>,
-    /// In (0, 1]. Default 1.
+    /// 0 to 1 (0 keeps the most likely token). Default 1.
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 1)]
     pub top_p: Option<f64>,
     /// vLLM's extension: keep the k most likely tokens; 0 or -1 disables it.
     #[serde(default)]
+    #[schema(minimum = -1)]
     pub top_k: Option<i64>,
     /// Same seed, same request: same output.
     #[serde(default)]
@@ -49,14 +63,17 @@ pub struct ChatCompletionRequest {
     pub stop: Option<StopSequences>,
     /// Only 1 is supported.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1)]
     pub n: Option<i64>,
     #[serde(default)]
     pub logprobs: Option<bool>,
     /// 0 to 20; needs `logprobs: true`.
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 20)]
     pub top_logprobs: Option<i64>,
     #[serde(default)]
     pub stream: Option<bool>,
+    /// Only with `stream: true`.
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
     /// Recorded in the logs only.
@@ -111,8 +128,22 @@ pub enum Role {
     Assistant,
 }
 
+// The schema of a request message's role: `Role` reads `developer` as an alias of `system`,
+// which its own derived schema cannot show.
+/// A request message's role: `developer` is OpenAI's newer name for `system`, and is read as it.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[schema(as = MessageRole)]
+pub enum MessageRoleSchema {
+    System,
+    Developer,
+    User,
+    Assistant,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 pub struct ChatMessage {
+    #[schema(value_type = MessageRoleSchema)]
     pub role: Role,
     pub content: MessageContent,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -177,12 +208,44 @@ pub struct ImageUrl {
     pub detail: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, ToSchema)]
+/// A stop string or a list of them; the output ends before the first one that appears, which
+/// is not part of it.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum StopSequences {
     One(String),
     Many(Vec<String>),
 }
+
+// By hand, to state the limits `validation` enforces with its own constants.
+impl utoipa::PartialSchema for StopSequences {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use crate::validation::{MAX_STOP_BYTES, MAX_STOP_SEQUENCES};
+        use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+        // JSON Schema counts characters; the bound is in UTF-8 bytes, which the text says.
+        let stop = || {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(MAX_STOP_BYTES))
+        };
+        OneOfBuilder::new()
+            .description(Some(format!(
+                "A stop string or a list of at most {MAX_STOP_SEQUENCES}, each non-empty and at \
+                 most {MAX_STOP_BYTES} bytes of UTF-8; the output ends before the first one that \
+                 appears, which is not part of it."
+            )))
+            .item(stop())
+            .item(
+                ArrayBuilder::new()
+                    .items(stop())
+                    .max_items(Some(MAX_STOP_SEQUENCES)),
+            )
+            .into()
+    }
+}
+
+impl ToSchema for StopSequences {}
 
 impl StopSequences {
     pub fn into_vec(self) -> Vec<String> {
