@@ -19,8 +19,10 @@ pub struct CompletionRequest {
     /// Text (tokenized as transformers' `tokenizer(prompt)` does: BOS added, no chat template)
     /// or token ids. A list of one prompt is that prompt; batches of several are refused. No
     /// images: the image placeholder token is refused (send images to `/v1/chat/completions`).
-    /// Required.
+    // An `Option` so that a body without it (a chat request sent here) gets a message saying
+    // which route it belongs to.
     #[serde(default)]
+    #[schema(required = true, value_type = CompletionPrompt)]
     pub prompt: Option<CompletionPrompt>,
     /// Refused (insertion is not supported); `null` or `""` is accepted.
     #[serde(default)]
