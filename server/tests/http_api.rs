@@ -1273,3 +1273,711 @@ async fn models_by_id_version_and_the_bearer_scheme_in_any_case() {
         .unwrap();
     assert_eq!(version["version"], env!("CARGO_PKG_VERSION"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Refused fields, /v1/completions, /tokenize, /detokenize
+
+/// Status and JSON body of a POST to `path`.
+async fn post(server: &TestServer, path: &str, body: &Value) -> (u16, Value) {
+    let response = server
+        .client
+        .post(server.url(path))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+fn completion_text(body: &Value) -> &str {
+    body["choices"][0]["text"].as_str().unwrap()
+}
+
+#[tokio::test]
+async fn completions_tokenize_the_prompt_as_it_is_and_echo_it() {
+    let server = TestServer::start(TestOptions::default()).await;
+    let (status, body) = post(
+        &server,
+        "/v1/completions",
+        &json!({"model": MODEL_ID, "prompt": "Hello", "max_tokens": 5, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "text_completion");
+    assert!(body["id"].as_str().unwrap().starts_with("cmpl-"));
+    assert_eq!(body["model"], MODEL_ID);
+    assert_eq!(body["choices"][0]["index"], 0);
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    assert!(body["choices"][0]["logprobs"].is_null());
+    // BOS + the five bytes of the prompt: no chat template around it.
+    assert_eq!(body["usage"]["prompt_tokens"], 6);
+    assert_eq!(body["usage"]["completion_tokens"], 5);
+    assert_eq!(body["usage"]["total_tokens"], 11);
+    let text = completion_text(&body).to_string();
+    assert!(!text.is_empty());
+
+    // The same ids as token ids, as a batch of one, and with echo: the same completion.
+    let ids = json!([BOS, 72, 101, 108, 108, 111]);
+    for prompt in [ids.clone(), json!([ids]), json!(["Hello"])] {
+        let (status, body) = post(
+            &server,
+            "/v1/completions",
+            &json!({"prompt": prompt, "max_tokens": 5, "temperature": 0}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(completion_text(&body), text, "{prompt}");
+    }
+    let (_, echoed) = post(
+        &server,
+        "/v1/completions",
+        &json!({"prompt": "Hello", "max_tokens": 5, "temperature": 0, "echo": true}),
+    )
+    .await;
+    assert_eq!(completion_text(&echoed), format!("Hello{text}"));
+    // A token-id prompt is echoed decoded, special tokens kept.
+    let (_, echoed) = post(
+        &server,
+        "/v1/completions",
+        &json!({"prompt": ids, "max_tokens": 5, "temperature": 0, "echo": true}),
+    )
+    .await;
+    assert_eq!(completion_text(&echoed), format!("<s>Hello{text}"));
+    // Echo with nothing generated is the prompt alone.
+    let (status, body) = post(
+        &server,
+        "/v1/completions",
+        &json!({"prompt": "Hello", "max_tokens": 0, "echo": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(completion_text(&body), "Hello");
+    assert_eq!(body["usage"]["completion_tokens"], 0);
+
+    // OpenAI's default max_tokens is 16; the same seed gives the same text.
+    let sampled = json!({"prompt": "Once", "temperature": 1.0, "seed": 7});
+    let (_, first) = post(&server, "/v1/completions", &sampled).await;
+    assert_eq!(first["usage"]["completion_tokens"], 16);
+    let (_, second) = post(&server, "/v1/completions", &sampled).await;
+    assert_eq!(completion_text(&first), completion_text(&second));
+
+    let metrics = server.metrics_text().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            &format!(
+                "{}{{route=\"/v1/completions\",status=\"200\"}}",
+                names::REQUESTS_TOTAL
+            )
+        ),
+        Some(9.0)
+    );
+}
+
+#[tokio::test]
+async fn completions_stream_text_completion_frames() {
+    let server = TestServer::start(TestOptions::default()).await;
+    let request = json!({"prompt": "Hello", "max_tokens": 12, "temperature": 0});
+    let (_, whole) = post(&server, "/v1/completions", &request).await;
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    streamed["echo"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let response = server
+        .client
+        .post(server.url("/v1/completions"))
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let frames = sse_data(&response.text().await.unwrap());
+    assert_eq!(frames.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = frames[..frames.len() - 1]
+        .iter()
+        .map(|f| serde_json::from_str(f).unwrap())
+        .collect();
+    for chunk in &chunks {
+        assert_eq!(chunk["object"], "text_completion");
+        assert_eq!(chunk["id"], chunks[0]["id"]);
+    }
+    assert_eq!(chunks[0]["choices"][0]["text"], "Hello", "the echo first");
+    let (usage, rest) = chunks.split_last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"], whole["usage"]);
+    let (last, texts) = rest.split_last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    let text: String = texts
+        .iter()
+        .skip(1)
+        .map(|c| {
+            assert!(c["choices"][0]["finish_reason"].is_null());
+            c["choices"][0]["text"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(text, completion_text(&whole));
+}
+
+#[tokio::test]
+async fn completion_logprobs_have_the_legacy_shape() {
+    let server = TestServer::start(TestOptions::default()).await;
+    for stream in [false, true] {
+        let request = json!({"prompt": "Hi", "max_tokens": 6, "temperature": 0,
+                             "logprobs": 2, "stream": stream});
+        let logprobs: Vec<Value> = if stream {
+            let response = server
+                .client
+                .post(server.url("/v1/completions"))
+                .json(&request)
+                .send()
+                .await
+                .unwrap();
+            let frames = sse_data(&response.text().await.unwrap());
+            frames[..frames.len() - 1]
+                .iter()
+                .map(|f| serde_json::from_str::<Value>(f).unwrap())
+                .map(|c| c["choices"][0]["logprobs"].clone())
+                .filter(|l| !l.is_null())
+                .collect()
+        } else {
+            let (status, body) = post(&server, "/v1/completions", &request).await;
+            assert_eq!(status, 200, "{body}");
+            vec![body["choices"][0]["logprobs"].clone()]
+        };
+        let field = |name: &str| -> Vec<Value> {
+            logprobs
+                .iter()
+                .flat_map(|l| l[name].as_array().unwrap().clone())
+                .collect()
+        };
+        let (tokens, token_logprobs, top, offsets) = (
+            field("tokens"),
+            field("token_logprobs"),
+            field("top_logprobs"),
+            field("text_offset"),
+        );
+        assert_eq!(tokens.len(), 6, "stream: {stream}");
+        assert_eq!(token_logprobs.len(), 6);
+        assert_eq!(top.len(), 6);
+        let mut offset = 0;
+        for i in 0..6 {
+            let token = tokens[i].as_str().unwrap();
+            let alternatives = top[i].as_object().unwrap();
+            // The two most likely, and the sampled token (one of them here: greedy). Keys are
+            // texts, so alternatives with the same text (bytes of a split character) share one.
+            assert!((1..=2).contains(&alternatives.len()), "{alternatives:?}");
+            assert_eq!(alternatives[token], token_logprobs[i]);
+            assert!(token_logprobs[i].as_f64().unwrap() <= 0.0);
+            assert_eq!(offsets[i], offset);
+            offset += token.chars().count();
+        }
+    }
+}
+
+#[tokio::test]
+async fn completions_refuse_what_they_cannot_do() {
+    let server = TestServer::start(TestOptions {
+        max_model_len: 64,
+        ..Default::default()
+    })
+    .await;
+    let cases: Vec<(Value, u16, &str, &str)> = vec![
+        (
+            json!({"prompt": "a", "suffix": "b"}),
+            400,
+            "invalid_value",
+            "suffix",
+        ),
+        (json!({"prompt": "a", "n": 2}), 400, "invalid_value", "n"),
+        (
+            json!({"prompt": "a", "best_of": 3}),
+            400,
+            "invalid_value",
+            "best_of",
+        ),
+        (
+            json!({"prompt": "a", "echo": true, "logprobs": 1}),
+            400,
+            "invalid_value",
+            "echo",
+        ),
+        (
+            json!({"prompt": "a", "logprobs": 21}),
+            400,
+            "invalid_value",
+            "logprobs",
+        ),
+        (
+            json!({"prompt": "a", "max_tokens": 0}),
+            400,
+            "invalid_value",
+            "max_tokens",
+        ),
+        (
+            json!({"prompt": "a", "presence_penalty": 0.5}),
+            400,
+            "invalid_value",
+            "presence_penalty",
+        ),
+        (
+            json!({"prompt": "a", "logit_bias": {"72": 5}}),
+            400,
+            "invalid_value",
+            "logit_bias",
+        ),
+        (
+            json!({"prompt": "a", "temperature": 3}),
+            400,
+            "invalid_value",
+            "temperature",
+        ),
+        (
+            json!({"prompt": "a", "stop": vec!["x"; 17]}),
+            400,
+            "invalid_value",
+            "stop",
+        ),
+        (
+            json!({"prompt": "a", "stream_options": {"include_usage": true}}),
+            400,
+            "invalid_value",
+            "stream_options",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}]}),
+            400,
+            "invalid_value",
+            "messages",
+        ),
+        (json!({}), 400, "invalid_value", "prompt"),
+        (
+            json!({"prompt": ["a", "b"]}),
+            400,
+            "invalid_value",
+            "prompt",
+        ),
+        (
+            json!({"prompt": [[1], [2]]}),
+            400,
+            "invalid_value",
+            "prompt",
+        ),
+        (json!({"prompt": []}), 400, "invalid_value", "prompt"),
+        (
+            json!({"prompt": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}),
+            400,
+            "invalid_value",
+            "prompt",
+        ),
+        (
+            json!({"prompt": "look: <image>"}),
+            400,
+            "invalid_value",
+            "prompt",
+        ),
+        (
+            json!({"prompt": [BOS, IMAGE]}),
+            400,
+            "invalid_value",
+            "prompt",
+        ),
+        (
+            json!({"prompt": [BOS, VOCAB]}),
+            400,
+            "invalid_value",
+            "prompt[1]",
+        ),
+        (
+            json!({"prompt": "a".repeat(60), "max_tokens": 8}),
+            400,
+            "context_length_exceeded",
+            "prompt",
+        ),
+        (
+            json!({"prompt": "a".repeat(65)}),
+            400,
+            "context_length_exceeded",
+            "prompt",
+        ),
+        (
+            json!({"prompt": "a", "model": "gpt-3.5-turbo-instruct"}),
+            404,
+            "model_not_found",
+            "model",
+        ),
+    ];
+    for (body, status, code, param) in cases {
+        let (got, answer) = post(&server, "/v1/completions", &body).await;
+        assert_eq!(
+            (got, error_code(&answer)),
+            (status, code),
+            "{body}: {answer}"
+        );
+        assert_eq!(answer["error"]["param"], param, "{body}: {answer}");
+    }
+    let (_, answer) = post(
+        &server,
+        "/v1/completions",
+        &json!({"prompt": "look: <image>"}),
+    )
+    .await;
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/chat/completions"),
+        "{answer}"
+    );
+    // Neutral values of the refused fields pass.
+    let (status, body) = post(
+        &server,
+        "/v1/completions",
+        &json!({"prompt": "a", "max_tokens": 2, "suffix": null, "n": 1, "best_of": 1,
+                "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let metrics = server.metrics_text().await;
+    assert!(
+        sample(
+            &metrics,
+            &format!(
+                "{}{{reason=\"context_length_exceeded\"}}",
+                names::REQUESTS_REJECTED_TOTAL
+            )
+        )
+        .is_some_and(|n| n >= 2.0),
+        "completions refusals are counted"
+    );
+}
+
+#[tokio::test]
+async fn tokenize_and_detokenize_round_trip_and_count_images() {
+    let server = TestServer::start(TestOptions::default()).await;
+    let (status, body) = post(&server, "/tokenize", &json!({"prompt": "Hi"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"count": 3, "max_model_len": 512, "tokens": [BOS, 72, 105]})
+    );
+    let (_, body) = post(
+        &server,
+        "/tokenize",
+        &json!({"model": MODEL_ID, "prompt": "Hi", "add_special_tokens": false, "return_token_strs": true}),
+    )
+    .await;
+    assert_eq!(body["tokens"], json!([72, 105]));
+    assert_eq!(body["token_strs"], json!(["H", "i"]));
+    let text = "Grüße, 世界 😀";
+    let (_, tokens) = post(
+        &server,
+        "/tokenize",
+        &json!({"prompt": text, "add_special_tokens": false}),
+    )
+    .await;
+    let (status, body) = post(&server, "/detokenize", &json!({"tokens": tokens["tokens"]})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"prompt": text}));
+    let (_, body) = post(&server, "/detokenize", &json!({"tokens": [BOS, 72, 105]})).await;
+    assert_eq!(body["prompt"], "<s>Hi", "special tokens kept");
+
+    // A chat is counted as the chat route feeds it: template and image positions.
+    let photo = data_uri(&png(32, 24), "image/png");
+    let mut chat = with_image(&photo);
+    let (status, tokenized) = post(&server, "/tokenize", &chat).await;
+    assert_eq!(status, 200, "{tokenized}");
+    let tokens = tokenized["tokens"].as_array().unwrap();
+    assert_eq!(
+        tokens.iter().filter(|&t| t == &json!(IMAGE)).count(),
+        IMAGE_TOKENS
+    );
+    chat["max_tokens"] = json!(1);
+    let (status, answer) = server.chat(&chat).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["usage"]["prompt_tokens"], tokenized["count"]);
+
+    let messages = json!([{"role": "user", "content": "hi"}]);
+    let cases: Vec<(&str, Value, &str, &str)> = vec![
+        ("/tokenize", json!({}), "invalid_value", "prompt"),
+        (
+            "/tokenize",
+            json!({"prompt": "a", "messages": messages}),
+            "invalid_value",
+            "messages",
+        ),
+        (
+            "/tokenize",
+            json!({"messages": messages, "add_special_tokens": true}),
+            "invalid_value",
+            "add_special_tokens",
+        ),
+        (
+            "/tokenize",
+            json!({"messages": messages, "add_generation_prompt": false}),
+            "invalid_value",
+            "add_generation_prompt",
+        ),
+        (
+            "/tokenize",
+            json!({"messages": messages, "continue_final_message": true}),
+            "invalid_value",
+            "continue_final_message",
+        ),
+        (
+            "/tokenize",
+            json!({"prompt": "a".repeat(513)}),
+            "context_length_exceeded",
+            "prompt",
+        ),
+        (
+            "/tokenize",
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}]}]}),
+            "invalid_image",
+            "messages[0].content[0].image_url",
+        ),
+        (
+            "/detokenize",
+            json!({"tokens": [1, VOCAB]}),
+            "invalid_value",
+            "tokens[1]",
+        ),
+        (
+            "/detokenize",
+            json!({"tokens": [-1]}),
+            "invalid_value",
+            "tokens[0]",
+        ),
+        (
+            "/detokenize",
+            json!({"tokens": [1], "model": "other"}),
+            "model_not_found",
+            "model",
+        ),
+    ];
+    for (path, body, code, param) in cases {
+        let (status, answer) = post(&server, path, &body).await;
+        assert_eq!(error_code(&answer), code, "{path} {body}: {answer}");
+        assert_eq!(status, if code == "model_not_found" { 404 } else { 400 });
+        assert_eq!(answer["error"]["param"], param, "{path} {body}: {answer}");
+    }
+}
+
+#[tokio::test]
+async fn documented_fields_without_effect_are_refused_and_unknown_ones_accepted() {
+    let server = TestServer::start(TestOptions::default()).await;
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+                        "parameters": {"type": "object", "properties": {}}}}]);
+    let with = |fields: Value| {
+        let mut request = text_request("hi");
+        request
+            .as_object_mut()
+            .unwrap()
+            .extend(fields.as_object().unwrap().clone());
+        request
+    };
+    for (fields, param) in [
+        (json!({"tools": tools}), "tools"),
+        (
+            json!({"tools": tools, "tool_choice": "auto"}),
+            "tool_choice",
+        ),
+        (
+            json!({"tools": tools, "tool_choice": "required"}),
+            "tool_choice",
+        ),
+        (
+            json!({"functions": [{"name": "f", "parameters": {}}]}),
+            "functions",
+        ),
+        (json!({"modalities": ["text", "audio"]}), "modalities"),
+        (
+            json!({"audio": {"voice": "alloy", "format": "wav"}}),
+            "audio",
+        ),
+    ] {
+        let (status, body) = server.chat(&with(fields.clone())).await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (400, "invalid_value"),
+            "{fields}"
+        );
+        assert_eq!(body["error"]["param"], param, "{fields}");
+    }
+    // The diagnose route validates the same request.
+    let (status, _) = post(
+        &server,
+        "/v1/safety/diagnose",
+        &with(json!({"tools": tools})),
+    )
+    .await;
+    assert_eq!(status, 400);
+    for fields in [
+        json!({"tools": tools, "tool_choice": "none"}),
+        json!({"modalities": ["text"]}),
+        json!({"a_field_no_one_documented": {"x": 1}, "parallel_tool_calls": false}),
+    ] {
+        let (status, body) = server.chat(&with(fields.clone())).await;
+        assert_eq!(status, 200, "{fields}: {body}");
+    }
+}
+
+/// Every limit the schema states is the one the handlers enforce: the constants agree, and a
+/// value at each stated bound is served while one just past it is a 400 naming the field.
+#[tokio::test]
+async fn the_openapi_document_states_the_enforced_limits() {
+    use model::sampling::{MAX_TEMPERATURE, MAX_TOP_LOGPROBS};
+    use server::openai::diagnostics::{MAX_CAPTION_BYTES, MAX_FOCUS_ITEMS, MAX_MASK_SPANS};
+    use server::validation::diagnostics::MAX_CAPTION_MAX_TOKENS;
+    use server::validation::{MAX_STOP_BYTES, MAX_STOP_SEQUENCES};
+
+    let doc = serde_json::to_value(server::http::openapi()).unwrap();
+    let schemas = &doc["components"]["schemas"];
+    let chat = &schemas["ChatCompletionRequest"]["properties"];
+    let completion = &schemas["CompletionRequest"]["properties"];
+    for properties in [chat, completion] {
+        let maximum = properties["temperature"]["maximum"].as_f64();
+        assert_eq!(maximum, Some(f64::from(MAX_TEMPERATURE)));
+    }
+    assert_eq!(chat["top_logprobs"]["maximum"], json!(MAX_TOP_LOGPROBS));
+    assert_eq!(completion["logprobs"]["maximum"], json!(MAX_TOP_LOGPROBS));
+    assert_eq!(chat["messages"]["minItems"], 1);
+    let stop = &schemas["StopSequences"]["oneOf"];
+    assert_eq!(stop[0]["maxLength"], json!(MAX_STOP_BYTES));
+    assert_eq!(stop[1]["maxItems"], json!(MAX_STOP_SEQUENCES));
+    assert_eq!(
+        schemas["MessageRole"]["enum"],
+        json!(["system", "developer", "user", "assistant"])
+    );
+    let diagnostics = &schemas["DiagnosticsOptions"]["properties"];
+    assert_eq!(diagnostics["focus"]["maxItems"], json!(MAX_FOCUS_ITEMS));
+    assert_eq!(
+        diagnostics["caption"]["maxLength"],
+        json!(MAX_CAPTION_BYTES)
+    );
+    assert_eq!(
+        diagnostics["caption_max_tokens"]["maximum"],
+        json!(MAX_CAPTION_MAX_TOKENS)
+    );
+    assert_eq!(
+        schemas["MaskAttentionOptions"]["properties"]["spans"]["maxItems"],
+        json!(MAX_MASK_SPANS)
+    );
+    // The SSE frames of each streaming route, [DONE] among them.
+    assert_eq!(schemas["StreamDone"]["enum"], json!(["[DONE]"]));
+    for (path, frame) in [
+        ("/v1/chat/completions", "ChatCompletionStreamFrame"),
+        ("/v1/completions", "CompletionStreamFrame"),
+        ("/v1/safety/diagnose", "DiagnoseStreamFrame"),
+    ] {
+        let content = &doc["paths"][path]["post"]["responses"]["200"]["content"];
+        assert_eq!(
+            content["text/event-stream"]["schema"]["$ref"],
+            format!("#/components/schemas/{frame}")
+        );
+        let frames = schemas[frame]["oneOf"].as_array().unwrap();
+        assert!(frames
+            .iter()
+            .any(|f| f["$ref"] == "#/components/schemas/StreamDone"));
+        assert!(frames
+            .iter()
+            .any(|f| f["$ref"] == "#/components/schemas/ErrorResponse"));
+    }
+    // The error responses of every route: the middleware's, and a body route's own.
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let responses = operation["responses"].as_object().unwrap();
+            for status in ["421", "401"] {
+                assert!(responses.contains_key(status), "{method} {path}: {status}");
+            }
+            if method == "post" {
+                for status in ["400", "404", "413", "415", "429", "503"] {
+                    assert!(responses.contains_key(status), "{method} {path}: {status}");
+                }
+            }
+        }
+    }
+
+    // The stated numeric bounds, against the running handlers.
+    let server = TestServer::start(TestOptions::default()).await;
+    let bounds = |properties: &Value, field: &str| {
+        let number = |key: &str| properties[field][key].as_f64();
+        (number("minimum"), number("maximum"))
+    };
+    let cases = [
+        ("/v1/chat/completions", chat, "temperature", 0.01, json!({})),
+        ("/v1/chat/completions", chat, "top_p", 0.01, json!({})),
+        ("/v1/chat/completions", chat, "top_k", 1.0, json!({})),
+        ("/v1/chat/completions", chat, "n", 1.0, json!({})),
+        (
+            "/v1/chat/completions",
+            chat,
+            "top_logprobs",
+            1.0,
+            json!({"logprobs": true}),
+        ),
+        ("/v1/chat/completions", chat, "max_tokens", 1.0, json!({})),
+        (
+            "/v1/completions",
+            completion,
+            "temperature",
+            0.01,
+            json!({}),
+        ),
+        ("/v1/completions", completion, "top_p", 0.01, json!({})),
+        ("/v1/completions", completion, "logprobs", 1.0, json!({})),
+        ("/v1/completions", completion, "n", 1.0, json!({})),
+        ("/v1/completions", completion, "best_of", 1.0, json!({})),
+        (
+            "/v1/completions",
+            completion,
+            "presence_penalty",
+            0.01,
+            json!({}),
+        ),
+    ];
+    for (path, properties, field, step, extra) in cases {
+        let (min, max) = bounds(properties, field);
+        assert!(
+            min.is_some() || max.is_some(),
+            "{path} {field} states no bound"
+        );
+        let mut base = if path == "/v1/completions" {
+            json!({"prompt": "hi", "max_tokens": 2})
+        } else {
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        };
+        base.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        // max_tokens 0 is the diagnose route's; chat completions need 1.
+        let min = if field == "max_tokens" {
+            Some(1.0)
+        } else {
+            min
+        };
+        let integer = step == 1.0;
+        let value = |v: f64| if integer { json!(v as i64) } else { json!(v) };
+        for (bound, past) in [(min, min.map(|m| m - step)), (max, max.map(|m| m + step))] {
+            let (Some(bound), Some(past)) = (bound, past) else {
+                continue;
+            };
+            let mut at = base.clone();
+            at[field] = value(bound);
+            let (status, body) = post(&server, path, &at).await;
+            assert_eq!(status, 200, "{path} {field} = {bound}: {body}");
+            let mut beyond = base.clone();
+            beyond[field] = value(past);
+            let (status, body) = post(&server, path, &beyond).await;
+            assert_eq!(status, 400, "{path} {field} = {past}: {body}");
+            assert_eq!(
+                body["error"]["param"], field,
+                "{path} {field} = {past}: {body}"
+            );
+        }
+    }
+}

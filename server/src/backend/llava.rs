@@ -379,6 +379,33 @@ impl PromptProcessor for LlavaProcessor {
             layout,
         })
     }
+
+    fn tokenize(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ProcessError> {
+        self.tokenizer
+            .encode_hf(text, add_special_tokens)
+            .map(|encoded| encoded.ids)
+            .map_err(|e| ProcessError::Internal(e.to_string()))
+    }
+
+    fn detokenize(&self, ids: &[u32]) -> Result<String, ProcessError> {
+        self.tokenizer
+            .decode(ids, false)
+            .map_err(|e| ProcessError::Internal(e.to_string()))
+    }
+
+    fn token_strings(&self, ids: &[u32]) -> Vec<String> {
+        ids.iter()
+            .map(|&id| self.tokenizer.id_to_token(id).unwrap_or_default())
+            .collect()
+    }
+
+    fn tokenizer_vocab_size(&self) -> usize {
+        self.tokenizer.vocab_size()
+    }
+
+    fn image_token_id(&self) -> Option<u32> {
+        self.tokenizer.token_to_id(IMAGE_PLACEHOLDER)
+    }
 }
 
 fn image_error(e: ModelError) -> ProcessError {

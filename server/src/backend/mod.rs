@@ -81,6 +81,26 @@ pub trait PromptProcessor: Send + Sync + 'static {
     fn diagnostics(&self) -> Option<&dyn DiagnosticsProcessor> {
         None
     }
+
+    // Raw text, for `/v1/completions` (no chat template) and `/tokenize`, `/detokenize`.
+
+    /// transformers' `tokenizer(text, add_special_tokens=...)["input_ids"]`: with special tokens,
+    /// what the tokenizer's post-processor adds (BOS for Llama/Mistral tokenizers).
+    fn tokenize(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ProcessError>;
+
+    /// transformers' `decode(ids)` with special tokens kept (vLLM's `/detokenize`, and the echo of
+    /// a token-id prompt). Every id is below [`Self::tokenizer_vocab_size`].
+    fn detokenize(&self, ids: &[u32]) -> Result<String, ProcessError>;
+
+    /// transformers' `convert_ids_to_tokens`: each id's vocabulary entry (`▁the`, `<0x0A>`).
+    fn token_strings(&self, ids: &[u32]) -> Vec<String>;
+
+    /// The tokenizer's ids are `0..tokenizer_vocab_size()` (added tokens included).
+    fn tokenizer_vocab_size(&self) -> usize;
+
+    /// The id the image placeholder tokenizes to, if the vocabulary has one: a raw prompt that
+    /// holds it would put an image position in the prompt with no image behind it.
+    fn image_token_id(&self) -> Option<u32>;
 }
 
 /// The model knowledge that validating a `diagnostics` request needs (DIAGNOSTICS.md).

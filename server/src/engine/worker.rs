@@ -506,6 +506,11 @@ impl<B: ModelBackend> Worker<B> {
             return Some(seq);
         }
         self.count_prompt(&seq.prompt);
+        // `max_tokens: 0` (an echoed completion): the prompt pass was the whole request.
+        if seq.max_new_tokens == 0 {
+            self.finish(seq, FinishReason::Length);
+            return None;
+        }
         match logits {
             Some(logits) => self.advance(seq, &logits),
             None => {

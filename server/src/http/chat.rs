@@ -19,8 +19,9 @@ use crate::engine::{Event, GenerationStream};
 use crate::error::ApiError;
 use crate::openai::diagnostics::DiagnosticsReport;
 use crate::openai::{
-    AssistantMessage, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice,
-    ChoiceLogprobs, ChunkChoice, Delta, ErrorResponse, FinishReason, Role, Usage,
+    sse::ChatCompletionStreamFrame, AssistantMessage, ChatCompletionChunk, ChatCompletionRequest,
+    ChatCompletionResponse, Choice, ChoiceLogprobs, ChunkChoice, Delta, ErrorResponse,
+    FinishReason, Role, Usage,
 };
 use crate::validation::{Purpose, ResponseOptions};
 
@@ -33,18 +34,24 @@ use crate::validation::{Purpose, ResponseOptions};
     responses(
         (status = 200, description = "The completion. With `stream: true`, `text/event-stream` of \
             `data: {chat.completion.chunk}` frames: the first carries `delta.role`, the last choice \
-            frame `finish_reason`, an optional usage frame follows, then `data: [DONE]`.",
+            frame `finish_reason`, an optional usage frame follows, then `data: [DONE]`; an error \
+            after the stream started is an OpenAI error object in a data frame.",
             content(
                 (ChatCompletionResponse = "application/json"),
-                (ChatCompletionChunk = "text/event-stream")
+                (ChatCompletionStreamFrame = "text/event-stream")
             )
         ),
-        (status = 400, description = "Malformed JSON, schema violation, bad image, too many images, or prompt + max_tokens over the context", body = ErrorResponse),
+        (status = 400, description = "Malformed JSON, schema violation (a value out of the ranges \
+            stated in the schema, `stream_options` without `stream`, `top_logprobs` without \
+            `logprobs`), a documented field the server cannot honour (`tools` unless `tool_choice` \
+            is `none`, `functions`, audio output), bad or unreachable image, too many images or \
+            pixels, an image outside a user message, a conversation the template cannot render, \
+            or prompt + max_tokens over the context (`context_length_exceeded`)", body = ErrorResponse),
         (status = 401, description = "Missing or bad API key", body = ErrorResponse),
         (status = 404, description = "Unknown model", body = ErrorResponse),
         (status = 413, description = "Body over the limit", body = ErrorResponse),
         (status = 415, description = "Content-Type is not application/json", body = ErrorResponse),
-        (status = 429, description = "Waiting queue full", body = ErrorResponse,
+        (status = 429, description = "Waiting queue full, or too many requests being validated", body = ErrorResponse,
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
         (status = 500, description = "Internal fault", body = ErrorResponse),
         (status = 503, description = "Not ready, or shutting down", body = ErrorResponse),
@@ -251,11 +258,11 @@ fn stream_response(
     Sse::new(frames).keep_alive(KeepAlive::default())
 }
 
-fn engine_vanished() -> ApiError {
+pub(super) fn engine_vanished() -> ApiError {
     ApiError::internal("the engine stopped without finishing the request")
 }
 
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

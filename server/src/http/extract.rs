@@ -64,7 +64,31 @@ fn is_json(content_type: &str) -> bool {
 
 /// Syntax errors are `invalid_json`; well-formed JSON that does not fit the schema is
 /// `invalid_value` with the path of the field (`messages[0].content[1].image_url`).
+/// Unknown fields are accepted, as OpenAI-compatible servers do, and logged at debug level
+/// (vLLM's behaviour): a client's misspelt option then shows in the log instead of vanishing.
 pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let (parsed, ignored) = parse_json_noting_unknown(body);
+    if !ignored.is_empty() {
+        tracing::debug!(fields = ?ignored, "ignored unknown request fields");
+    }
+    parsed
+}
+
+/// [`parse_json`], and the paths of the unknown fields it skipped (`messages.0.mood`).
+fn parse_json_noting_unknown<T: DeserializeOwned>(
+    body: &[u8],
+) -> (Result<T, ApiError>, Vec<String>) {
+    let mut ignored = Vec::new();
+    let parsed = parse_json_into(body, |path: serde_ignored::Path<'_>| {
+        ignored.push(path.to_string())
+    });
+    (parsed, ignored)
+}
+
+fn parse_json_into<T: DeserializeOwned>(
+    body: &[u8],
+    mut on_ignored: impl FnMut(serde_ignored::Path<'_>),
+) -> Result<T, ApiError> {
     // Every request body is an object. serde's derived structs also accept a JSON array of the
     // fields in declaration order (`[null, [{"role": …}]]` would be a chat request), which no
     // client means to send.
@@ -80,6 +104,7 @@ pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
         return Err(error);
     }
     let deserializer = &mut serde_json::Deserializer::from_slice(body);
+    let deserializer = serde_ignored::Deserializer::new(deserializer, &mut on_ignored);
     serde_path_to_error::deserialize(deserializer).map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner();
@@ -126,6 +151,27 @@ mod tests {
         assert_eq!(err.param.as_deref(), Some("messages"));
         let err = parse_json::<ChatCompletionRequest>(b"{}").unwrap_err();
         assert_eq!(err.code, ErrorCode::InvalidValue);
+    }
+
+    #[test]
+    fn unknown_fields_are_accepted_and_named() {
+        let body = br#"{"messages": [{"role": "user", "content": "hi", "mood": 1}],
+            "stream": true, "stream_options": {"include_usage": true, "extra": [1]}, "foo": null}"#;
+        let (parsed, ignored) = parse_json_noting_unknown::<ChatCompletionRequest>(body);
+        assert!(parsed.is_ok());
+        // serde_ignored's path notation: list indices as segments, `?` for an `Option`.
+        assert_eq!(
+            ignored,
+            ["messages.0.mood", "stream_options.?.extra", "foo"]
+        );
+        // Paths of schema errors are unchanged by the recording.
+        let (parsed, _) = parse_json_noting_unknown::<ChatCompletionRequest>(
+            br#"{"foo": 1, "messages": [{"role": "tool", "content": "a"}]}"#,
+        );
+        assert_eq!(
+            parsed.unwrap_err().param.as_deref(),
+            Some("messages[0].role")
+        );
     }
 
     #[test]

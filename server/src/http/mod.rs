@@ -3,10 +3,12 @@
 //! serving with graceful shutdown.
 
 mod chat;
+mod completions;
 mod extract;
 mod safety;
 mod sse;
 mod system;
+mod tokenize;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -106,6 +108,8 @@ fn percent_encode(text: &str) -> String {
     modifiers(&BearerAuth),
     tags(
         (name = "chat", description = "Chat completions"),
+        (name = "completions", description = "Legacy completions of a raw prompt (no chat template)"),
+        (name = "tokenizer", description = "The served tokenizer and chat template (vLLM's routes)"),
         (name = "models", description = "The served model"),
         (name = "safety", description = "Safety diagnostics (DIAGNOSTICS.md): per-layer refusal activation, attention shares, image-text alignment"),
         (name = "operations", description = "Health, readiness and metrics")
@@ -137,7 +141,10 @@ fn api_routes(state: &Arc<AppState>) -> (Router<Arc<AppState>>, utoipa::openapi:
     // check, so an unauthenticated client cannot take them).
     let generation = OpenApiRouter::new()
         .routes(routes!(chat::chat_completions))
+        .routes(routes!(completions::completions))
         .routes(routes!(safety::diagnose))
+        .routes(routes!(tokenize::tokenize))
+        .routes(routes!(tokenize::detokenize))
         .route_layer(middleware::from_fn_with_state(state.clone(), admit));
     let protected = generation
         .routes(routes!(system::list_models))
@@ -158,10 +165,56 @@ fn api_routes(state: &Arc<AppState>) -> (Router<Arc<AppState>>, utoipa::openapi:
             require_api_key,
         ));
     }
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(protected)
         .merge(public)
-        .split_for_parts()
+        .split_for_parts();
+    utoipa::Modify::modify(&CommonResponses, &mut doc);
+    (router, doc)
+}
+
+/// The responses the middleware gives on any route, whatever its handler: 421 from the Host
+/// check of a loopback-bound server, and on the routes public by default the 401 of a server
+/// that guards them too.
+struct CommonResponses;
+
+impl utoipa::Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let error = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorResponse")))
+                        .build(),
+                )
+                .build()
+        };
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [&mut item.get, &mut item.post].into_iter().flatten();
+            for operation in operations {
+                let responses = &mut operation.responses.responses;
+                responses.entry("421".into()).or_insert_with(|| {
+                    error(
+                        "Host not served: a server bound to loopback answers only to localhost, \
+                         127.0.0.1, [::1] and the names given with --allowed-host",
+                    )
+                    .into()
+                });
+                if operation.security.is_none() {
+                    responses.entry("401".into()).or_insert_with(|| {
+                        error(
+                            "Missing or bad API key (only when the server also guards its \
+                             operational routes)",
+                        )
+                        .into()
+                    });
+                }
+            }
+        }
+    }
 }
 
 /// The OpenAPI document, exactly as `/openapi.json` serves it.
@@ -250,7 +303,12 @@ async fn track_requests(
         .as_ref()
         .map_or(UNMATCHED_ROUTE, |path| path.as_str())
         .to_owned();
-    let generation = (route == CHAT_COMPLETIONS_ROUTE || route == safety::DIAGNOSE_ROUTE)
+    let generation = [
+        CHAT_COMPLETIONS_ROUTE,
+        completions::COMPLETIONS_ROUTE,
+        safety::DIAGNOSE_ROUTE,
+    ]
+    .contains(&route.as_str())
         && request.method() == Method::POST;
     let response = next.run(request).await;
     state

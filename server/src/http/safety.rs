@@ -23,6 +23,7 @@ use crate::firehose::{SafetyEvent, MAX_SUBSCRIBERS};
 use crate::openai::diagnostics::{
     DiagnoseResponse, DiagnosticsMeta, DiagnosticsReport, FinishEvent, TokenEvent,
 };
+use crate::openai::sse::DiagnoseStreamFrame;
 use crate::openai::{ChatCompletionRequest, ErrorResponse, FinishReason, Usage};
 use crate::validation::Purpose;
 
@@ -48,13 +49,17 @@ pub const DIAGNOSE_ROUTE: &str = "/v1/safety/diagnose";
             server-sent events meta, layer × (N+1), summary, token …, finish, then `data: [DONE]`.",
             content(
                 (DiagnoseResponse = "application/json"),
-                (DiagnosticsMeta = "text/event-stream")
+                (DiagnoseStreamFrame = "text/event-stream")
             )
         ),
-        (status = 400, description = "Bad request or bad diagnostics options: unknown preset, focus span not in the user text, layers out of range, caption without an image, contradictory interventions", body = ErrorResponse),
+        (status = 400, description = "Bad request (as on /v1/chat/completions) or bad diagnostics options: unknown preset, focus span not in the user text, layers out of range, caption without an image, contradictory interventions; a model without diagnostics", body = ErrorResponse),
         (status = 401, description = "Missing or bad API key", body = ErrorResponse),
         (status = 404, description = "Unknown model", body = ErrorResponse),
-        (status = 429, description = "Waiting queue full", body = ErrorResponse),
+        (status = 413, description = "Body over the limit", body = ErrorResponse),
+        (status = 415, description = "Content-Type is not application/json", body = ErrorResponse),
+        (status = 429, description = "Waiting queue full, or too many requests being validated", body = ErrorResponse,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+        (status = 500, description = "Internal fault", body = ErrorResponse),
         (status = 503, description = "Not ready, or shutting down", body = ErrorResponse),
     ),
     security(("api_key" = []))

@@ -196,6 +196,7 @@ pub struct DiagnosticsOptions {
     pub caption_source: Option<CaptionSource>,
     /// Bound on a model-generated caption, in tokens (default 48).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 512)]
     pub caption_max_tokens: Option<usize>,
     /// `caption` (default) or `after_image`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

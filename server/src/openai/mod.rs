@@ -4,9 +4,15 @@
 //!
 //! - [`diagnostics`]: the safety-diagnostics options, report and diagnose-endpoint types.
 //! - [`convert`]: the one set of engine → wire conversions.
+//! - [`completions`]: the legacy completions route's types; [`tokenize`]: vLLM's `/tokenize`
+//!   and `/detokenize`.
+//! - [`sse`]: the `data:` payloads of each streaming route (OpenAPI schemas only).
 
+pub mod completions;
 mod convert;
 pub mod diagnostics;
+pub mod sse;
+pub mod tokenize;
 
 use std::fmt;
 
@@ -23,20 +29,29 @@ pub struct ChatCompletionRequest {
     /// The served model's id; may be omitted (there is one model).
     #[serde(default)]
     pub model: Option<String>,
+    /// At least one message; images only in user messages, at most 8 per request (the server's
+    /// `--max-images-per-request`) and 8 × 2048² pixels together (`--max-request-pixels`); text
+    /// that cannot fit the context is refused before it is tokenized.
+    #[schema(min_items = 1)]
     pub messages: Vec<ChatMessage>,
-    /// Deprecated by OpenAI in favour of `max_completion_tokens`; both are accepted.
+    /// Deprecated by OpenAI in favour of `max_completion_tokens`; both are accepted. At least 1
+    /// (0 on `/v1/safety/diagnose`: the prompt pass only); prompt + it must fit the context;
+    /// without it, the rest of the context.
     #[serde(default)]
+    #[schema(minimum = 0)]
     pub max_tokens: Option<i64>,
+    /// As `max_tokens`, which it takes precedence over.
     #[serde(default)]
+    #[schema(minimum = 0)]
     pub max_completion_tokens: Option<i64>,
     /// 0 to 2; 0 is greedy. Default 1.
     #[serde(default)]
-    #[schema(minimum = 0.0, maximum = 2.0)]
+    #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f64>,
     /// Nucleus sampling: keep the most likely tokens whose probabilities add up to `top_p`
     /// (at least one). In [0, 1]; 0 keeps only the most likely token. Default 1 (off).
     #[serde(default)]
-    #[schema(minimum = 0.0, maximum = 1.0)]
+    #[schema(minimum = 0, maximum = 1)]
     pub top_p: Option<f64>,
     /// vLLM's extension: keep the k most likely tokens; 0 or -1 disables it.
     #[serde(default)]
@@ -98,19 +113,48 @@ pub struct ChatCompletionRequest {
     pub stop: Option<StopSequences>,
     /// Only 1 is supported.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1)]
     pub n: Option<i64>,
     #[serde(default)]
     pub logprobs: Option<bool>,
     /// 0 to 20; needs `logprobs: true`.
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 20)]
     pub top_logprobs: Option<i64>,
     #[serde(default)]
     pub stream: Option<bool>,
+    /// Only with `stream: true`.
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
     /// Recorded in the logs only.
     #[serde(default)]
     pub user: Option<String>,
+    // Documented OpenAI fields whose effect this server cannot give: accepted only in their
+    // neutral form, refused otherwise (`validation::refused`).
+    /// The served templates have no tool support: refused unless `tool_choice` is `none` (with
+    /// tools present OpenAI's default is `auto`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub tools: Option<Vec<serde_json::Value>>,
+    /// Only `none` (or `auto` without tools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub tool_choice: Option<serde_json::Value>,
+    /// Deprecated form of `tools`: refused unless `function_call` is `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub functions: Option<Vec<serde_json::Value>>,
+    /// Deprecated form of `tool_choice`: only `none` (or `auto` without functions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub function_call: Option<serde_json::Value>,
+    /// Only `["text"]`: audio output is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modalities: Option<Vec<String>>,
+    /// Audio output parameters: refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub audio: Option<serde_json::Value>,
     /// tga-serve extension: safety diagnostics of this request (DIAGNOSTICS.md §7). The
     /// response then carries them under `diagnostics`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -134,8 +178,22 @@ pub enum Role {
     Assistant,
 }
 
+// The schema of a request message's role: `Role` reads `developer` as an alias of `system`,
+// which its own derived schema cannot show.
+/// A request message's role: `developer` is OpenAI's newer name for `system`, and is read as it.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[schema(as = MessageRole)]
+pub enum MessageRoleSchema {
+    System,
+    Developer,
+    User,
+    Assistant,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 pub struct ChatMessage {
+    #[schema(value_type = MessageRoleSchema)]
     pub role: Role,
     pub content: MessageContent,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -200,12 +258,44 @@ pub struct ImageUrl {
     pub detail: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, ToSchema)]
+/// A stop string or a list of them; the output ends before the first one that appears, which
+/// is not part of it.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum StopSequences {
     One(String),
     Many(Vec<String>),
 }
+
+// By hand, to state the limits `validation` enforces with its own constants.
+impl utoipa::PartialSchema for StopSequences {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use crate::validation::{MAX_STOP_BYTES, MAX_STOP_SEQUENCES};
+        use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+        // JSON Schema counts characters; the bound is in UTF-8 bytes, which the text says.
+        let stop = || {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(MAX_STOP_BYTES))
+        };
+        OneOfBuilder::new()
+            .description(Some(format!(
+                "A stop string or a list of at most {MAX_STOP_SEQUENCES}, each non-empty and at \
+                 most {MAX_STOP_BYTES} bytes of UTF-8; the output ends before the first one that \
+                 appears, which is not part of it."
+            )))
+            .item(stop())
+            .item(
+                ArrayBuilder::new()
+                    .items(stop())
+                    .max_items(Some(MAX_STOP_SEQUENCES)),
+            )
+            .into()
+    }
+}
+
+impl ToSchema for StopSequences {}
 
 impl StopSequences {
     pub fn into_vec(self) -> Vec<String> {

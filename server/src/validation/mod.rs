@@ -3,8 +3,12 @@
 //! before anything is queued, so the engine only ever sees requests it can run.
 //!
 //! - [`diagnostics`]: the `diagnostics` options planned into what the engine runs.
+//! - [`completions`]: raw prompts (`/v1/completions`, `/tokenize`, `/detokenize`).
+//! - [`refused`]: documented fields whose effect the server cannot give.
 
+pub mod completions;
 pub mod diagnostics;
+mod refused;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -139,18 +143,8 @@ impl Validator {
         purpose: Purpose,
     ) -> Result<(ValidRequest, ResponseOptions), ApiError> {
         let diagnostics = request.diagnostics.take();
-        if let Some(model) = &request.model {
-            if model != &self.model_id {
-                return Err(ApiError::new(
-                    ErrorCode::ModelNotFound,
-                    format!(
-                        "The model `{model}` does not exist; this server serves `{}`.",
-                        self.model_id
-                    ),
-                )
-                .with_param("model"));
-            }
-        }
+        self.check_model(request.model.as_deref())?;
+        refused::refuse_unsupported(&request)?;
         if let Some(n) = request.n {
             if n != 1 {
                 return Err(ApiError::invalid(
@@ -636,15 +630,40 @@ impl Validator {
         .map_err(|err| ApiError::internal(format!("image processing failed: {err}")))?
     }
 
+    /// A request naming a model must name the served one (404 otherwise).
+    fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+        match model {
+            Some(model) if model != self.model_id => Err(ApiError::new(
+                ErrorCode::ModelNotFound,
+                format!(
+                    "The model `{model}` does not exist; this server serves `{}`.",
+                    self.model_id
+                ),
+            )
+            .with_param("model")),
+            _ => Ok(()),
+        }
+    }
+
     /// OpenAI's context check and message; without `max_tokens`, the rest of the context (vLLM).
     fn check_context(
         &self,
         prompt_tokens: usize,
         max_tokens: Option<usize>,
     ) -> Result<usize, ApiError> {
+        self.check_context_of("messages", prompt_tokens, max_tokens)
+    }
+
+    /// [`Self::check_context`] for a prompt sent as `what` (`messages`, `prompt`).
+    fn check_context_of(
+        &self,
+        what: &str,
+        prompt_tokens: usize,
+        max_tokens: Option<usize>,
+    ) -> Result<usize, ApiError> {
         let max = self.limits.max_model_len.min(self.limits.kv_cache_tokens);
         let overflow = |message: String| {
-            ApiError::new(ErrorCode::ContextLengthExceeded, message).with_param("messages")
+            ApiError::new(ErrorCode::ContextLengthExceeded, message).with_param(what)
         };
         // Which limit binds: the model's context, or the KV cache's room for one sequence.
         let limit = if self.limits.kv_cache_tokens < self.limits.max_model_len {
@@ -657,15 +676,15 @@ impl Validator {
         };
         match max_tokens {
             Some(completion) if prompt_tokens + completion > max => Err(overflow(format!(
-                "{limit}. However, you requested {} tokens ({prompt_tokens} in the messages, \
-                 {completion} in the completion). Please reduce the length of the messages or \
+                "{limit}. However, you requested {} tokens ({prompt_tokens} in the {what}, \
+                 {completion} in the completion). Please reduce the length of the {what} or \
                  completion.",
                 prompt_tokens + completion
             ))),
             Some(completion) => Ok(completion),
             None if prompt_tokens >= max => Err(overflow(format!(
-                "{limit}. However, your messages resulted in {prompt_tokens} tokens. Please \
-                 reduce the length of the messages."
+                "{limit}. However, your {what} resulted in {prompt_tokens} tokens. Please \
+                 reduce the length of the {what}."
             ))),
             None => Ok(max - prompt_tokens),
         }

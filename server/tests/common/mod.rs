@@ -114,7 +114,55 @@ impl PromptProcessor for FakeProcessor {
             layout: PromptLayout::default(),
         })
     }
+
+    fn tokenize(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ProcessError> {
+        // The fake tokenizer sees `<image>` as the placeholder token, as the real ones do.
+        let mut ids: Vec<u32> = add_special_tokens.then_some(BOS).into_iter().collect();
+        for (k, piece) in text.split(FAKE_IMAGE_TEXT).enumerate() {
+            if k > 0 {
+                ids.push(IMAGE);
+            }
+            ids.extend(piece.bytes().map(u32::from));
+        }
+        Ok(ids)
+    }
+
+    fn detokenize(&self, ids: &[u32]) -> Result<String, ProcessError> {
+        let mut bytes = Vec::new();
+        for &id in ids {
+            match id {
+                BOS => bytes.extend(b"<s>"),
+                EOS => bytes.extend(b"</s>"),
+                IMAGE => bytes.extend(FAKE_IMAGE_TEXT.as_bytes()),
+                byte => bytes.push(byte as u8),
+            }
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    fn token_strings(&self, ids: &[u32]) -> Vec<String> {
+        ids.iter()
+            .map(|&id| match id {
+                BOS => "<s>".into(),
+                EOS => "</s>".into(),
+                IMAGE => FAKE_IMAGE_TEXT.into(),
+                b if b < 128 => (b as u8 as char).to_string(),
+                b => format!("<0x{b:02X}>"),
+            })
+            .collect()
+    }
+
+    fn tokenizer_vocab_size(&self) -> usize {
+        VOCAB
+    }
+
+    fn image_token_id(&self) -> Option<u32> {
+        Some(IMAGE)
+    }
 }
+
+/// The text the fake tokenizer reads as the image placeholder token.
+pub const FAKE_IMAGE_TEXT: &str = "<image>";
 
 // ---------------------------------------------------------------------------------------------
 // Model
