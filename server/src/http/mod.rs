@@ -6,7 +6,7 @@ mod chat;
 mod deadline;
 mod extract;
 mod safety;
-mod sse;
+pub mod sse;
 mod system;
 
 use std::future::Future;
