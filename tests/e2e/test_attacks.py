@@ -495,3 +495,36 @@ def test_attacks_get_their_documented_answers_and_spare_an_innocent_client(spawn
     assert "panicked" not in log
     errors = [line for line in log.splitlines() if " ERROR " in line and "path=/ready" not in line]
     assert not errors, errors[:5]
+
+
+# Spellings of loopback, private, link-local, shared (CGNAT), NAT64, 6to4, Teredo and SIIT
+# addresses that a URL parser normalises or a guard must see through; port 9 (discard) so that a
+# guard that let one through would fail on a refused connection, not on a timeout.
+PRIVATE_URLS = [
+    "http://127.1:9/x.png", "http://0x7f000001:9/x.png", "http://2130706433:9/x.png",
+    "http://0x7f.1:9/x.png", "http://017700000001:9/x.png", "http://0177.0.0.1:9/x.png",
+    "http://127.0.0.1.:9/x.png", "http://127.0.0.1%2e:9/x.png", "http://user:pw@127.0.0.1:9/x.png",
+    "HTTP://127.0.0.1:9/x.png", "https://127.0.0.1:9/x.png", "http:/127.0.0.1:9/x.png",
+    "http:\\\\127.0.0.1:9\\x.png", "http://0:9/x.png", "http://[::]:9/x.png", "http://[::1]:9/x.png",
+    "http://[0:0:0:0:0:0:0:1]:9/x.png", "http://[::ffff:127.0.0.1]:9/x.png",
+    "http://[::ffff:0:7f00:1]:9/x.png", "http://[::127.0.0.1]:9/x.png",
+    "http://[64:ff9b::7f00:1]:9/x.png", "http://[64:ff9b:1::a9fe:a9fe]/x.png",
+    "http://[2002:7f00:1::]:9/x.png", "http://[2001:0:4136:e378:8000:63bf:80ff:fffe]:9/x.png",
+    "http://[fe80::1]:9/x.png", "http://[fc00::1]:9/x.png", "http://[::ffff:169.254.169.254]/x.png",
+    "http://169.254.169.254/latest/meta-data", "http://100.64.0.1:9/x.png", "http://10.0.0.1:9/x.png",
+    "http://192.168.0.1:9/x.png", "http://172.16.0.1:9/x.png", "http://198.18.0.1:9/x.png",
+    "http://255.255.255.255:9/x.png", "http://224.0.0.1:9/x.png", "http://localhost:9/x.png",
+]
+
+
+def test_private_address_spellings_are_refused_before_any_connection(spawn_server):
+    server = spawn_server("--image-fetch-timeout", "2")
+    for url in PRIVATE_URLS:
+        started = time.monotonic()
+        response = server.post(with_images(url))
+        assert response.status_code == 400, (url, response.text)
+        error = response.json()["error"]
+        assert error["code"] == "invalid_image_url", (url, error)
+        assert "not a public address" in error["message"], (url, error)
+        assert time.monotonic() - started < 1.5, url
+    assert chat_requests_total(server.metrics(), "400") == len(PRIVATE_URLS)
