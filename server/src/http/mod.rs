@@ -4,9 +4,10 @@
 
 mod chat;
 mod completions;
+mod deadline;
 mod extract;
 mod safety;
-mod sse;
+pub mod sse;
 mod system;
 mod tokenize;
 
@@ -477,9 +478,10 @@ pub async fn serve(
     grace: Duration,
 ) -> std::io::Result<()> {
     let limits = state.http.connections.clone();
-    let router = router(state.clone()).layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-        limits.body_read_timeout,
-    ));
+    let body_timeout = limits.body_read_timeout;
+    let router = router(state.clone()).layer(middleware::map_request(move |request| async move {
+        deadline::limit_body(request, body_timeout)
+    }));
     let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
