@@ -66,7 +66,8 @@ impl BlockAllocator {
         Self {
             config,
             refs: vec![0; n],
-            free: (0..n as u32).collect(),
+            // Popped from the back: block 0 first.
+            free: (0..n as u32).rev().collect(),
             hash_of: vec![None; n],
             by_hash: HashMap::new(),
             cached: BTreeMap::new(),
@@ -98,10 +99,10 @@ impl BlockAllocator {
         self.refs[block as usize]
     }
 
-    /// One block for a writer (reference count 1); a cached block is evicted when nothing is
-    /// free.
+    /// One block for a writer (reference count 1): the most recently freed one (its memory is
+    /// the most likely to be in cache); a cached block is evicted when nothing is free.
     pub fn allocate(&mut self) -> Option<u32> {
-        let block = match self.free.pop_front() {
+        let block = match self.free.pop_back() {
             Some(b) => b,
             None => {
                 let (&at, &b) = self.cached.iter().next()?;

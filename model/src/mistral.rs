@@ -282,10 +282,18 @@ impl KvPool {
         );
         let mut k = Vec::with_capacity(cfg.num_hidden_layers);
         let mut v = Vec::with_capacity(cfg.num_hidden_layers);
+        // The whole budget is committed now, as on a GPU: on the CPU zeroed memory would be
+        // mapped lazily, and the resident size would creep up to the budget as blocks are
+        // first used (and an overcommitted host would fail then, not at start-up).
+        let committed = || -> candle_core::Result<Tensor> {
+            match dev.is_cpu() {
+                true => Tensor::ones(shape, dtype, dev)?.affine(0.0, 0.0),
+                false => Tensor::zeros(shape, dtype, dev),
+            }
+        };
         for _ in 0..cfg.num_hidden_layers {
-            // On the CPU zeroed memory is mapped lazily: untouched blocks cost no RAM.
-            k.push(Tensor::zeros(shape, dtype, dev)?);
-            v.push(Tensor::zeros(shape, dtype, dev)?);
+            k.push(committed()?);
+            v.push(committed()?);
         }
         Ok(Self {
             blocks: KvBlocks::new(pool),
@@ -1173,13 +1181,12 @@ fn apply_edit(xs: &Tensor, start: usize, edit: &StateEdit) -> Result<Tensor> {
 }
 
 /// The pool a decoder starts with, before a server sizes it from its memory budget: room for
-/// eight sequences of the full context, at most 256 MiB (on the CPU untouched blocks cost no
-/// RAM) and at least 64 blocks.
+/// eight sequences of the full context, at most 64 MiB and at least 64 blocks.
 fn default_pool(cfg: &TextConfig, dtype: DType) -> KvPoolConfig {
     let block_size = DEFAULT_BLOCK_SIZE;
     let per_block = kv_bytes_per_block(cfg, dtype, block_size);
     let wanted = (8 * cfg.max_position_embeddings).div_ceil(block_size);
-    let cap = (256usize << 20) / per_block.max(1);
+    let cap = (64usize << 20) / per_block.max(1);
     KvPoolConfig {
         block_size,
         num_blocks: wanted.min(cap).max(64),
