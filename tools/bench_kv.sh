@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks of the paged KV cache (issue 11) on bench-135m, for bench/RESULTS.md:
-#   (a) inter-token latency of 8 decoding text streams while 640x640 image requests (~2,900
-#       prompt tokens each) arrive, with whole prefill (--max-batch-tokens 8192) and chunked
+#   (a) inter-token latency of 8 decoding text streams (7 rounds of 192 tokens) while five
+#       640x640 image requests (~2,950 prompt tokens each) arrive about every 4 s, with whole prefill (--max-batch-tokens 8192) and chunked
 #       prefill (the CPU default 256, and 64), against the same 8 streams with no images (the
 #       idle decode step);
 #   (b) batched decode tok/s with the paged cache against the contiguous cache it replaced: the
@@ -52,22 +52,25 @@ if has a; then
         cat "$OUT/server-$label.log"
         exit 1
     }
-    streams() { # name: 8 closed-loop text streams of 96 tokens, 24 requests
-        "$BIN/tga-loadtest" run --url "http://127.0.0.1:$PORT" --seed 0 --warmup 1 -c 8 -n 24 \
-            --max-tokens 96 --ignore-eos --image-ratio 0 --label "$1" -o "$OUT/$1.json" >"$OUT/$1.txt"
+    streams() { # name, requests, flags: 8 closed-loop text streams of 192 tokens
+        "$BIN/tga-loadtest" run --url "http://127.0.0.1:$PORT" --seed 0 -c 8 -n "$2" \
+            --max-tokens 192 --ignore-eos --image-ratio 0 --label "$1" -o "$OUT/$1.json" "${@:3}" \
+            >"$OUT/$1.txt"
     }
-    images() { # name: image requests arriving ~one per 4 s while the streams run
-        "$BIN/tga-loadtest" run --url "http://127.0.0.1:$PORT" --seed 1 -r 0.25 -n 6 \
+    images() { # name: image requests arriving ~one per 2 s while the streams run
+        sleep 2
+        "$BIN/tga-loadtest" run --url "http://127.0.0.1:$PORT" --seed 1 -r 0.5 -n 8 \
             --max-tokens 8 --image-ratio 1 --image-size 640x640 --no-metrics \
             --label "$1" -o "$OUT/$1.json" >"$OUT/$1.txt"
     }
-    for mode in whole:8192 chunked256:256 chunked64:64; do
+    for mode in whole:8192 chunked256:256 chunked64:64 chunked16:16; do
         label=${mode%%:*}
         run_server "$label" --max-batch-tokens "${mode##*:}"
-        streams "idle-$label"
+        streams "idle-$label" 16
         images "images-$label" &
         imgs=$!
-        streams "streams-$label"
+        # The server also counts the image requests: no count comparison here.
+        streams "streams-$label" 56 --no-metrics
         wait "$imgs" || true
         kill "$server"
         wait "$server" 2>/dev/null || true
@@ -75,28 +78,39 @@ if has a; then
     python3 - "$OUT" <<'EOF'
 import json, sys
 out = sys.argv[1]
-print("| prefill | idle ITL p50 | ITL p50 under images | ITL p99 under images | p99 / idle p50 | image TTFT p50 |")
+print("| --max-batch-tokens | idle ITL p50 | ITL p50 / p90 / p99 / max under images | p99 / idle p50 | image TTFT p50 | stream tok/s |")
 print("|---|---|---|---|---|---|")
-for label in ["whole", "chunked256", "chunked64"]:
+for label in ["whole", "chunked256", "chunked64", "chunked16"]:
     idle = json.load(open(f"{out}/idle-{label}.json"))["latency_ms"]["itl"]
-    busy = json.load(open(f"{out}/streams-{label}.json"))["latency_ms"]["itl"]
+    run = json.load(open(f"{out}/streams-{label}.json"))
+    busy = run["latency_ms"]["itl"]
     img = json.load(open(f"{out}/images-{label}.json"))["latency_ms"]["ttft"]
-    print(f"| {label} | {idle['p50']:.1f} ms | {busy['p50']:.1f} ms | {busy['p99']:.1f} ms | "
-          f"{busy['p99'] / idle['p50']:.1f}x | {img['p50'] / 1e3:.2f} s |")
+    tps = run["throughput"]["output_tokens_per_s"] if "output_tokens_per_s" in run["throughput"] else list(run["throughput"].values())[1]
+    print(f"| {label} | {idle['p50']:.1f} ms | {busy['p50']:.1f} / {busy['p90']:.1f} / {busy['p99']:.1f} / {busy['max']:.0f} ms | "
+          f"{busy['p99'] / idle['p50']:.1f}x | {img['p50'] / 1e3:.2f} s | {tps:.0f} |")
 EOF
 fi
 
 if has b; then
     # The contiguous cache's tree, built beside this one.
-    old=$OUT/base-tree
+    # Its own target dir (seeded with this one's dependencies): two trees of the same
+    # workspace in one target dir would take each other's crates for fresh.
+    old=$ROOT/target/kv-base-tree
+    old_target=$CARGO_TARGET_DIR-base
     if [[ ! -d $old ]]; then git worktree add -f --detach "$old" "$BASE" >/dev/null; fi
-    (cd "$old" && cargo bench -q -p tga-model --bench llava --no-run)
     cargo bench -q -p tga-model --bench llava --no-run
+    if [[ ! -d $old_target ]]; then
+        mkdir -p "$old_target"
+        cp -a "$CARGO_TARGET_DIR/release" "$old_target/"
+        rm -rf "$old_target"/release/.fingerprint/tga-*
+    fi
+    (cd "$old" && CARGO_TARGET_DIR=$old_target cargo bench -q -p tga-model --bench llava --no-run)
     : >"$OUT/decode.txt"
     for round in $(seq 1 "$ROUNDS"); do
         for tree in "$old" "$ROOT"; do
             name=$([[ $tree == "$ROOT" ]] && echo paged || echo contiguous)
-            (cd "$tree" && cargo bench -q -p tga-model --bench llava -- decode/batch 2>&1) |
+            target=$([[ $tree == "$ROOT" ]] && echo "$CARGO_TARGET_DIR" || echo "$old_target")
+            (cd "$tree" && CARGO_TARGET_DIR=$target cargo bench -q -p tga-model --bench llava -- decode/batch 2>&1) |
                 sed -n "s/^\(decode\/batch_[0-9]*\).*time: *\[[^ ]* [^ ]* \([^ ]*\) \([^ ]*\).*/$name \1 \2 \3/p" \
                     >>"$OUT/decode.txt"
         done

@@ -262,11 +262,13 @@ pub struct ServeArgs {
     /// Accepted requests waiting for a slot; beyond it, 429.
     #[arg(long, env = "TGA_MAX_WAITING", default_value_t = 64)]
     pub max_waiting: u32,
-    /// Tokens one scheduler step computes (vLLM's max_num_batched_tokens): a decode token per
-    /// running sequence, the rest prompt chunks, so a long (image) prompt is prefilled in chunks
-    /// between decode steps instead of freezing every stream for its whole prefill. Default:
-    /// 2048 on CUDA, 256 on the CPU (where 256 prompt tokens cost about as much as a few decode
-    /// steps; bench/RESULTS.md).
+    /// Tokens one scheduler step computes while sequences decode (vLLM's
+    /// max_num_batched_tokens): a decode token per running sequence, the rest prompt chunks, so
+    /// a long (image) prompt is prefilled in chunks between decode steps instead of freezing
+    /// every stream for its whole prefill (with nothing decoding, chunks of at least 2048).
+    /// Default: 2048 on CUDA, 16 on the CPU (there, p99 inter-token latency under arriving
+    /// image prompts ≤ 3× the idle step; larger values favour the image's TTFT;
+    /// bench/RESULTS.md).
     #[arg(long, env = "TGA_MAX_BATCH_TOKENS", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_batch_tokens: Option<u32>,
     /// Token positions per KV cache block (vLLM's block size).
@@ -484,6 +486,7 @@ impl ServeArgs {
                 max_num_seqs: self.max_num_seqs as usize,
                 max_batch_tokens: self.max_batch_tokens() as usize,
                 max_waiting: self.max_waiting as usize,
+                idle_batch_tokens: crate::engine::DEFAULT_IDLE_BATCH_TOKENS,
             },
             media: MediaConfig {
                 max_image_bytes: self.max_image_bytes,
@@ -504,7 +507,7 @@ impl ServeArgs {
     /// `--max-batch-tokens`, or the device's default.
     pub fn max_batch_tokens(&self) -> u32 {
         self.max_batch_tokens.unwrap_or(match self.device {
-            DeviceSpec::Cpu => 256,
+            DeviceSpec::Cpu => 16,
             _ => 2048,
         })
     }

@@ -313,6 +313,7 @@ async fn diagnose_endpoint_matches_the_transformers_reference() {
 async fn diagnostics_of_chunked_prefills_match_the_transformers_reference() {
     let mut serving = ServingConfig::default();
     serving.engine.max_batch_tokens = 7;
+    serving.engine.idle_batch_tokens = 0;
     check_reference(serving).await;
 }
 

@@ -148,6 +148,7 @@ async fn seeded_sampling_gives_the_same_text_through_preemptions() {
 async fn long_prompts_are_prefilled_in_chunks_under_the_step_budget() {
     let mut options = pool(16, 256);
     options.serving.engine.max_batch_tokens = 8;
+    options.serving.engine.idle_batch_tokens = 0;
     let server = TestServer::start(options).await;
     let long = "a long prompt that takes many chunks ".repeat(4);
     let (status, body) = server.chat(&request(&long, 5)).await;
@@ -162,6 +163,13 @@ async fn long_prompts_are_prefilled_in_chunks_under_the_step_budget() {
     let (_, want) = whole.chat(&request(&long, 5)).await;
     assert_eq!(answer(&body), answer(&want));
     assert_no_blocks_held(&server).await;
+    // With nothing decoding, there is no stream to interleave with: one chunk.
+    let mut options = pool(16, 256);
+    options.serving.engine.max_batch_tokens = 8;
+    let idle = TestServer::start(options).await;
+    let (status, _) = idle.chat(&request(&long, 5)).await;
+    assert_eq!(status, 200);
+    assert_eq!(idle.observed.prefill_chunks.lock().unwrap().len(), 1);
 }
 
 #[tokio::test]

@@ -48,6 +48,9 @@ pub struct ValidRequest {
     pub diagnose: Option<Arc<DiagnosePlan>>,
 }
 
+/// [`EngineConfig::idle_batch_tokens`] by default.
+pub const DEFAULT_IDLE_BATCH_TOKENS: usize = 2048;
+
 /// Scheduler limits (SERVING.md's `max_num_seqs`, `max_batch_tokens`, `max_waiting`).
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -58,6 +61,9 @@ pub struct EngineConfig {
     pub max_batch_tokens: usize,
     /// Accepted requests waiting for a slot; beyond it, submissions are refused (429).
     pub max_waiting: usize,
+    /// Prompt tokens per step while no sequence decodes (when larger than `max_batch_tokens`):
+    /// small chunks keep running streams flowing, and with none running they only cost.
+    pub idle_batch_tokens: usize,
 }
 
 impl Default for EngineConfig {
@@ -66,6 +72,7 @@ impl Default for EngineConfig {
             max_num_seqs: 16,
             max_batch_tokens: 8192,
             max_waiting: 64,
+            idle_batch_tokens: DEFAULT_IDLE_BATCH_TOKENS,
         }
     }
 }

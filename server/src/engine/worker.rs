@@ -244,7 +244,15 @@ impl<B: ModelBackend> Worker<B> {
             .filter(|s| s.phase == Phase::Decode)
             .count();
         // At least one prompt token per step, so that prompts progress even under a full batch.
-        let mut budget = self.config.max_batch_tokens.saturating_sub(decoding).max(1);
+        // With nothing decoding there is no stream to keep flowing: prompts then go in chunks of
+        // at least `idle_batch_tokens` (each chunk streams the weights once more).
+        let mut budget = match decoding {
+            0 => self
+                .config
+                .max_batch_tokens
+                .max(self.config.idle_batch_tokens),
+            _ => self.config.max_batch_tokens.saturating_sub(decoding).max(1),
+        };
         let mut prefilled_any = false;
         // Sequences already admitted continue their prompts, oldest first.
         let running = std::mem::take(&mut self.running);
