@@ -43,15 +43,20 @@ pub enum GrammarSpec {
 }
 
 impl GrammarSpec {
-    /// llguidance's grammar for it. JSON uses llguidance's defaults, as vLLM does (flexible
-    /// whitespace between tokens, `additionalProperties` per the schema); a schema may tune
-    /// them with llguidance's `x-guidance` key.
+    /// llguidance's grammar for it. JSON between tokens allows llama.cpp's whitespace
+    /// ([`JSON_WHITESPACE`]), so pretty-printed JSON is possible but whitespace cannot run on
+    /// forever (llguidance's default, unbounded runs, lets a model emit newlines until
+    /// `max_tokens`). A schema may set other llguidance options with its own `x-guidance` key
+    /// (e.g. `{"whitespace_flexible": false}` for compact JSON). `additionalProperties` follows
+    /// the schema (JSON Schema's default: allowed).
     fn grammar(&self) -> TopLevelGrammar {
         match self {
-            Self::JsonObject => {
-                TopLevelGrammar::from_json_schema(serde_json::json!({"type": "object"}))
+            Self::JsonObject => TopLevelGrammar::from_json_schema(with_json_options(
+                serde_json::json!({"type": "object"}),
+            )),
+            Self::JsonSchema(schema) => {
+                TopLevelGrammar::from_json_schema(with_json_options(schema.clone()))
             }
-            Self::JsonSchema(schema) => TopLevelGrammar::from_json_schema(schema.clone()),
             Self::Regex(regex) => TopLevelGrammar::from_regex(regex),
             Self::Choice(choices) => {
                 let alternatives: Vec<String> =
@@ -60,6 +65,21 @@ impl GrammarSpec {
             }
         }
     }
+}
+
+/// llama.cpp's JSON whitespace (`json-schema-to-grammar`'s `space ::= | " " | "\n" [ \t]{0,20}`:
+/// one space, or a newline and up to 20 spaces or tabs of indentation), as llguidance's skipped
+/// lexeme between two JSON tokens.
+pub const JSON_WHITESPACE: &str = r"[ ]|\n[ \t]{0,20}";
+
+/// `schema` with [`JSON_WHITESPACE`] unless it sets its own llguidance options.
+fn with_json_options(mut schema: Value) -> Value {
+    if let Some(object) = schema.as_object_mut() {
+        object
+            .entry("x-guidance")
+            .or_insert_with(|| serde_json::json!({"whitespace_pattern": JSON_WHITESPACE}));
+    }
+    schema
 }
 
 /// A grammar llguidance refused (bad schema, bad regex, over its limits): the client's fault.

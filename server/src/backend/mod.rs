@@ -75,6 +75,12 @@ pub trait PromptProcessor: Send + Sync + 'static {
     fn diagnostics(&self) -> Option<&dyn DiagnosticsProcessor> {
         None
     }
+
+    /// Compiles structured-output grammars against the served vocabulary; `None` when this
+    /// model cannot constrain its output (requests asking for it then get a 400).
+    fn constraints(&self) -> Option<&model::constraint::ConstraintCompiler> {
+        None
+    }
 }
 
 /// The model knowledge that validating a `diagnostics` request needs (DIAGNOSTICS.md).

@@ -46,6 +46,8 @@ pub struct ValidRequest {
     pub arrived: Instant,
     /// Safety diagnostics to run with the prefill (asked for, or sampled).
     pub diagnose: Option<Arc<DiagnosePlan>>,
+    /// Structured outputs: the grammar that masks every sampled token.
+    pub constraint: Option<model::constraint::Constraint>,
 }
 
 /// Scheduler limits (SERVING.md's `max_num_seqs`, `max_batch_tokens`, `max_waiting`).

@@ -388,6 +388,7 @@ impl<B: ModelBackend> Worker<B> {
         Sequence {
             request_id: request.request_id,
             sampler: self.backend.sampler(&request.sampling),
+            constraint: request.constraint,
             want_logprobs: request.sampling.logprobs,
             events,
             _permit: permit,

@@ -4,9 +4,11 @@
 //!
 //! - [`diagnostics`]: the safety-diagnostics options, report and diagnose-endpoint types.
 //! - [`convert`]: the one set of engine → wire conversions.
+//! - [`structured`]: structured outputs (`response_format`).
 
 mod convert;
 pub mod diagnostics;
+pub mod structured;
 
 use std::fmt;
 
@@ -69,6 +71,20 @@ pub struct ChatCompletionRequest {
     /// `x-tga-retrieval-score` headers and in the diagnostics meta.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retrieval: Option<RetrievalMode>,
+    /// Structured outputs: `{"type": "text"}` (default), `{"type": "json_object"}` or
+    /// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<structured::ResponseFormat>,
+    /// vLLM's extension: output valid against this JSON Schema (an object, or a JSON string).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub guided_json: Option<serde_json::Value>,
+    /// vLLM's extension: output matching this regular expression in full (Rust `regex` syntax).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guided_regex: Option<String>,
+    /// vLLM's extension: output exactly one of these strings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guided_choice: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]

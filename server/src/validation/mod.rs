@@ -3,8 +3,10 @@
 //! before anything is queued, so the engine only ever sees requests it can run.
 //!
 //! - [`diagnostics`]: the `diagnostics` options planned into what the engine runs.
+//! - [`structured`]: `response_format` / `guided_*` compiled into a grammar constraint.
 
 pub mod diagnostics;
+pub mod structured;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -168,6 +170,7 @@ impl Validator {
         }
         let sampling = self.sampling_params(&request)?;
         let stop = self.stop_sequences(request.stop.clone())?;
+        let grammar = structured::grammar_spec(&request)?;
         let max_tokens = match request.max_completion_tokens.or(request.max_tokens) {
             None => None,
             Some(n) if n >= 1 => Some(n as usize),
@@ -217,6 +220,10 @@ impl Validator {
         let prompt = self
             .decode_images(prompt, &turns, images, image_refs)
             .await?;
+        let constraint = match grammar {
+            Some((spec, param)) => Some(structured::compile(&self.processor, spec, param).await?),
+            None => None,
+        };
         let (diagnose, meta) = match diagnose {
             Some((options, deliver)) => {
                 self.plan_diagnostics(&options, &turns, &prompt, deliver)
@@ -252,6 +259,7 @@ impl Validator {
             },
             arrived,
             diagnose,
+            constraint,
         };
         Ok((valid, options))
     }
