@@ -448,12 +448,14 @@ mod tests {
         }
     }
 
-    /// The per-token cost of the mask (compute + apply to the logits), printed with
-    /// `--nocapture`: on the tiny fixture's 1k vocabulary, and on bench-135m's 32k one when
+    /// The per-token cost of the mask (compute + apply to the logits, + commit), printed with
+    /// `--nocapture`: on the tiny fixture's 1k vocabulary, builtin:tga's SentencePiece one, and
+    /// on bench-135m's 32k one when
     /// `bench/models/bench-135m` has been generated (tools/bench.sh).
     #[test]
     fn mask_cost_per_token() {
-        let mut dirs = vec!["../fixtures/tiny-llava-next"];
+        // builtin:tga's tokenizer is a SentencePiece `.model` (the converted path).
+        let mut dirs = vec!["../fixtures/tiny-llava-next", "../builtin/tga"];
         let bench = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/models/bench-135m");
         if bench.join("tokenizer.json").is_file() || bench.join("tokenizer.model").is_file() {
             dirs.push("../bench/models/bench-135m");
