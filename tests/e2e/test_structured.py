@@ -184,3 +184,28 @@ def test_unknown_response_format_type_is_a_400(server):
     response = requests.post(server.url + CHAT, json=body, timeout=30)
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_constrained_and_free_requests_share_the_batch(client):
+    """Eight constrained sequences and free-text ones decode together; each keeps its own grammar
+    and its seeded output is the one it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def pet(seed):
+        return client.chat.completions.parse(
+            model=BUILTIN_MODEL, messages=ASK, response_format=Pet, seed=seed, max_tokens=300
+        ).choices[0].message.content
+
+    def free(seed):
+        return client.chat.completions.create(
+            model=BUILTIN_MODEL, messages=ASK, seed=seed, max_tokens=40
+        ).choices[0].message.content
+
+    alone = [pet(seed) for seed in range(8)]
+    with ThreadPoolExecutor(12) as pool:
+        together = [pool.submit(pet, seed) for seed in range(8)]
+        noise = [pool.submit(free, seed) for seed in range(4)]
+        assert [f.result() for f in together] == alone
+        assert all(isinstance(f.result(), str) for f in noise)
+    for text in alone:
+        Pet.model_validate_json(text)
