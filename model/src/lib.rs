@@ -19,6 +19,7 @@ pub use error::{ModelError, Result};
 pub mod clip;
 pub mod clip_embed;
 pub mod config;
+pub mod constraint;
 mod cpu;
 pub mod diagnostics;
 pub mod image;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use model::config::CheckpointFormat;
+use model::constraint::ConstraintCompiler;
 use model::diagnostics::{
     after_image_span, cosine_per_layer, layer_records, merge_spans, span_mean, AttentionShares,
     LogitLens, RefusalSet, RefusalTokens, Summary,
@@ -106,6 +107,9 @@ pub struct LlavaProcessor {
     max_token_bytes: usize,
     /// TGA retrieval over a caption corpus, when the model is served with one.
     retriever: Option<Arc<Retriever>>,
+    /// Structured outputs' grammars over this vocabulary (`None`: a tokenizer llguidance
+    /// cannot read).
+    constraints: Option<ConstraintCompiler>,
 }
 
 impl LlavaProcessor {
@@ -116,6 +120,11 @@ impl LlavaProcessor {
             .map(|piece| piece.len())
             .max()
             .unwrap_or(1);
+        // The backend's stop tokens ([`LlavaBackend`]'s `stop_ids`): EOS.
+        let end_ids: Vec<u32> = tokenizer.eos_id().into_iter().collect();
+        let constraints = ConstraintCompiler::new(tokenizer, &end_ids)
+            .inspect_err(|err| tracing::warn!(%err, "structured outputs disabled"))
+            .ok();
         Self {
             model: loaded.model.clone(),
             tokenizer: loaded.tokenizer.clone(),
@@ -123,6 +132,7 @@ impl LlavaProcessor {
             limits,
             max_token_bytes,
             retriever: None,
+            constraints,
         }
     }
 
@@ -310,6 +320,10 @@ impl DiagnosticsProcessor for LlavaProcessor {
 impl PromptProcessor for LlavaProcessor {
     fn diagnostics(&self) -> Option<&dyn DiagnosticsProcessor> {
         Some(self)
+    }
+
+    fn constraints(&self) -> Option<&ConstraintCompiler> {
+        self.constraints.as_ref()
     }
 
     fn max_token_bytes(&self) -> usize {

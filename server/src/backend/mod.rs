@@ -101,6 +101,11 @@ pub trait PromptProcessor: Send + Sync + 'static {
     /// The id the image placeholder tokenizes to, if the vocabulary has one: a raw prompt that
     /// holds it would put an image position in the prompt with no image behind it.
     fn image_token_id(&self) -> Option<u32>;
+    /// Compiles structured-output grammars against the served vocabulary; `None` when this
+    /// model cannot constrain its output (requests asking for it then get a 400).
+    fn constraints(&self) -> Option<&model::constraint::ConstraintCompiler> {
+        None
+    }
 }
 
 /// The model knowledge that validating a `diagnostics` request needs (DIAGNOSTICS.md).

@@ -46,6 +46,8 @@ pub struct ValidRequest {
     pub arrived: Instant,
     /// Safety diagnostics to run with the prefill (asked for, or sampled).
     pub diagnose: Option<Arc<DiagnosePlan>>,
+    /// Structured outputs: the grammar that masks every sampled token.
+    pub constraint: Option<model::constraint::Constraint>,
 }
 
 /// [`EngineConfig::idle_batch_tokens`] by default.

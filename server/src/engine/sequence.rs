@@ -25,6 +25,8 @@ pub(super) struct Sequence<B: ModelBackend> {
     pub(super) _permit: OwnedSemaphorePermit,
     pub(super) cache: B::Cache,
     pub(super) sampler: B::Sampler,
+    /// Structured outputs: masks the logits before every draw and follows the tokens drawn.
+    pub(super) constraint: Option<model::constraint::Constraint>,
     /// Kept for a recompute after a preemption (images included).
     pub(super) prompt: Prompt,
     /// The safety diagnostics of the first prefill (a recompute runs the same interventions).
@@ -149,7 +151,18 @@ impl<B: ModelBackend> Sequence<B> {
         backend: &B,
         metrics: &Metrics,
     ) -> Result<Option<FinishReason>, BackendError> {
-        let sampled = self.sampler.sample(logits)?;
+        let sampled = match &mut self.constraint {
+            None => self.sampler.sample(logits)?,
+            Some(constraint) => {
+                let mut masked = logits.to_vec();
+                constraint
+                    .mask_logits(&mut masked)
+                    .map_err(BackendError::new)?;
+                let sampled = self.sampler.sample(&masked)?;
+                constraint.commit(sampled.id).map_err(BackendError::new)?;
+                sampled
+            }
+        };
         let now = Instant::now();
         if self.usage.completion_tokens == 0 {
             metrics
@@ -196,6 +209,12 @@ impl<B: ModelBackend> Sequence<B> {
         let text = out.text;
         if out.stopped {
             self.emit(text, true, true);
+            return Ok(Some(FinishReason::Stop));
+        }
+        // A grammar that admits no further token: done without another step.
+        if self.constraint.as_ref().is_some_and(|c| c.is_finished()) {
+            self.emit(text, false, false);
+            self.emit_rest(backend, String::new(), armed);
             return Ok(Some(FinishReason::Stop));
         }
         if self.usage.completion_tokens >= self.max_new_tokens {

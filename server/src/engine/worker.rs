@@ -396,6 +396,7 @@ impl<B: ModelBackend> Worker<B> {
         Sequence {
             request_id: request.request_id,
             sampler: self.backend.sampler(&request.sampling, &prompt.token_ids),
+            constraint: request.constraint,
             want_logprobs: request.sampling.logprobs,
             events,
             _permit: permit,

@@ -7,11 +7,13 @@
 //! - [`completions`]: the legacy completions route's types; [`tokenize`]: vLLM's `/tokenize`
 //!   and `/detokenize`.
 //! - [`sse`]: the `data:` payloads of each streaming route (OpenAPI schemas only).
+//! - [`structured`]: structured outputs (`response_format`).
 
 pub mod completions;
 mod convert;
 pub mod diagnostics;
 pub mod sse;
+pub mod structured;
 pub mod tokenize;
 
 use std::fmt;
@@ -166,6 +168,20 @@ pub struct ChatCompletionRequest {
     /// `x-tga-retrieval-score` headers and in the diagnostics meta.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retrieval: Option<RetrievalMode>,
+    /// Structured outputs: `{"type": "text"}` (default), `{"type": "json_object"}` or
+    /// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<structured::ResponseFormat>,
+    /// vLLM's extension: output valid against this JSON Schema (an object, or a JSON string).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub guided_json: Option<serde_json::Value>,
+    /// vLLM's extension: output matching this regular expression in full (Rust `regex` syntax).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guided_regex: Option<String>,
+    /// vLLM's extension: output exactly one of these strings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guided_choice: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]

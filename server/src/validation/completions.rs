@@ -126,6 +126,7 @@ impl Validator {
             },
             arrived,
             diagnose: None,
+            constraint: None,
         };
         let options = CompletionOptions {
             model: self.model_id.clone(),

@@ -5,10 +5,12 @@
 //! - [`diagnostics`]: the `diagnostics` options planned into what the engine runs.
 //! - [`completions`]: raw prompts (`/v1/completions`, `/tokenize`, `/detokenize`).
 //! - [`refused`]: documented fields whose effect the server cannot give.
+//! - [`structured`]: `response_format` / `guided_*` compiled into a grammar constraint.
 
 pub mod completions;
 pub mod diagnostics;
 mod refused;
+pub mod structured;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -162,6 +164,7 @@ impl Validator {
         }
         let sampling = self.sampling_params(&request)?;
         let stop = self.stop_sequences(request.stop.clone())?;
+        let grammar = structured::grammar_spec(&request)?;
         let max_tokens = match request.max_completion_tokens.or(request.max_tokens) {
             None => None,
             Some(n) if n >= 1 => Some(n as usize),
@@ -221,6 +224,10 @@ impl Validator {
         let prompt = self
             .decode_images(prompt, &turns, images, image_refs)
             .await?;
+        let constraint = match grammar {
+            Some((spec, param)) => Some(structured::compile(&self.processor, spec, param).await?),
+            None => None,
+        };
         let (diagnose, meta) = match diagnose {
             Some((options, deliver)) => {
                 self.plan_diagnostics(&options, &turns, &prompt, deliver)
@@ -256,6 +263,7 @@ impl Validator {
             },
             arrived,
             diagnose,
+            constraint,
         };
         Ok((valid, options))
     }
