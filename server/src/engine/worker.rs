@@ -314,7 +314,7 @@ impl<B: ModelBackend> Worker<B> {
     /// Blocks a waiting request takes out of the available ones when admitted: its whole
     /// prefill and first decode token, less the prefix blocks it reuses (those no one holds are
     /// taken too), plus room for a diagnosed request's caption passes.
-    fn blocks_to_admit(&self, w: &Waiting<B>) -> usize {
+    fn blocks_to_admit(&self, w: &Waiting<B>) -> (usize, usize) {
         let block_size = self.kv.config().block_size;
         let (tokens, hashes, extra) = match w {
             Waiting::New(job) => {
@@ -338,7 +338,10 @@ impl<B: ModelBackend> Worker<B> {
             }
         };
         let (cached, idle) = self.kv.lock().cached_prefix(&hashes);
-        tokens.div_ceil(block_size) - cached + idle + extra.div_ceil(block_size)
+        (
+            tokens.div_ceil(block_size) - cached + idle,
+            extra.div_ceil(block_size),
+        )
     }
 
     /// Admits waiting requests, oldest first (preempted ones are at the front), while there
@@ -351,14 +354,14 @@ impl<B: ModelBackend> Worker<B> {
             if self.deadline.is_some() && matches!(front, Waiting::New(_)) {
                 break;
             }
-            let need = self.blocks_to_admit(front);
+            let (need, extra) = self.blocks_to_admit(front);
             let available = self.kv.lock().available();
-            // The watermark only holds back a request while others run: alone, a request
-            // that fits the pool (validation checks it) always goes.
-            let reserve = if self.running.is_empty() {
-                0
-            } else {
-                self.watermark()
+            // The watermark and a diagnosed request's room for its caption passes only hold a
+            // request back while others run: alone, a request that fits the pool (validation
+            // checks it) always goes, so the queue cannot stall on it.
+            let reserve = match self.running.is_empty() {
+                true => 0,
+                false => self.watermark() + extra,
             };
             if need + reserve > available {
                 break;
