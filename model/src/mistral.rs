@@ -274,7 +274,15 @@ struct KvPool {
 }
 
 impl KvPool {
-    fn new(cfg: &TextConfig, pool: KvPoolConfig, dev: &Device, dtype: DType) -> Result<Self> {
+    /// `commit`: write the whole pool now (a sized serving pool), rather than let the OS map
+    /// zero pages as blocks are first used (the decoder's default pool).
+    fn new(
+        cfg: &TextConfig,
+        pool: KvPoolConfig,
+        dev: &Device,
+        dtype: DType,
+        commit: bool,
+    ) -> Result<Self> {
         let shape = (
             pool.num_blocks * pool.block_size,
             cfg.num_key_value_heads,
@@ -282,11 +290,11 @@ impl KvPool {
         );
         let mut k = Vec::with_capacity(cfg.num_hidden_layers);
         let mut v = Vec::with_capacity(cfg.num_hidden_layers);
-        // The whole budget is committed now, as on a GPU: on the CPU zeroed memory would be
-        // mapped lazily, and the resident size would creep up to the budget as blocks are
-        // first used (and an overcommitted host would fail then, not at start-up).
+        // A serving pool is committed now, as on a GPU: on the CPU zeroed memory would be mapped
+        // lazily, and the resident size would creep up to the budget as blocks are first used
+        // (and an overcommitted host would fail then, not at start-up).
         let committed = || -> candle_core::Result<Tensor> {
-            match dev.is_cpu() {
+            match dev.is_cpu() && commit {
                 true => Tensor::ones(shape, dtype, dev)?.affine(0.0, 0.0),
                 false => Tensor::zeros(shape, dtype, dev),
             }
@@ -776,8 +784,14 @@ impl Decoder {
         } else {
             Proj::new(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"), wd)?
         };
-        let pool = KvPool::new(cfg, default_pool(cfg, vb.dtype()), vb.device(), vb.dtype())
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let pool = KvPool::new(
+            cfg,
+            default_pool(cfg, vb.dtype()),
+            vb.device(),
+            vb.dtype(),
+            false,
+        )
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         Ok(Self {
             embed_tokens,
             pool,
@@ -822,13 +836,13 @@ impl Decoder {
         &self.pool.blocks
     }
 
-    /// Replaces the KV pool with one of `config`'s shape. Caches of the old pool stay valid
-    /// as tables but are refused by forwards.
+    /// Replaces the KV pool with one of `config`'s shape, its memory committed now. Caches of
+    /// the old pool stay valid as tables but are refused by forwards.
     pub fn configure_kv_pool(&mut self, config: KvPoolConfig) -> Result<()> {
         // Free the old storage first: the two need not fit together.
         self.pool.k.clear();
         self.pool.v.clear();
-        self.pool = KvPool::new(&self.cfg, config, &self.device, self.dtype)?;
+        self.pool = KvPool::new(&self.cfg, config, &self.device, self.dtype, true)?;
         Ok(())
     }
 
@@ -1180,13 +1194,14 @@ fn apply_edit(xs: &Tensor, start: usize, edit: &StateEdit) -> Result<Tensor> {
     })
 }
 
-/// The pool a decoder starts with, before a server sizes it from its memory budget: room for
-/// eight sequences of the full context, at most 64 MiB and at least 64 blocks.
+/// The pool a decoder starts with, before a server sizes (and commits) it from its memory budget:
+/// room for eight sequences of the full context, at most 1 GiB (mapped lazily on the CPU: blocks
+/// never used cost nothing) and at least 64 blocks.
 fn default_pool(cfg: &TextConfig, dtype: DType) -> KvPoolConfig {
     let block_size = DEFAULT_BLOCK_SIZE;
     let per_block = kv_bytes_per_block(cfg, dtype, block_size);
     let wanted = (8 * cfg.max_position_embeddings).div_ceil(block_size);
-    let cap = (64usize << 20) / per_block.max(1);
+    let cap = (1usize << 30) / per_block.max(1);
     KvPoolConfig {
         block_size,
         num_blocks: wanted.min(cap).max(64),
