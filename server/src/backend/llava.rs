@@ -493,8 +493,21 @@ impl LlavaBackend {
 
     /// Each image's features (projector output, anyres-packed) with the span it fills.
     fn encode_images(&self, prompt: &Prompt) -> Result<Vec<(Range<usize>, Tensor)>, BackendError> {
+        self.encode_images_from(prompt, 0)
+    }
+
+    /// [`Self::encode_images`] for the images that reach past position `start` (a prefill
+    /// resuming there, after a reused prefix, needs no other).
+    fn encode_images_from(
+        &self,
+        prompt: &Prompt,
+        start: usize,
+    ) -> Result<Vec<(Range<usize>, Tensor)>, BackendError> {
         let mut images = Vec::with_capacity(prompt.images.len());
         for (img, span) in prompt.images.iter().zip(&prompt.image_spans) {
+            if span.end <= start {
+                continue;
+            }
             let pv = Tensor::from_slice(&img.pixel_values, img.shape.as_slice(), &Device::Cpu)
                 .map_err(internal)?;
             let feats = self
@@ -697,24 +710,11 @@ impl LlavaBackend {
     fn embed_from(&self, input: &PrefillInput, start: usize) -> Result<Tensor, BackendError> {
         let prompt = input.prompt;
         let mut ids: Vec<u32> = (0..input.len()).map(|p| input.token(p)).collect();
-        let mut images = Vec::new();
-        for (img, span) in prompt.images.iter().zip(&prompt.image_spans) {
-            if span.end <= start {
-                // Not run: any id will do under the span (its embedding is sliced off).
-                ids[span.clone()].fill(0);
-                continue;
-            }
-            let pv = Tensor::from_slice(&img.pixel_values, img.shape.as_slice(), &Device::Cpu)
-                .map_err(internal)?;
-            let feats = self
-                .model
-                .encode_image(&model::llava::ImageInput {
-                    pixel_values: pv,
-                    original_hw: img.image_size,
-                })
-                .map_err(internal)?;
-            images.push((span.clone(), feats));
+        for span in prompt.image_spans.iter().filter(|s| s.end <= start) {
+            // Not run: any id will do under the span (its embedding is sliced off).
+            ids[span.clone()].fill(0);
         }
+        let images = self.encode_images_from(prompt, start)?;
         let embeds = self.model.embed_prompt(&ids, &images).map_err(internal)?;
         embeds
             .narrow(0, start, input.len() - start)

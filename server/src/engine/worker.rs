@@ -28,16 +28,17 @@ use crate::backend::{BackendError, ModelBackend, PrefillInput, SequenceCache};
 use crate::firehose::Firehose;
 use crate::metrics::Metrics;
 
-/// A request waiting for blocks: new, or preempted (its generation so far kept).
+/// A request waiting for blocks: new (with its prompt's shareable prefix hashes, computed once
+/// on arrival: they hash every pixel), or preempted (its generation so far kept).
 enum Waiting<B: ModelBackend> {
-    New(Box<Job>),
+    New(Box<Job>, Vec<u64>),
     Resumed(Box<Sequence<B>>),
 }
 
 impl<B: ModelBackend> Waiting<B> {
     fn events(&self) -> &mpsc::UnboundedSender<Event> {
         match self {
-            Waiting::New(job) => &job.events,
+            Waiting::New(job, _) => &job.events,
             Waiting::Resumed(seq) => &seq.events,
         }
     }
@@ -139,7 +140,10 @@ impl<B: ModelBackend> Worker<B> {
                         .events
                         .send(Event::Failed(GenerationError::ShuttingDown));
                 }
-                Command::Submit(job) => self.waiting.push_back(Waiting::New(job)),
+                Command::Submit(job) => {
+                    let hashes = shareable_hashes(&job, self.kv.config().block_size);
+                    self.waiting.push_back(Waiting::New(job, hashes));
+                }
                 Command::Shutdown { deadline } => {
                     tracing::info!(
                         running = self.running.len(),
@@ -151,7 +155,7 @@ impl<B: ModelBackend> Worker<B> {
                     // within the grace period like the others.
                     let metrics = &self.metrics;
                     self.waiting.retain(|w| match w {
-                        Waiting::New(job) => {
+                        Waiting::New(job, _) => {
                             metrics.waiting.dec();
                             let _ = job
                                 .events
@@ -317,14 +321,14 @@ impl<B: ModelBackend> Worker<B> {
     fn blocks_to_admit(&self, w: &Waiting<B>) -> (usize, usize) {
         let block_size = self.kv.config().block_size;
         let (tokens, hashes, extra) = match w {
-            Waiting::New(job) => {
+            Waiting::New(job, hashes) => {
                 let prompt = &job.request.prompt;
                 let extra = job
                     .request
                     .diagnose
                     .as_ref()
                     .map_or(0, |plan| caption_tokens(plan, prompt));
-                (prompt.len() + 1, shareable_hashes(job, block_size), extra)
+                (prompt.len() + 1, hashes.as_slice(), extra)
             }
             Waiting::Resumed(seq) => {
                 let Phase::Prefill { target, .. } = seq.phase else {
@@ -334,10 +338,10 @@ impl<B: ModelBackend> Worker<B> {
                     .diagnose
                     .as_ref()
                     .map_or(0, |plan| caption_tokens(plan, &seq.prompt));
-                (target + 1, seq.prefix_hashes.clone(), extra)
+                (target + 1, seq.prefix_hashes.as_slice(), extra)
             }
         };
-        let (cached, idle) = self.kv.lock().cached_prefix(&hashes);
+        let (cached, idle) = self.kv.lock().cached_prefix(hashes);
         (
             tokens.div_ceil(block_size) - cached + idle,
             extra.div_ceil(block_size),
@@ -351,7 +355,7 @@ impl<B: ModelBackend> Worker<B> {
             let Some(front) = self.waiting.front() else {
                 break;
             };
-            if self.deadline.is_some() && matches!(front, Waiting::New(_)) {
+            if self.deadline.is_some() && matches!(front, Waiting::New(..)) {
                 break;
             }
             let (need, extra) = self.blocks_to_admit(front);
@@ -367,7 +371,7 @@ impl<B: ModelBackend> Worker<B> {
                 break;
             }
             let seq = match self.waiting.pop_front().expect("front exists") {
-                Waiting::New(job) => self.start(*job),
+                Waiting::New(job, hashes) => self.start(*job, hashes),
                 Waiting::Resumed(seq) => *seq,
             };
             self.metrics.waiting.dec();
@@ -384,9 +388,7 @@ impl<B: ModelBackend> Worker<B> {
     }
 
     /// A new request becomes a sequence (not yet in the batch).
-    fn start(&mut self, job: Job) -> Sequence<B> {
-        let block_size = self.kv.config().block_size;
-        let prefix_hashes = shareable_hashes(&job, block_size);
+    fn start(&mut self, job: Job, prefix_hashes: Vec<u64>) -> Sequence<B> {
         let Job {
             request,
             events,
