@@ -316,6 +316,23 @@ impl BlockTable {
         }
     }
 
+    /// Blocks among those holding positions `range` that another holder shares: writing there
+    /// copies them first ([`Self::prepare_write`]), one free block each.
+    pub fn shared_blocks(&self, range: Range<usize>) -> usize {
+        if range.is_empty() {
+            return 0;
+        }
+        let first = range.start / self.block_size;
+        let last = ((range.end - 1) / self.block_size).min(self.blocks.len().saturating_sub(1));
+        if first >= self.blocks.len() {
+            return 0;
+        }
+        let pool = self.pool.lock();
+        (first..=last)
+            .filter(|&i| pool.ref_count(self.blocks[i]) > 1)
+            .count()
+    }
+
     /// Before positions `range` are written: every block they touch that another holder shares
     /// is replaced by a private copy (returned, for the caller to copy the slots), and blocks
     /// about to change leave the prefix index.
@@ -491,6 +508,10 @@ mod tests {
         a.reserve(6).unwrap();
         let mut b = a.fork();
         assert_eq!(p.lock().ref_count(a.blocks()[1]), 2);
+        assert_eq!(b.shared_blocks(6..7), 1);
+        assert_eq!(b.shared_blocks(0..8), 2);
+        // Positions beyond the table touch no block yet.
+        assert_eq!(b.shared_blocks(8..9), 0);
         // b writes position 6 (block 1, shared): it gets a private copy.
         let copies = b.prepare_write(6..7).unwrap();
         assert_eq!(
@@ -503,6 +524,7 @@ mod tests {
         assert_ne!(a.blocks()[1], b.blocks()[1]);
         assert_eq!(a.blocks()[0], b.blocks()[0]);
         assert_eq!(p.lock().ref_count(a.blocks()[1]), 1);
+        assert_eq!(b.shared_blocks(6..7), 0);
         // a now owns its block alone: no copy.
         assert!(a.prepare_write(6..7).unwrap().is_empty());
         drop(a);

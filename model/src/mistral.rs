@@ -347,9 +347,11 @@ impl KvPool {
     fn copy(&self, copies: &[BlockCopy], block_size: usize) -> Result<()> {
         for c in copies {
             for t in self.k.iter().chain(&self.v) {
+                // A copy of its own: a narrowed pool is a view of the pool's storage, which
+                // `slice_set` cannot write from.
                 let src = t
                     .narrow(0, c.from as usize * block_size, block_size)?
-                    .contiguous()?;
+                    .copy()?;
                 t.slice_set(&src, 0, c.to as usize * block_size)?;
             }
         }

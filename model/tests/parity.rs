@@ -587,6 +587,67 @@ fn paged_batched_decode_equals_single_sequence_decode() {
     }
 }
 
+/// The choices of one request (`n`): caches forked from one prefill share its blocks and copy a
+/// block only when they write to it. Each fork, fed its own tokens, gives the very logits of a
+/// cache prefilled on its own, and the others' writes never reach it.
+#[test]
+fn forked_caches_decode_as_separate_prefills() {
+    if dtype() != DType::F32 || !device().is_cpu() {
+        return eprintln!("skipped: bit-exact on the CPU in f32 only");
+    }
+    let model = load_variant("llava_next");
+    let blocks = model.decoder().kv_blocks().clone();
+    for case in cases("llava_next") {
+        let prep = prepare(&model, &case);
+        let prefill = |cache: &mut model::mistral::KvCache| {
+            let out = model
+                .prefill(&prep.ids, &prep.images, cache, &LayerTaps::default())
+                .unwrap();
+            argmax(&out.logits.i(0).unwrap())
+        };
+        let mut shared = model.new_cache();
+        let first = prefill(&mut shared);
+        let used_by_one = blocks.lock().used();
+        let mut forks: Vec<_> = (0..3).map(|_| shared.fork()).collect();
+        forks.push(shared);
+        assert_eq!(blocks.lock().used(), used_by_one, "forks share every block");
+        // Fork i's tokens: the greedy first token, then tokens of its own.
+        let script = |i: usize, step: usize| (first as usize + 31 * i + 7 * step) as u32 % 256;
+        let mut alone: Vec<_> = (0..forks.len())
+            .map(|_| {
+                let mut cache = model.new_cache();
+                assert_eq!(prefill(&mut cache), first);
+                cache
+            })
+            .collect();
+        for step in 0..5 {
+            let toks: Vec<u32> = (0..forks.len()).map(|i| script(i, step)).collect();
+            let mut refs: Vec<_> = forks.iter_mut().collect();
+            let got = model.decode_step(&toks, &mut refs).unwrap();
+            for (i, cache) in alone.iter_mut().enumerate() {
+                let want = model.decode_step(&toks[i..=i], &mut [cache]).unwrap();
+                assert_eq!(
+                    max_abs_diff(&got.i(i).unwrap(), &want.i(0).unwrap()),
+                    0.0,
+                    "{} fork {i} step {step}",
+                    case.name
+                );
+            }
+        }
+        // Each fork copied at most the block it wrote into and the one it grew into.
+        let tables: Vec<&[u32]> = forks.iter().map(|c| c.table().blocks()).collect();
+        let full = prep.ids.len() / forks[0].table().block_size();
+        for t in &tables[1..] {
+            assert_eq!(
+                t[..full],
+                tables[0][..full],
+                "{}: full prompt blocks shared",
+                case.name
+            );
+        }
+    }
+}
+
 /// The diagnostics' taps over a prompt prefilled in chunks equal those of one whole prefill:
 /// hidden states at chosen positions, the last position's attention rows, mean-pooled image
 /// states, with a key mask and a hidden-state edit applied across the chunks (DIAGNOSTICS.md §4).

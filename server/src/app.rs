@@ -154,6 +154,7 @@ impl ServingModel {
         limits.kv_cache_tokens = kv_cache_tokens;
         limits.max_images_per_request = config.max_images_per_request;
         limits.max_request_pixels = config.max_request_pixels;
+        limits.max_choices = crate::validation::MAX_CHOICES.min(config.engine.max_num_seqs);
         let media = MediaFetcher::new(config.media.clone()).map_err(std::io::Error::other)?;
         if let Some(dx) = processor.diagnostics() {
             metrics.init_safety(dx.num_layers());

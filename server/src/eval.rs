@@ -394,7 +394,7 @@ async fn run_in_process(
         .await
         .map_err(|e| e.message)?;
     let events = model.engine.submit(valid).map_err(|e| e.to_string())?;
-    collect(events).await
+    collect(events.single()).await
 }
 
 /// The request's diagnosis (its summary judged) and answer.

@@ -114,7 +114,7 @@ def test_tokenize_messages_counts_image_positions_as_the_chat_route(client, serv
     [
         ({"suffix": "end"}, "suffix"),
         ({"echo": True, "logprobs": 2}, "echo"),
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
         ({"prompt": ["one", "two"]}, "prompt"),
         ({"prompt": "look at <image>"}, "prompt"),
     ],

@@ -91,7 +91,7 @@ CASES = [
     ("too_many_images", {"messages": [user("many", *[image_part(data_uri("tiny_20x20.png"))] * 9)]},
      KEY, 400, "too_many_images", "messages"),
     ("unknown_model", hi(model="gpt-4o"), KEY, 404, "model_not_found", "model"),
-    ("n_above_one", hi(n=2), KEY, 400, "invalid_value", "n"),
+    ("n_above_limit", hi(n=17), KEY, 400, "invalid_value", "n"),
     ("temperature_out_of_range", hi(temperature=5), KEY, 400, "invalid_value", "temperature"),
     ("bad_role", {"messages": [{"role": "wizard", "content": "hi"}]}, KEY, 400, "invalid_value",
      "messages[0].role"),

@@ -702,6 +702,17 @@ impl SequenceCache for LlavaCache {
     fn reuse_prefix(&mut self, hashes: &[u64]) -> usize {
         self.kv.reuse_prefix(hashes)
     }
+    fn fork(&self) -> Self {
+        debug_assert!(
+            self.pending.is_none() && self.diagnosed.is_none(),
+            "a prefill in progress is not forked"
+        );
+        Self {
+            kv: self.kv.fork(),
+            pending: None,
+            diagnosed: None,
+        }
+    }
 }
 
 impl LlavaBackend {

@@ -192,6 +192,12 @@ pub trait SequenceCache: Send {
     /// For an empty cache: takes the leading full blocks with these content hashes from the
     /// prefix cache; returns the positions reused.
     fn reuse_prefix(&mut self, hashes: &[u64]) -> usize;
+    /// Another cache continuing from the same positions (a completed prefill), sharing every
+    /// block: the choices of one request. A shared block is copied when one of them writes to
+    /// it, so the engine keeps a free block for each such write.
+    fn fork(&self) -> Self
+    where
+        Self: Sized;
 }
 
 /// The model as the engine thread drives it. The engine owns it on one OS thread, so it needs

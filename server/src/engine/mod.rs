@@ -48,6 +48,9 @@ pub struct ValidRequest {
     pub diagnose: Option<Arc<DiagnosePlan>>,
     /// Structured outputs: the grammar that masks every sampled token.
     pub constraint: Option<model::constraint::Constraint>,
+    /// Choices (`n`, at least 1): they share the prompt's prefill and its KV blocks
+    /// (copy-on-write), and choice `i` samples with `seed + i`.
+    pub n: usize,
 }
 
 /// [`EngineConfig::idle_batch_tokens`] by default.
@@ -94,6 +97,18 @@ pub struct Usage {
     pub completion_tokens: usize,
     /// Prompt positions taken by images (part of `prompt_tokens`).
     pub image_tokens: usize,
+}
+
+impl Usage {
+    /// A request's usage once `choice` (one of its choices) finished: the prompt counted once,
+    /// the completion tokens of every choice summed (OpenAI's `n`).
+    pub fn with_choice(self, choice: Usage) -> Usage {
+        Usage {
+            prompt_tokens: choice.prompt_tokens,
+            completion_tokens: self.completion_tokens + choice.completion_tokens,
+            image_tokens: choice.image_tokens,
+        }
+    }
 }
 
 /// The log-probability of one generated token and of its most likely alternatives.
@@ -170,12 +185,78 @@ impl futures_util::Stream for GenerationStream {
     }
 }
 
-/// An accepted request on its way to the engine thread. It holds its admission permit until the
-/// engine lets go of it (finished, failed or cancelled), which bounds running + waiting.
+/// The event streams of one request's choices, in index order. Dropping them all cancels the
+/// request.
+#[derive(Debug)]
+pub struct Generation {
+    choices: Vec<GenerationStream>,
+}
+
+impl Generation {
+    /// Choices (the request's `n`).
+    pub fn len(&self) -> usize {
+        self.choices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.choices.is_empty()
+    }
+
+    /// The events of a one-choice request (validation gives the diagnose endpoint and
+    /// evaluations `n = 1`).
+    pub fn single(self) -> GenerationStream {
+        debug_assert_eq!(self.choices.len(), 1, "a request of several choices");
+        self.choices
+            .into_iter()
+            .next()
+            .expect("a request has at least one choice")
+    }
+
+    /// Every choice's events as they come, tagged with the choice's index; the stream ends when
+    /// every choice's has.
+    pub fn merged(self) -> impl futures_util::Stream<Item = (usize, Event)> + Send + Unpin {
+        use futures_util::StreamExt;
+        futures_util::stream::select_all(
+            self.choices
+                .into_iter()
+                .enumerate()
+                .map(|(index, events)| events.map(move |event| (index, event))),
+        )
+    }
+}
+
+/// An accepted request on its way to the engine thread. It holds its admission permits (one
+/// per choice) until the engine lets go of it (finished, failed or cancelled), which bounds
+/// running + waiting sequences.
 struct Job {
     request: ValidRequest,
+    /// The first choice's events and permit.
     events: mpsc::UnboundedSender<Event>,
     permit: OwnedSemaphorePermit,
+    /// Choices 1.., split off the first once the shared prompt is prefilled.
+    siblings: Vec<Sibling>,
+}
+
+/// A choice of a request of several (`n`) not yet split off from the first.
+struct Sibling {
+    index: usize,
+    events: mpsc::UnboundedSender<Event>,
+    permit: OwnedSemaphorePermit,
+}
+
+impl Job {
+    /// Tells every choice's client that the request failed (it was never admitted).
+    fn reject(&self, error: GenerationError) {
+        let _ = self.events.send(Event::Failed(error.clone()));
+        for sibling in &self.siblings {
+            let _ = sibling.events.send(Event::Failed(error.clone()));
+        }
+    }
+
+    /// Every choice's client went away.
+    fn abandoned(&self) -> bool {
+        self.events.is_closed() && self.siblings.iter().all(|s| s.events.is_closed())
+    }
 }
 
 enum Command {
@@ -204,6 +285,7 @@ impl Engine {
     ) -> std::io::Result<Self> {
         let (commands, receiver) = mpsc::unbounded_channel();
         let (stopped_tx, stopped) = watch::channel(false);
+        // One permit per sequence (choice): `max_num_seqs` running, `max_waiting` waiting.
         let permits = Arc::new(Semaphore::new(config.max_num_seqs + config.max_waiting));
         let worker = worker::Worker::new(backend, config, receiver, metrics.clone(), firehose);
         std::thread::Builder::new()
@@ -223,29 +305,43 @@ impl Engine {
         })
     }
 
-    /// Queues a validated request. Never blocks: it either takes a slot (running or waiting) or
-    /// fails at once.
-    pub fn submit(&self, request: ValidRequest) -> Result<GenerationStream, SubmitError> {
+    /// Queues a validated request. Never blocks: it either takes a slot (running or waiting)
+    /// for each of its `n` choices or fails at once.
+    pub fn submit(&self, request: ValidRequest) -> Result<Generation, SubmitError> {
         if !self.accepting.load(Ordering::SeqCst) {
             return Err(SubmitError::ShuttingDown);
         }
-        let permit = self
-            .permits
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| SubmitError::QueueFull)?;
+        let n = request.n.max(1);
+        let mut permit = u32::try_from(n)
+            .ok()
+            .and_then(|n| self.permits.clone().try_acquire_many_owned(n).ok())
+            .ok_or(SubmitError::QueueFull)?;
         let (events, receiver) = mpsc::unbounded_channel();
+        let mut choices = vec![GenerationStream { events: receiver }];
+        let siblings = (1..n)
+            .map(|index| {
+                let (events, receiver) = mpsc::unbounded_channel();
+                choices.push(GenerationStream { events: receiver });
+                let permit = permit.split(1).expect("one permit per choice");
+                Sibling {
+                    index,
+                    events,
+                    permit,
+                }
+            })
+            .collect();
         self.metrics.waiting.inc();
         let job = Box::new(Job {
             request,
             events,
             permit,
+            siblings,
         });
         if self.commands.send(Command::Submit(job)).is_err() {
             self.metrics.waiting.dec();
             return Err(SubmitError::ShuttingDown);
         }
-        Ok(GenerationStream { events: receiver })
+        Ok(Generation { choices })
     }
 
     pub fn is_accepting(&self) -> bool {

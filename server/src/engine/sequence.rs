@@ -12,8 +12,8 @@ use model::tokenizer::IncrementalDetokenizer;
 
 use super::plan::{DiagnosePlan, Diagnosis};
 use super::request::Prompt;
-use super::{Event, FinishReason, GenerationError, TokenLogprob, Usage};
-use crate::backend::{BackendError, ModelBackend, TokenSampler};
+use super::{Event, FinishReason, GenerationError, Sibling, TokenLogprob, Usage};
+use crate::backend::{BackendError, ModelBackend, SequenceCache, TokenSampler};
 use crate::firehose::Firehose;
 use crate::metrics::Metrics;
 
@@ -27,8 +27,10 @@ pub(super) struct Sequence<B: ModelBackend> {
     pub(super) sampler: B::Sampler,
     /// Structured outputs: masks the logits before every draw and follows the tokens drawn.
     pub(super) constraint: Option<model::constraint::Constraint>,
-    /// Kept for a recompute after a preemption (images included).
-    pub(super) prompt: Prompt,
+    /// Kept for a recompute after a preemption (images included); shared by a request's choices.
+    pub(super) prompt: Arc<Prompt>,
+    /// The request's other choices while its prompt is prefilled (then they are split off).
+    pub(super) siblings: Vec<Sibling>,
     /// The safety diagnostics of the first prefill (a recompute runs the same interventions).
     pub(super) diagnose: Option<Arc<DiagnosePlan>>,
     /// Content hashes of the prompt's full blocks for prefix sharing (empty: not shared).
@@ -139,6 +141,53 @@ fn record_diagnosed(
 }
 
 impl<B: ModelBackend> Sequence<B> {
+    /// Splits the request's other choices off this one, whose prompt has just been prefilled:
+    /// each shares every KV block (copy-on-write), starts from the same grammar state, and
+    /// samples with the request's seed plus its index (a fresh random seed without one).
+    pub(super) fn split_choices(&mut self, backend: &B) -> Vec<Sequence<B>> {
+        let params = self.sampler.params().clone();
+        std::mem::take(&mut self.siblings)
+            .into_iter()
+            .map(|sibling| {
+                let mut params = params.clone();
+                params.seed = params
+                    .seed
+                    .map(|seed| seed.wrapping_add(sibling.index as u64));
+                Sequence {
+                    request_id: self.request_id.clone(),
+                    events: sibling.events,
+                    _permit: sibling.permit,
+                    cache: self.cache.fork(),
+                    sampler: backend.sampler(&params, &self.prompt.token_ids),
+                    constraint: self.constraint.clone(),
+                    prompt: self.prompt.clone(),
+                    siblings: Vec::new(),
+                    diagnose: self.diagnose.clone(),
+                    prefix_hashes: self.prefix_hashes.clone(),
+                    phase: self.phase,
+                    generated: Vec::new(),
+                    last_token: 0,
+                    max_new_tokens: self.max_new_tokens,
+                    detokenizer: IncrementalDetokenizer::new(),
+                    // Nothing was fed to the first choice's matcher yet.
+                    stops: self.stops.clone(),
+                    want_logprobs: self.want_logprobs,
+                    pending_logprobs: Default::default(),
+                    usage: self.usage,
+                    arrived: self.arrived,
+                    last_token_at: self.last_token_at,
+                    // The diagnosis (of the shared prompt) is judged on the first choice.
+                    diagnosis: None,
+                }
+            })
+            .collect()
+    }
+
+    /// Every client of this sequence (its choice and those not split off yet) went away.
+    pub(super) fn abandoned(&self) -> bool {
+        self.events.is_closed() && self.siblings.iter().all(|s| s.events.is_closed())
+    }
+
     /// Samples from `logits` and emits the text it completes; `Some` when the sequence is done.
     ///
     /// Stopping follows vLLM: EOS (unless `ignore_eos`) and `stop_token_ids` end the sequence
@@ -338,6 +387,14 @@ impl<B: ModelBackend> Sequence<B> {
 
     pub(super) fn fail(self, error: GenerationError, metrics: &Metrics) {
         metrics.running.dec();
+        self.notify_failed(error);
+    }
+
+    /// Tells the clients of this sequence and of the choices not split off yet that it failed.
+    pub(super) fn notify_failed(&self, error: GenerationError) {
+        for sibling in &self.siblings {
+            let _ = sibling.events.send(Event::Failed(error.clone()));
+        }
         let _ = self.events.send(Event::Failed(error));
     }
 }

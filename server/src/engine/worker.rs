@@ -36,10 +36,27 @@ enum Waiting<B: ModelBackend> {
 }
 
 impl<B: ModelBackend> Waiting<B> {
-    fn events(&self) -> &mpsc::UnboundedSender<Event> {
+    /// Every client of the request went away.
+    fn abandoned(&self) -> bool {
         match self {
-            Waiting::New(job, _) => &job.events,
-            Waiting::Resumed(seq) => &seq.events,
+            Waiting::New(job, _) => job.abandoned(),
+            Waiting::Resumed(seq) => seq.abandoned(),
+        }
+    }
+
+    /// Tells every client of the request that it failed.
+    fn reject(&self, error: GenerationError) {
+        match self {
+            Waiting::New(job, _) => job.reject(error),
+            Waiting::Resumed(seq) => seq.notify_failed(error),
+        }
+    }
+
+    /// Sequences the request needs in the batch: its choices not split off yet, or one.
+    fn sequences(&self) -> usize {
+        1 + match self {
+            Waiting::New(job, _) => job.siblings.len(),
+            Waiting::Resumed(seq) => seq.siblings.len(),
         }
     }
 }
@@ -54,6 +71,10 @@ pub(super) struct Worker<B: ModelBackend> {
     waiting: VecDeque<Waiting<B>>,
     /// Admitted sequences, oldest first (the last is the first to be preempted).
     running: Vec<Sequence<B>>,
+    /// The choices of a request of several, split off in this step: they join `running` at its
+    /// end, so that their first writes (copies of the blocks they share) get room from
+    /// `reserve_decode_room` like every other write, before later admissions can take it.
+    joining: Vec<Sequence<B>>,
     /// Set once shutdown began: running sequences are cut when it passes.
     deadline: Option<Instant>,
     /// Prefix-cache counters already exported.
@@ -78,6 +99,7 @@ impl<B: ModelBackend> Worker<B> {
             firehose,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            joining: Vec::new(),
             deadline: None,
             prefix_seen: Default::default(),
         }
@@ -105,9 +127,7 @@ impl<B: ModelBackend> Worker<B> {
         while let Ok(command) = self.commands.try_recv() {
             if let Command::Submit(job) = command {
                 self.metrics.waiting.dec();
-                let _ = job
-                    .events
-                    .send(Event::Failed(GenerationError::ShuttingDown));
+                job.reject(GenerationError::ShuttingDown);
             }
         }
         self.metrics.running.set(0);
@@ -136,9 +156,7 @@ impl<B: ModelBackend> Worker<B> {
             match command {
                 Command::Submit(job) if self.deadline.is_some() => {
                     self.metrics.waiting.dec();
-                    let _ = job
-                        .events
-                        .send(Event::Failed(GenerationError::ShuttingDown));
+                    job.reject(GenerationError::ShuttingDown);
                 }
                 Command::Submit(job) => {
                     let hashes = shareable_hashes(&job, self.kv.config().block_size);
@@ -157,9 +175,7 @@ impl<B: ModelBackend> Worker<B> {
                     self.waiting.retain(|w| match w {
                         Waiting::New(job, _) => {
                             metrics.waiting.dec();
-                            let _ = job
-                                .events
-                                .send(Event::Failed(GenerationError::ShuttingDown));
+                            job.reject(GenerationError::ShuttingDown);
                             false
                         }
                         Waiting::Resumed(_) => true,
@@ -174,7 +190,7 @@ impl<B: ModelBackend> Worker<B> {
     fn drop_disconnected(&mut self) {
         let metrics = &self.metrics;
         self.waiting.retain(|w| {
-            let gone = w.events().is_closed();
+            let gone = w.abandoned();
             if gone {
                 metrics.waiting.dec();
                 metrics.client_disconnects.inc();
@@ -183,7 +199,7 @@ impl<B: ModelBackend> Worker<B> {
             !gone
         });
         self.running.retain(|seq| {
-            let gone = seq.events.is_closed();
+            let gone = seq.abandoned();
             if gone {
                 metrics.running.dec();
                 metrics.client_disconnects.inc();
@@ -204,9 +220,7 @@ impl<B: ModelBackend> Worker<B> {
             }
             for w in self.waiting.drain(..) {
                 self.metrics.waiting.dec();
-                let _ = w
-                    .events()
-                    .send(Event::Failed(GenerationError::ShuttingDown));
+                w.reject(GenerationError::ShuttingDown);
             }
         }
     }
@@ -273,19 +287,28 @@ impl<B: ModelBackend> Worker<B> {
         if self.running.iter().any(|s| s.phase == Phase::Decode) {
             self.decode_step();
         }
+        self.running.append(&mut self.joining);
     }
 
-    /// Every decoding sequence gets room for its next token; where the pool has none, the
-    /// youngest sequence is preempted (possibly the one asking), until it fits.
+    /// Every decoding sequence gets room for its next token (and a block for the copy when it
+    /// writes into a block it shares with other choices of its request); where the pool has
+    /// none, the youngest sequence is preempted (possibly the one asking), until it fits.
     fn reserve_decode_room(&mut self) {
+        // Free blocks the step's copy-on-write writes will take (an upper bound: the last
+        // holder of a shared block writes in place).
+        let mut copies = 0;
         let mut i = 0;
         while i < self.running.len() {
             if self.running[i].phase != Phase::Decode {
                 i += 1;
                 continue;
             }
-            let need = self.running[i].cache.len() + 1;
-            if self.running[i].cache.table_mut().reserve(need).is_ok() {
+            let len = self.running[i].cache.len();
+            let table = self.running[i].cache.table_mut();
+            let shared = table.shared_blocks(len..len + 1);
+            let fits = self.kv.lock().available() >= copies + shared + table.blocks_needed(len + 1);
+            if fits && table.reserve(len + 1).is_ok() {
+                copies += shared;
                 i += 1;
                 continue;
             }
@@ -317,7 +340,8 @@ impl<B: ModelBackend> Worker<B> {
 
     /// Blocks a waiting request takes out of the available ones when admitted: its whole
     /// prefill and first decode token, less the prefix blocks it reuses (those no one holds are
-    /// taken too), plus room for a diagnosed request's caption passes.
+    /// taken too), a block for each further choice's first token (a copy of the prompt's last
+    /// block, or a new one), plus room for a diagnosed request's caption passes.
     fn blocks_to_admit(&self, w: &Waiting<B>) -> (usize, usize) {
         let block_size = self.kv.config().block_size;
         let (tokens, hashes, extra) = match w {
@@ -343,7 +367,7 @@ impl<B: ModelBackend> Worker<B> {
         };
         let (cached, idle) = self.kv.lock().cached_prefix(hashes);
         (
-            tokens.div_ceil(block_size) - cached + idle,
+            tokens.div_ceil(block_size) - cached + idle + w.sequences() - 1,
             extra.div_ceil(block_size),
         )
     }
@@ -351,10 +375,18 @@ impl<B: ModelBackend> Worker<B> {
     /// Admits waiting requests, oldest first (preempted ones are at the front), while there
     /// are sequence slots, step budget and free blocks, and runs their first prefill chunk.
     fn admit(&mut self, budget: &mut usize, prefilled_any: &mut bool) {
-        while self.running.len() < self.config.max_num_seqs && *budget > 0 {
+        loop {
+            let in_batch = self.running.len() + self.joining.len();
             let Some(front) = self.waiting.front() else {
                 break;
             };
+            // A request's choices join the batch together (validation keeps `n` within
+            // `max_num_seqs`; alone, a request always goes).
+            if *budget == 0
+                || (in_batch > 0 && in_batch + front.sequences() > self.config.max_num_seqs)
+            {
+                break;
+            }
             if self.deadline.is_some() && matches!(front, Waiting::New(..)) {
                 break;
             }
@@ -363,9 +395,9 @@ impl<B: ModelBackend> Worker<B> {
             // The watermark and a diagnosed request's room for its caption passes only hold a
             // request back while others run: alone, a request that fits the pool (validation
             // checks it) always goes, so the queue cannot stall on it.
-            let reserve = match self.running.is_empty() {
-                true => 0,
-                false => self.watermark() + extra,
+            let reserve = match in_batch {
+                0 => 0,
+                _ => self.watermark() + extra,
             };
             if need + reserve > available {
                 break;
@@ -393,11 +425,12 @@ impl<B: ModelBackend> Worker<B> {
             request,
             events,
             permit,
+            siblings,
         } = job;
         self.metrics
             .queue_time
             .observe(request.arrived.elapsed().as_secs_f64());
-        let prompt = request.prompt;
+        let prompt = Arc::new(request.prompt);
         Sequence {
             request_id: request.request_id,
             sampler: self.backend.sampler(&request.sampling, &prompt.token_ids),
@@ -425,6 +458,7 @@ impl<B: ModelBackend> Worker<B> {
                 image_tokens: prompt.image_tokens(),
             },
             prompt,
+            siblings,
             arrived: request.arrived,
             last_token_at: Instant::now(),
             diagnosis: None,
@@ -520,13 +554,10 @@ impl<B: ModelBackend> Worker<B> {
             return Some(seq);
         }
         self.count_prompt(&seq.prompt);
-        // `max_tokens: 0` (an echoed completion): the prompt pass was the whole request.
-        if seq.max_new_tokens == 0 {
-            self.finish(seq, FinishReason::Length);
-            return None;
-        }
         match logits {
-            Some(logits) => self.advance(seq, &logits),
+            Some(logits) => self.first_tokens(seq, &logits),
+            // `max_tokens: 0` needs none.
+            None if seq.max_new_tokens == 0 => self.first_tokens(seq, &[]),
             None => {
                 seq.fail(
                     GenerationError::Internal("the last prefill chunk gave no logits".into()),
@@ -535,6 +566,33 @@ impl<B: ModelBackend> Worker<B> {
                 None
             }
         }
+    }
+
+    /// A new request's prompt is prefilled: its other choices split off, and every choice
+    /// samples its first token from `logits`. Returns the first choice if it goes on (and the
+    /// request has one choice: several join the batch after this step).
+    fn first_tokens(&mut self, mut seq: Sequence<B>, logits: &[f32]) -> Option<Sequence<B>> {
+        let choices = seq.split_choices(&self.backend);
+        if choices.is_empty() {
+            return self.first_token(seq, logits);
+        }
+        self.metrics.running.add(choices.len() as i64);
+        for choice in std::iter::once(seq).chain(choices) {
+            if let Some(choice) = self.first_token(choice, logits) {
+                self.joining.push(choice);
+            }
+        }
+        None
+    }
+
+    fn first_token(&self, seq: Sequence<B>, logits: &[f32]) -> Option<Sequence<B>> {
+        // `max_tokens: 0` (an echoed completion, the diagnose endpoint): the prompt pass was the
+        // whole request.
+        if seq.max_new_tokens == 0 {
+            self.finish(seq, FinishReason::Length);
+            return None;
+        }
+        self.advance(seq, logits)
     }
 
     fn count_prompt(&self, prompt: &Prompt) {
@@ -601,12 +659,7 @@ impl<B: ModelBackend> Worker<B> {
             diagnosis,
             answer: String::new(),
         }));
-        // `max_tokens: 0` (the diagnose endpoint): the prompt pass was the whole point.
-        if seq.max_new_tokens == 0 {
-            self.finish(seq, FinishReason::Length);
-            return None;
-        }
-        self.advance(seq, &logits)
+        self.first_tokens(seq, &logits)
     }
 
     /// Finishes `seq` (the judge, the safety metrics and the firehose for a diagnosed one) under

@@ -15,13 +15,13 @@ use futures_util::stream::{self, Stream, StreamExt};
 use super::sse::{done_frame, error_frame, json_frame};
 use super::ApiJson;
 use crate::app::AppState;
-use crate::engine::{Event, GenerationStream};
+use crate::engine::{self, Event, Generation};
 use crate::error::ApiError;
 use crate::openai::diagnostics::DiagnosticsReport;
 use crate::openai::{
     sse::ChatCompletionStreamFrame, AssistantMessage, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, Choice, ChoiceLogprobs, ChunkChoice, Delta, ErrorResponse,
-    FinishReason, Role, Usage,
+    FinishReason, Role, TokenLogprob, Usage,
 };
 use crate::validation::{Purpose, ResponseOptions};
 
@@ -43,7 +43,8 @@ use crate::validation::{Purpose, ResponseOptions};
         ),
         (status = 400, description = "Malformed JSON, schema violation (a value out of the ranges \
             stated in the schema, `stream_options` without `stream`, `top_logprobs` without \
-            `logprobs`), a documented field the server cannot honour (`tools` unless `tool_choice` \
+            `logprobs`, `n` above `--max-num-seqs` or with diagnostics), a documented field the \
+            server cannot honour (`tools` unless `tool_choice` \
             is `none`, `functions`, audio output), bad or unreachable image, too many images or \
             pixels, an image outside a user message, a conversation the template cannot render, \
             or prompt + max_tokens over the context (`context_length_exceeded`)", body = ErrorResponse),
@@ -71,6 +72,9 @@ pub(super) async fn chat_completions(
         created: unix_now(),
         options,
         diagnostics: None,
+        choices: events.len(),
+        finished: 0,
+        usage: engine::Usage::default(),
     };
     let response = if completion.options.stream {
         stream_response(events, completion).into_response()
@@ -87,51 +91,82 @@ struct Completion {
     options: ResponseOptions,
     /// The diagnostics report, once the engine sent it (requests that asked for diagnostics).
     diagnostics: Option<Box<DiagnosticsReport>>,
+    /// The request's `n`, and how many of its choices have finished.
+    choices: usize,
+    finished: usize,
+    /// The prompt once, and every finished choice's completion tokens.
+    usage: engine::Usage,
+}
+
+/// One choice of a non-streamed answer, as its events come.
+#[derive(Default)]
+struct Collected {
+    content: String,
+    logprobs: Vec<TokenLogprob>,
+    finish_reason: Option<FinishReason>,
 }
 
 impl Completion {
-    async fn collect(
-        mut self,
-        mut events: GenerationStream,
-    ) -> Result<ChatCompletionResponse, ApiError> {
-        let mut content = String::new();
-        let mut logprobs = Vec::new();
-        while let Some(event) = events.next().await {
+    /// Counts a finished choice; true once it was the last.
+    fn choice_finished(&mut self, usage: engine::Usage) -> bool {
+        self.usage = self.usage.with_choice(usage);
+        self.finished += 1;
+        self.finished == self.choices
+    }
+
+    async fn collect(mut self, events: Generation) -> Result<ChatCompletionResponse, ApiError> {
+        let mut choices: Vec<Collected> = (0..events.len()).map(|_| Collected::default()).collect();
+        let mut events = events.merged();
+        while let Some((index, event)) = events.next().await {
             match event {
                 Event::Delta {
                     text,
                     logprobs: token_logprobs,
                 } => {
-                    content.push_str(&text);
-                    logprobs.extend(token_logprobs.into_iter().map(Into::into));
+                    let choice = &mut choices[index];
+                    choice.content.push_str(&text);
+                    choice
+                        .logprobs
+                        .extend(token_logprobs.into_iter().map(Into::into));
                 }
                 Event::Finished { reason, usage } => {
-                    return Ok(ChatCompletionResponse {
-                        id: self.id.clone(),
-                        object: "chat.completion".into(),
-                        created: self.created,
-                        model: self.options.model.clone(),
-                        choices: vec![Choice {
-                            index: 0,
-                            message: AssistantMessage {
-                                role: Role::Assistant,
-                                content,
-                            },
-                            logprobs: self
-                                .options
-                                .logprobs
-                                .then_some(ChoiceLogprobs { content: logprobs }),
-                            finish_reason: reason.into(),
-                        }],
-                        usage: usage.into(),
-                        diagnostics: self.diagnostics.take(),
-                    })
+                    choices[index].finish_reason = Some(reason.into());
+                    if self.choice_finished(usage) {
+                        return Ok(self.response(choices));
+                    }
                 }
                 Event::Failed(err) => return Err(err.into()),
                 event => self.on_diagnostics(event),
             }
         }
         Err(engine_vanished())
+    }
+
+    fn response(&mut self, choices: Vec<Collected>) -> ChatCompletionResponse {
+        let choices = choices
+            .into_iter()
+            .enumerate()
+            .map(|(index, choice)| Choice {
+                index: index as u32,
+                message: AssistantMessage {
+                    role: Role::Assistant,
+                    content: choice.content,
+                },
+                logprobs: self.options.logprobs.then_some(ChoiceLogprobs {
+                    content: choice.logprobs,
+                }),
+                finish_reason: choice.finish_reason.expect("every choice finished"),
+            })
+            .collect();
+        ChatCompletionResponse {
+            id: self.id.clone(),
+            object: "chat.completion".into(),
+            created: self.created,
+            model: self.options.model.clone(),
+            choices,
+            usage: self.usage.into(),
+            diagnostics: self.diagnostics.take(),
+        }
     }
 
     /// Keeps the diagnostics events for the response (the engine sends them only to requests
@@ -168,25 +203,24 @@ impl Completion {
         }
     }
 
-    fn delta(
-        &self,
-        delta: Delta,
-        logprobs: Option<ChoiceLogprobs>,
-        finish: Option<FinishReason>,
-    ) -> SseEvent {
+    fn delta(&self, index: usize, delta: Delta, logprobs: Option<ChoiceLogprobs>) -> SseEvent {
         self.chunk(
             vec![ChunkChoice {
-                index: 0,
+                index: index as u32,
                 delta,
                 logprobs,
-                finish_reason: finish,
+                finish_reason: None,
             }],
             None,
         )
     }
 
-    /// The SSE frames for one engine event, and whether it was the last.
-    fn frames(&mut self, event: Option<Event>) -> (Vec<SseEvent>, bool) {
+    /// The SSE frames for one engine event of choice `index`, and whether it was the last.
+    fn frames(&mut self, event: Option<(usize, Event)>) -> (Vec<SseEvent>, bool) {
+        let (index, event) = match event {
+            Some((index, event)) => (index, Some(event)),
+            None => (0, None),
+        };
         match event {
             Some(Event::Delta { text, logprobs }) => {
                 let logprobs = self.options.logprobs.then(|| ChoiceLogprobs {
@@ -196,13 +230,14 @@ impl Completion {
                     role: None,
                     content: Some(text),
                 };
-                (vec![self.delta(delta, logprobs, None)], false)
+                (vec![self.delta(index, delta, logprobs)], false)
             }
             Some(Event::Finished { reason, usage }) => {
-                // The diagnostics ride on the frame that carries `finish_reason`.
+                // The diagnostics (of a one-choice request) ride on the frame that carries
+                // `finish_reason`.
                 let mut last = self.chunk_value(
                     vec![ChunkChoice {
-                        index: 0,
+                        index: index as u32,
                         delta: Delta::default(),
                         logprobs: None,
                         finish_reason: Some(reason.into()),
@@ -211,8 +246,11 @@ impl Completion {
                 );
                 last.diagnostics = self.diagnostics.take();
                 let mut frames = vec![json_frame(&last)];
+                if !self.choice_finished(usage) {
+                    return (frames, false);
+                }
                 if self.options.include_usage {
-                    frames.push(self.chunk(Vec::new(), Some(usage.into())));
+                    frames.push(self.chunk(Vec::new(), Some(self.usage.into())));
                 }
                 frames.push(done_frame());
                 (frames, true)
@@ -230,31 +268,31 @@ impl Completion {
     }
 }
 
-/// SSE: the role frame at once (so the client sees the stream open while the prompt is
-/// prefilled), then the engine's events as frames. Dropping the response body (the client went
-/// away) drops `events`, which cancels the request in the engine.
+/// SSE: each choice's role frame at once (so the client sees the stream open while the prompt
+/// is prefilled), then the engine's events of every choice as frames, in the order they come.
+/// Dropping the response body (the client went away) drops `events`, which cancels the request
+/// in the engine.
 fn stream_response(
-    events: GenerationStream,
+    events: Generation,
     completion: Completion,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let role = completion.delta(
-        Delta {
-            role: Some(Role::Assistant),
-            content: Some(String::new()),
-        },
-        None,
-        None,
-    );
-    let body = stream::unfold(Some((events, completion)), |state| async move {
+    let roles: Vec<SseEvent> = (0..events.len())
+        .map(|index| {
+            let role = Delta {
+                role: Some(Role::Assistant),
+                content: Some(String::new()),
+            };
+            completion.delta(index, role, None)
+        })
+        .collect();
+    let body = stream::unfold(Some((events.merged(), completion)), |state| async move {
         let (mut events, mut completion) = state?;
         let (frames, last) = completion.frames(events.next().await);
         let next = (!last).then_some((events, completion));
         Some((stream::iter(frames), next))
     })
     .flatten();
-    let frames = stream::once(async move { role })
-        .chain(body)
-        .map(Ok::<_, Infallible>);
+    let frames = stream::iter(roles).chain(body).map(Ok::<_, Infallible>);
     Sse::new(frames).keep_alive(KeepAlive::default())
 }
 

@@ -17,7 +17,7 @@ use super::chat::{engine_vanished, unix_now};
 use super::sse::{done_frame, error_frame, json_frame};
 use super::ApiJson;
 use crate::app::AppState;
-use crate::engine::{self, Event, GenerationStream};
+use crate::engine::{self, Event, Generation};
 use crate::error::ApiError;
 use crate::openai::completions::{
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
@@ -47,7 +47,7 @@ pub const COMPLETIONS_ROUTE: &str = "/v1/completions";
             )
         ),
         (status = 400, description = "Malformed JSON, schema violation, a field this route refuses \
-            (suffix, n or best_of other than 1, echo with logprobs, penalties, logit_bias, \
+            (suffix, n out of range, best_of other than n, echo with logprobs, penalties, logit_bias, \
             messages), a batch of prompts, an out-of-vocabulary token id, the image placeholder \
             token in the prompt, or prompt + max_tokens over the context \
             (`context_length_exceeded`)", body = ErrorResponse),
@@ -78,10 +78,15 @@ pub(super) async fn completions(
     let completion = TextCompletion {
         id: format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
         created: unix_now(),
-        offset: options
-            .echo
-            .as_deref()
-            .map_or(0, |echo| echo.chars().count()),
+        offsets: vec![
+            options
+                .echo
+                .as_deref()
+                .map_or(0, |echo| echo.chars().count());
+            events.len()
+        ],
+        finished: 0,
+        usage: engine::Usage::default(),
         options,
     };
     Ok(if completion.options.stream {
@@ -96,18 +101,36 @@ struct TextCompletion {
     id: String,
     created: u64,
     options: CompletionOptions,
-    /// Characters of text so far (the echoed prompt included): the next token's `text_offset`.
-    offset: usize,
+    /// Per choice, characters of text so far (the echoed prompt included): the next token's
+    /// `text_offset`.
+    offsets: Vec<usize>,
+    /// Choices finished so far.
+    finished: usize,
+    /// The prompt once, and every finished choice's completion tokens.
+    usage: engine::Usage,
 }
 
 impl TextCompletion {
-    /// The legacy logprobs of `tokens`, if the request asked for them; advances the offset.
-    fn logprobs(&mut self, tokens: Vec<engine::TokenLogprob>) -> Option<CompletionLogprobs> {
+    /// Counts a finished choice; true once it was the last.
+    fn choice_finished(&mut self, usage: engine::Usage) -> bool {
+        self.usage = self.usage.with_choice(usage);
+        self.finished += 1;
+        self.finished == self.offsets.len()
+    }
+
+    /// The legacy logprobs of choice `index`'s `tokens`, if the request asked for them; advances
+    /// its offset.
+    fn logprobs(
+        &mut self,
+        index: usize,
+        tokens: Vec<engine::TokenLogprob>,
+    ) -> Option<CompletionLogprobs> {
         self.options.logprobs?;
+        let offset = &mut self.offsets[index];
         let mut out = CompletionLogprobs::default();
         for token in tokens {
-            out.text_offset.push(self.offset);
-            self.offset += token.token.chars().count();
+            out.text_offset.push(*offset);
+            *offset += token.token.chars().count();
             // OpenAI's legacy shape: the k most likely tokens, and always the sampled one.
             let mut top: std::collections::BTreeMap<String, f32> = token
                 .top
@@ -122,42 +145,55 @@ impl TextCompletion {
         Some(out)
     }
 
-    fn response(
-        &self,
-        text: String,
-        logprobs: Option<CompletionLogprobs>,
-        finish_reason: Option<FinishReason>,
-        usage: Option<Usage>,
-    ) -> CompletionResponse {
+    fn response(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> CompletionResponse {
         CompletionResponse {
             id: self.id.clone(),
             object: "text_completion".into(),
             created: self.created,
             model: self.options.model.clone(),
-            choices: vec![CompletionChoice {
-                index: 0,
-                text,
-                logprobs,
-                finish_reason,
-            }],
+            choices,
             usage,
         }
     }
 
-    async fn collect(
-        mut self,
-        mut events: GenerationStream,
-    ) -> Result<CompletionResponse, ApiError> {
-        let mut text = self.options.echo.clone().unwrap_or_default();
-        let mut logprobs = self.options.logprobs.map(|_| CompletionLogprobs::default());
-        while let Some(event) = events.next().await {
+    /// A frame of choice `index`.
+    fn frame(
+        &self,
+        index: usize,
+        text: String,
+        logprobs: Option<CompletionLogprobs>,
+        finish_reason: Option<FinishReason>,
+    ) -> SseEvent {
+        let choice = CompletionChoice {
+            index: index as u32,
+            text,
+            logprobs,
+            finish_reason,
+        };
+        json_frame(&self.response(vec![choice], None))
+    }
+
+    async fn collect(mut self, events: Generation) -> Result<CompletionResponse, ApiError> {
+        let echo = self.options.echo.clone().unwrap_or_default();
+        let mut choices: Vec<CompletionChoice> = (0..events.len())
+            .map(|index| CompletionChoice {
+                index: index as u32,
+                text: echo.clone(),
+                logprobs: self.options.logprobs.map(|_| CompletionLogprobs::default()),
+                finish_reason: None,
+            })
+            .collect();
+        let mut events = events.merged();
+        while let Some((index, event)) = events.next().await {
             match event {
                 Event::Delta {
                     text: delta,
                     logprobs: tokens,
                 } => {
-                    text.push_str(&delta);
-                    if let (Some(all), Some(more)) = (&mut logprobs, self.logprobs(tokens)) {
+                    let more = self.logprobs(index, tokens);
+                    let choice = &mut choices[index];
+                    choice.text.push_str(&delta);
+                    if let (Some(all), Some(more)) = (&mut choice.logprobs, more) {
                         all.tokens.extend(more.tokens);
                         all.token_logprobs.extend(more.token_logprobs);
                         all.top_logprobs.extend(more.top_logprobs);
@@ -165,12 +201,10 @@ impl TextCompletion {
                     }
                 }
                 Event::Finished { reason, usage } => {
-                    return Ok(self.response(
-                        text,
-                        logprobs,
-                        Some(reason.into()),
-                        Some(usage.into()),
-                    ))
+                    choices[index].finish_reason = Some(reason.into());
+                    if self.choice_finished(usage) {
+                        return Ok(self.response(choices, Some(self.usage.into())));
+                    }
                 }
                 Event::Failed(err) => return Err(err.into()),
                 // Completions are never diagnosed.
@@ -180,30 +214,29 @@ impl TextCompletion {
         Err(engine_vanished())
     }
 
-    /// The SSE frames for one engine event, and whether it was the last.
-    fn frames(&mut self, event: Option<Event>) -> (Vec<SseEvent>, bool) {
+    /// The SSE frames for one engine event of choice `index`, and whether it was the last.
+    fn frames(&mut self, event: Option<(usize, Event)>) -> (Vec<SseEvent>, bool) {
+        let (index, event) = match event {
+            Some((index, event)) => (index, Some(event)),
+            None => (0, None),
+        };
         match event {
             Some(Event::Delta { text, logprobs }) => {
-                let logprobs = self.logprobs(logprobs);
+                let logprobs = self.logprobs(index, logprobs);
                 if text.is_empty() && logprobs.is_none() {
                     return (Vec::new(), false);
                 }
-                (
-                    vec![json_frame(&self.response(text, logprobs, None, None))],
-                    false,
-                )
+                (vec![self.frame(index, text, logprobs, None)], false)
             }
             Some(Event::Finished { reason, usage }) => {
-                let mut frames = vec![json_frame(&self.response(
-                    String::new(),
-                    None,
-                    Some(reason.into()),
-                    None,
-                ))];
+                let mut frames = vec![self.frame(index, String::new(), None, Some(reason.into()))];
+                if !self.choice_finished(usage) {
+                    return (frames, false);
+                }
                 if self.options.include_usage {
-                    let mut last = self.response(String::new(), None, None, Some(usage.into()));
-                    last.choices.clear();
-                    frames.push(json_frame(&last));
+                    frames.push(json_frame(
+                        &self.response(Vec::new(), Some(self.usage.into())),
+                    ));
                 }
                 frames.push(done_frame());
                 (frames, true)
@@ -218,18 +251,20 @@ impl TextCompletion {
     }
 }
 
-/// SSE: the echoed prompt first (with `echo`), then the engine's events as frames. Dropping the
-/// response body (the client went away) drops `events`, which cancels the request in the engine.
+/// SSE: the echoed prompt first (with `echo`, once per choice), then the engine's events of
+/// every choice as frames, in the order they come. Dropping the response body (the client went
+/// away) drops `events`, which cancels the request in the engine.
 fn stream_response(
-    events: GenerationStream,
+    events: Generation,
     mut completion: TextCompletion,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let echo = completion
-        .options
-        .echo
-        .take()
-        .map(|echo| json_frame(&completion.response(echo, None, None, None)));
-    let body = stream::unfold(Some((events, completion)), |state| async move {
+    let echo: Vec<SseEvent> = match completion.options.echo.take() {
+        Some(echo) => (0..events.len())
+            .map(|index| completion.frame(index, echo.clone(), None, None))
+            .collect(),
+        None => Vec::new(),
+    };
+    let body = stream::unfold(Some((events.merged(), completion)), |state| async move {
         let (mut events, mut completion) = state?;
         let (frames, last) = completion.frames(events.next().await);
         let next = (!last).then_some((events, completion));

@@ -33,7 +33,7 @@ use utoipa_axum::routes;
 pub use extract::ApiJson;
 
 use crate::app::AppState;
-use crate::engine::GenerationStream;
+use crate::engine::Generation;
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::UNMATCHED_ROUTE;
 use crate::openai::ChatCompletionRequest;
@@ -56,7 +56,7 @@ async fn validate_and_submit(
     headers: &HeaderMap,
     request: ChatCompletionRequest,
     purpose: Purpose,
-) -> Result<(GenerationStream, ResponseOptions), ApiError> {
+) -> Result<(Generation, ResponseOptions), ApiError> {
     let arrived = Instant::now();
     let model = state.model()?;
     let request_id = request_id(headers).to_string();

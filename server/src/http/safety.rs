@@ -71,6 +71,8 @@ pub(super) async fn diagnose(
 ) -> Result<Response, ApiError> {
     let (events, options) =
         super::validate_and_submit(&state, &headers, request, Purpose::Diagnose).await?;
+    // Validation gives the diagnose purpose one choice.
+    let events = events.single();
     let retrieval = super::retrieval_headers(&options.retrieved);
     let collected = Collected {
         meta: options.diagnostics,

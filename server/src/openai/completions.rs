@@ -50,13 +50,15 @@ pub struct CompletionRequest {
     /// At most 16 strings of at most 256 bytes each, none empty; not part of the output.
     #[serde(default)]
     pub stop: Option<StopSequences>,
-    /// Only 1 is supported.
+    /// Choices to generate (default 1), at most 16 and at most the server's
+    /// `--max-num-seqs`. They share the prompt's prefill; with a `seed`, choice `i` samples
+    /// with `seed + i` (so it is the one-choice request with that seed).
     #[serde(default)]
-    #[schema(minimum = 1, maximum = 1)]
+    #[schema(minimum = 1, maximum = 16)]
     pub n: Option<i64>,
-    /// Only 1 is supported.
+    /// Only equal to `n` (ranking extra choices is not supported).
     #[serde(default)]
-    #[schema(minimum = 1, maximum = 1)]
+    #[schema(minimum = 1, maximum = 16)]
     pub best_of: Option<i64>,
     /// Return the log-probabilities of each generated token and of this many most likely
     /// alternatives (0 to 20). Not with `echo` (the prompt's logprobs are not computed).

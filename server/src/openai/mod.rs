@@ -113,9 +113,11 @@ pub struct ChatCompletionRequest {
     pub seed: Option<i64>,
     #[serde(default)]
     pub stop: Option<StopSequences>,
-    /// Only 1 is supported.
+    /// Choices to generate (default 1), at most 16 and at most the server's
+    /// `--max-num-seqs`. They share the prompt's prefill; with a `seed`, choice `i` samples
+    /// with `seed + i` (so it is the one-choice request with that seed). Not with diagnostics.
     #[serde(default)]
-    #[schema(minimum = 1, maximum = 1)]
+    #[schema(minimum = 1, maximum = 16)]
     pub n: Option<i64>,
     #[serde(default)]
     pub logprobs: Option<bool>,

@@ -62,6 +62,7 @@ impl Validator {
                 "stream_options is only allowed when stream is true",
             ));
         }
+        let n = self.choices(request.n)?;
         let echo = request.echo.unwrap_or(false);
         let logprobs = match request.logprobs {
             None => None,
@@ -127,6 +128,7 @@ impl Validator {
             arrived,
             diagnose: None,
             constraint: None,
+            n,
         };
         let options = CompletionOptions {
             model: self.model_id.clone(),
@@ -349,13 +351,12 @@ fn refuse_unsupported_completion_fields(request: &CompletionRequest) -> Result<(
             "suffix is not supported (the served model does not insert text)",
         ));
     }
-    for (param, value) in [("n", request.n), ("best_of", request.best_of)] {
-        if let Some(value) = value.filter(|&v| v != 1) {
-            return Err(ApiError::invalid(
-                param,
-                format!("{param} must be 1 (several choices per request are not supported), got {value}"),
-            ));
-        }
+    // best_of = n is n choices; more would need ranking them (vLLM V1 dropped it too).
+    if let Some(best_of) = request.best_of.filter(|&b| b != request.n.unwrap_or(1)) {
+        return Err(ApiError::invalid(
+            "best_of",
+            format!("best_of must equal n (ranking extra choices is not supported), got {best_of}"),
+        ));
     }
     for (param, value) in [
         ("presence_penalty", request.presence_penalty),

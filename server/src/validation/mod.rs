@@ -37,6 +37,9 @@ pub const DEFAULT_MAX_REQUEST_PIXELS: u64 = 8 * 2048 * 2048;
 /// OpenAI's bound on `stop` strings, and our bound on each one's length: the stop matcher then
 /// costs O(longest stop) per generated token.
 pub const MAX_STOP_SEQUENCES: usize = 16;
+/// Choices per request (`n`), at most; never more than the engine's `max_num_seqs`, since a
+/// request's choices decode together.
+pub const MAX_CHOICES: usize = 16;
 pub const MAX_STOP_BYTES: usize = 256;
 
 /// Request limits (besides the body size, which the HTTP layer enforces).
@@ -50,6 +53,8 @@ pub struct Limits {
     pub max_stop_sequences: usize,
     /// Pixels summed over the request's images, checked from their headers.
     pub max_request_pixels: u64,
+    /// `n`: [`MAX_CHOICES`], or `max_num_seqs` when that is smaller.
+    pub max_choices: usize,
 }
 
 impl Limits {
@@ -60,6 +65,7 @@ impl Limits {
             max_images_per_request: DEFAULT_MAX_IMAGES_PER_REQUEST,
             max_stop_sequences: MAX_STOP_SEQUENCES,
             max_request_pixels: DEFAULT_MAX_REQUEST_PIXELS,
+            max_choices: MAX_CHOICES,
         }
     }
 }
@@ -147,13 +153,12 @@ impl Validator {
         let diagnostics = request.diagnostics.take();
         self.check_model(request.model.as_deref())?;
         refused::refuse_unsupported(&request)?;
-        if let Some(n) = request.n {
-            if n != 1 {
-                return Err(ApiError::invalid(
-                    "n",
-                    format!("n must be 1 (several choices per request are not supported), got {n}"),
-                ));
-            }
+        let n = self.choices(request.n)?;
+        if n > 1 && (diagnostics.is_some() || purpose == Purpose::Diagnose) {
+            return Err(ApiError::invalid(
+                "n",
+                "diagnostics describe one answer: n must be 1 when diagnostics are asked for",
+            ));
         }
         let stream = request.stream.unwrap_or(false);
         if request.stream_options.is_some() && !stream {
@@ -264,8 +269,22 @@ impl Validator {
             arrived,
             diagnose,
             constraint,
+            n,
         };
         Ok((valid, options))
+    }
+
+    /// `n`: 1 to [`Limits::max_choices`].
+    pub(crate) fn choices(&self, n: Option<i64>) -> Result<usize, ApiError> {
+        let max = self.limits.max_choices;
+        match n {
+            None => Ok(1),
+            Some(n) if n >= 1 && n as u64 <= max as u64 => Ok(n as usize),
+            Some(n) => Err(ApiError::invalid(
+                "n",
+                format!("n must be between 1 and {max}, got {n}"),
+            )),
+        }
     }
 
     /// Validates the diagnostics options against the prompt; the plan, and the meta when the

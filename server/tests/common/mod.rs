@@ -323,6 +323,26 @@ impl SequenceCache for FakeCache {
         self.len = self.table.reuse_prefix(hashes) * self.table.block_size();
         self.len
     }
+    fn fork(&self) -> Self {
+        FakeCache {
+            table: self.table.fork(),
+            len: self.len,
+            tokens: self.tokens.clone(),
+            prompt_len: self.prompt_len,
+            eos_after: self.eos_after,
+        }
+    }
+}
+
+impl FakeCache {
+    /// What the real model does before writing positions `range`: shared blocks are copied
+    /// (a free block each), which the engine must have kept room for.
+    fn prepare_write(&mut self, range: std::ops::Range<usize>) {
+        let shared = self.table.shared_blocks(range.clone());
+        self.table.prepare_write(range).unwrap_or_else(|err| {
+            panic!("the engine left no free block for the copy of {shared} shared block(s): {err}")
+        });
+    }
 }
 
 impl ModelBackend for FakeModel {
@@ -362,6 +382,7 @@ impl ModelBackend for FakeModel {
             .lock()
             .unwrap()
             .push(end - cache.len);
+        cache.prepare_write(cache.len..end);
         // The fake "cache" is the token list (a reused prefix's tokens come from the input).
         cache.tokens = (0..end).map(|p| input.token(p)).collect();
         cache.len = end;
@@ -407,6 +428,7 @@ impl ModelBackend for FakeModel {
                     cache.table.capacity() > cache.len,
                     "decode without a reserved position"
                 );
+                cache.prepare_write(cache.len..cache.len + 1);
                 cache.tokens.push(token);
                 cache.len += 1;
                 logits_for(cache)
