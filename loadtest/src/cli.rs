@@ -100,6 +100,10 @@ pub struct RunArgs {
     pub ignore_eos: bool,
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
+    /// OpenAI's `response_format` for every chat request (structured outputs), as JSON, e.g.
+    /// '{"type": "json_object"}', or @FILE holding it.
+    #[arg(long, value_parser = parse_response_format)]
+    pub response_format: Option<serde_json::Value>,
     /// Share of requests sent to /v1/safety/diagnose (not streamed), 0..1.
     #[arg(long, default_value_t = 0.0)]
     pub diagnose_ratio: f64,
@@ -134,6 +138,20 @@ pub struct RunArgs {
     /// No progress bar (there is none anyway when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
+}
+
+/// `--response-format`: inline JSON or `@path` to a JSON file; an object.
+fn parse_response_format(arg: &str) -> std::result::Result<serde_json::Value, String> {
+    let text = match arg.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?,
+        None => arg.to_string(),
+    };
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("not JSON: {e}"))?;
+    if !value.is_object() {
+        return Err("response_format must be a JSON object".into());
+    }
+    Ok(value)
 }
 
 impl RunArgs {
@@ -190,6 +208,7 @@ impl RunArgs {
             },
             temperature: self.temperature,
             ignore_eos: self.ignore_eos,
+            response_format: self.response_format.clone(),
             slo: self.slo.clone().map(|s| s.0).unwrap_or_default(),
             timeout: self.timeout,
             warmup: self.warmup,

@@ -29,6 +29,8 @@ pub struct Target {
     pub temperature: f64,
     /// vLLM's `ignore_eos` extension: generate exactly max_tokens.
     pub ignore_eos: bool,
+    /// OpenAI's `response_format`, on chat requests.
+    pub response_format: Option<Value>,
     pub timeout: Duration,
 }
 
@@ -62,6 +64,9 @@ impl Target {
         }
         match spec.kind {
             RequestKind::Chat => {
+                if let Some(format) = &self.response_format {
+                    body["response_format"] = format.clone();
+                }
                 body["stream"] = json!(true);
                 body["stream_options"] = json!({"include_usage": true});
             }
@@ -464,6 +469,36 @@ async fn diagnose(request: reqwest::RequestBuilder, sent: Instant, record: &mut 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chat_bodies_carry_the_response_format_and_diagnose_bodies_do_not() {
+        let mut target = Target {
+            client: reqwest::Client::new(),
+            base_url: "http://127.0.0.1:1".into(),
+            api_key: None,
+            model: None,
+            temperature: 0.0,
+            ignore_eos: true,
+            response_format: Some(json!({"type": "json_object"})),
+            timeout: Duration::from_secs(1),
+        };
+        let mut spec = RequestSpec {
+            index: 0,
+            kind: RequestKind::Chat,
+            messages: json!([]),
+            images: vec![],
+            max_tokens: 8,
+            seed: 0,
+        };
+        let body = target.body(&spec);
+        assert_eq!(body["response_format"], json!({"type": "json_object"}));
+        assert_eq!(body["ignore_eos"], json!(true));
+        spec.kind = RequestKind::Diagnose;
+        assert!(target.body(&spec).get("response_format").is_none());
+        target.response_format = None;
+        spec.kind = RequestKind::Chat;
+        assert!(target.body(&spec).get("response_format").is_none());
+    }
 
     #[test]
     fn openai_and_flat_error_bodies_give_code_and_message() {

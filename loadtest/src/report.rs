@@ -39,6 +39,9 @@ pub struct Settings {
     pub prompt_words: Option<String>,
     pub temperature: f64,
     pub ignore_eos: bool,
+    /// The `response_format` sent with chat requests, as JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<String>,
     pub slo: Vec<SloTarget>,
     pub timeout_s: f64,
     pub warmup: u64,
@@ -478,6 +481,15 @@ impl Report {
                 ),
             ),
             (
+                "Sampling",
+                format!(
+                    "temperature {}; ignore_eos {}; response_format {}",
+                    s.temperature,
+                    s.ignore_eos,
+                    s.response_format.as_deref().unwrap_or("none")
+                ),
+            ),
+            (
                 "Requests sent (chat/diagnose/images)",
                 format!(
                     "{} ({}/{}/{})",
@@ -600,6 +612,7 @@ mod tests {
             prompt_words: None,
             temperature: 0.0,
             ignore_eos: false,
+            response_format: None,
             slo,
             timeout_s: 10.0,
             warmup: 0,

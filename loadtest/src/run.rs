@@ -77,6 +77,8 @@ pub struct RunConfig {
     pub workload: Workload,
     pub temperature: f64,
     pub ignore_eos: bool,
+    /// Sent as `response_format` with every chat request.
+    pub response_format: Option<serde_json::Value>,
     pub slo: Vec<SloTarget>,
     pub timeout: Duration,
     /// Unmeasured requests sent one by one before the run (and before the first scrape).
@@ -171,6 +173,7 @@ impl RunConfig {
             prompt_words: w.prompt_words.map(|d| d.to_string()),
             temperature: self.temperature,
             ignore_eos: self.ignore_eos,
+            response_format: self.response_format.as_ref().map(|v| v.to_string()),
             slo: self.slo.clone(),
             timeout_s: self.timeout.as_secs_f64(),
             warmup: self.warmup,
@@ -256,6 +259,7 @@ pub async fn run(config: &RunConfig, stop: watch::Receiver<bool>) -> Result<Repo
         model: config.model.clone(),
         temperature: config.temperature,
         ignore_eos: config.ignore_eos,
+        response_format: config.response_format.clone(),
         timeout: config.timeout,
     };
     if target.model.is_none() {
