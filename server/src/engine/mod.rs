@@ -4,7 +4,9 @@
 //! Scheduling follows vLLM / TGI: between two decode steps the engine admits waiting requests
 //! (each is prefilled alone, then joins the running batch) up to `max_num_seqs` sequences and
 //! `max_batch_tokens` prefilled tokens per step; a sequence that finishes, fails or whose client
-//! went away leaves the batch before the next step.
+//! went away leaves the batch before the next step. A request of `n` choices is prefilled once;
+//! its choices then split into `n` sequences over the same KV blocks (copy-on-write), each with
+//! its own event stream.
 
 pub mod plan;
 pub mod request;
