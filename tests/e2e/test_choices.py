@@ -105,3 +105,15 @@ def test_bad_n_is_a_400_naming_it(client, fields):
     with pytest.raises(openai.BadRequestError) as err:
         chat(client, **fields)
     assert err.value.body["param"] == "n", err.value.body
+
+
+def test_each_choice_follows_the_grammar(client):
+    import json
+
+    result = chat(client, n=3, seed=9, max_tokens=48, response_format={"type": "json_object"})
+    for choice in result.choices:
+        if choice.finish_reason == "stop":
+            assert isinstance(json.loads(choice.message.content), dict), choice.message.content
+        else:
+            assert choice.message.content.lstrip().startswith("{"), choice.message.content
+    assert len(set(texts(result))) > 1, texts(result)
