@@ -6,17 +6,7 @@
 mod common;
 
 use common::*;
-use model::kv::KvPoolConfig;
 use serde_json::{json, Value};
-
-fn pool(block_size: usize, num_blocks: usize) -> TestOptions {
-    let mut options = TestOptions::default();
-    options.fake.kv_pool = KvPoolConfig {
-        block_size,
-        num_blocks,
-    };
-    options
-}
 
 fn sampled(text: &str, seed: u64, n: usize, max_tokens: usize) -> Value {
     let mut r = text_request(text);
@@ -38,15 +28,6 @@ fn contents(body: &Value) -> Vec<String> {
             c["message"]["content"].as_str().unwrap().to_string()
         })
         .collect()
-}
-
-async fn assert_no_blocks_held(server: &TestServer) {
-    let kv = server.observed.kv.lock().unwrap().clone().unwrap();
-    assert!(
-        eventually(|| kv.lock().used() == 0).await,
-        "{} blocks still held",
-        kv.lock().used()
-    );
 }
 
 /// The answers of `n` one-choice requests with seeds `seed..seed + n`.
@@ -214,25 +195,11 @@ async fn completions_give_n_choices_each_echoed() {
     };
     let mut want = Vec::new();
     for i in 0..3 {
-        let response = server
-            .client
-            .post(server.url("/v1/completions"))
-            .json(&request(1, 5 + i))
-            .send()
-            .await
-            .unwrap();
-        let body: Value = response.json().await.unwrap();
+        let (_, body) = post(&server, "/v1/completions", &request(1, 5 + i)).await;
         want.push(body["choices"][0]["text"].as_str().unwrap().to_string());
     }
-    let response = server
-        .client
-        .post(server.url("/v1/completions"))
-        .json(&request(3, 5))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.unwrap();
+    let (status, body) = post(&server, "/v1/completions", &request(3, 5)).await;
+    assert_eq!(status, 200, "{body}");
     let got: Vec<String> = body["choices"]
         .as_array()
         .unwrap()
@@ -245,14 +212,9 @@ async fn completions_give_n_choices_each_echoed() {
     // best_of other than n is refused.
     let mut bad = request(2, 5);
     bad["best_of"] = json!(3);
-    let response = server
-        .client
-        .post(server.url("/v1/completions"))
-        .json(&bad)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 400);
+    let (status, body) = post(&server, "/v1/completions", &bad).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["param"], "best_of");
 }
 
 #[tokio::test]

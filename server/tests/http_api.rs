@@ -1281,19 +1281,6 @@ async fn models_by_id_version_and_the_bearer_scheme_in_any_case() {
 // ---------------------------------------------------------------------------------------------
 // Refused fields, /v1/completions, /tokenize, /detokenize
 
-/// Status and JSON body of a POST to `path`.
-async fn post(server: &TestServer, path: &str, body: &Value) -> (u16, Value) {
-    let response = server
-        .client
-        .post(server.url(path))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
-}
-
 fn completion_text(body: &Value) -> &str {
     body["choices"][0]["text"].as_str().unwrap()
 }

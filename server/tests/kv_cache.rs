@@ -8,27 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use model::kv::KvPoolConfig;
 use serde_json::json;
-
-fn pool(block_size: usize, num_blocks: usize) -> TestOptions {
-    let mut options = TestOptions::default();
-    options.fake.kv_pool = KvPoolConfig {
-        block_size,
-        num_blocks,
-    };
-    options
-}
-
-/// Every block is back in the pool (free or holding a reusable cached prefix).
-async fn assert_no_blocks_held(server: &TestServer) {
-    let kv = server.observed.kv.lock().unwrap().clone().unwrap();
-    assert!(
-        eventually(|| kv.lock().used() == 0).await,
-        "{} blocks still held",
-        kv.lock().used()
-    );
-}
 
 fn request(text: &str, max_tokens: usize) -> serde_json::Value {
     let mut r = text_request(text);

@@ -757,3 +757,40 @@ pub async fn eventually(mut condition: impl FnMut() -> bool) -> bool {
     }
     condition()
 }
+
+/// Options with the fake's KV pool set to `num_blocks` blocks of `block_size` positions.
+pub fn pool(block_size: usize, num_blocks: usize) -> TestOptions {
+    let mut options = TestOptions::default();
+    options.fake.kv_pool = KvPoolConfig {
+        block_size,
+        num_blocks,
+    };
+    options
+}
+
+/// Every block is back in the pool (free or holding a reusable cached prefix).
+pub async fn assert_no_blocks_held(server: &TestServer) {
+    let kv = server.observed.kv.lock().unwrap().clone().unwrap();
+    assert!(
+        eventually(|| kv.lock().used() == 0).await,
+        "{} blocks still held",
+        kv.lock().used()
+    );
+}
+
+/// Status and JSON body of a POST of `body` to `path`.
+pub async fn post(
+    server: &TestServer,
+    path: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let response = server
+        .client
+        .post(server.url(path))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
