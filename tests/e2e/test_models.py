@@ -311,7 +311,7 @@ def test_random_weights_serve_the_tiny_preset_with_an_image(spawn_server):
     server = spawn_server("--random-weights", "tiny", "--random-seed", "5", tiny=False)
     models = server.session.get(server.url + "/v1/models", timeout=10).json()["data"]
     assert [m["id"] for m in models] == ["random:tiny"]
-    name = "photo_120x160.png"
+    name = "portrait_300x200.png"
     messages = [user(image_part(data_uri(name)), "Describe it.")]
     first = server.chat(messages, max_tokens=8, temperature=0)
     again = server.chat(messages, max_tokens=8, temperature=0)
