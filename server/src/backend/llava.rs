@@ -153,12 +153,18 @@ pub fn load_random(
                 ""
             };
             return Err(ModelError::InsufficientMemory(format!(
-                "random weights for {} ({} parameters in {compute:?}, linear weights in                  {linear:?}) need {needed} bytes ({:.1} GiB), more than the {available} bytes                  ({:.1} GiB) available on {}{hint}",
+                "random weights for {} ({} parameters in {compute:?}, linear weights in \
+                 {linear:?}) need {needed} bytes ({:.1} GiB), more than the {available} bytes \
+                 ({:.1} GiB) available on {}{hint}",
                 spec.name,
                 footprint.parameters(),
                 gib(needed),
                 gib(available),
-                if device.is_cpu() { "the host" } else { "the device" },
+                if device.is_cpu() {
+                    "the host"
+                } else {
+                    "the device"
+                },
             )));
         }
     }
