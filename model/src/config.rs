@@ -128,6 +128,18 @@ impl LlavaConfig {
         }
     }
 
+    /// An HF `llava` / `llava_next` `config.json` already read (`path` names it in messages):
+    /// what random-weight models are built from.
+    pub fn from_hf_json(path: &Path, raw: &Value) -> Result<Self> {
+        match raw.get("model_type").and_then(Value::as_str).unwrap_or("") {
+            t @ ("llava" | "llava_next") => Self::from_hf(path, raw, t == "llava_next"),
+            other => Err(ModelError::config(
+                path,
+                format!("model_type {other:?}: expected an HF llava_next or llava config"),
+            )),
+        }
+    }
+
     fn from_hf(path: &Path, raw: &Value, next: bool) -> Result<Self> {
         let text_raw = raw.get("text_config").cloned().unwrap_or(Value::Null);
         if let Some(mt) = text_raw.get("model_type").and_then(Value::as_str) {

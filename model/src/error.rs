@@ -59,6 +59,9 @@ pub enum ModelError {
     #[error("retrieval index {path}: {msg}")]
     Index { path: PathBuf, msg: String },
 
+    /// Weights that would not fit in the memory available, refused before any is allocated.
+    #[error("not enough memory: {0}")]
+    InsufficientMemory(String),
     #[error("invalid input: {0}")]
     InvalidInput(String),
     /// The paged KV cache has no room for a forward (a scheduler reserves ahead to avoid it).

@@ -6,6 +6,8 @@
 //! - `tokenizer`, `sentencepiece`, `template`: tokenizers, SentencePiece `.model` files, chat templates.
 //! - `cpu`: f32 CPU kernels (small-batch linear, decode attention, fused softmax/activations).
 //! - `clip`, `mistral`, `llava`: vision tower, decoder with [`mistral::LayerTaps`], the assembled model.
+//! - `random`: random-weight models of any LLaVA-NeXT shape (presets: the 7B, a tiny one), built
+//!   through the loader's construction path.
 //! - `kv`: the paged KV cache's block allocator, block tables and prefix hashes (the storage is the
 //!   decoder's).
 //! - `sampling`: logits to tokens (greedy, temperature, top-k/top-p, seeds, logprobs, stops).
@@ -26,6 +28,7 @@ pub mod image;
 pub mod kv;
 pub mod llava;
 pub mod mistral;
+pub mod random;
 pub mod retrieval;
 pub mod sampling;
 pub mod sentencepiece;

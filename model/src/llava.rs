@@ -8,6 +8,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 
 use crate::clip::{Projector, VisionTower};
 use crate::config::{
@@ -22,8 +23,8 @@ use crate::weights::Checkpoint;
 pub struct LoadOptions {
     /// CLIP directory for original-format checkpoints (`--vision-tower`).
     pub vision_tower: Option<PathBuf>,
-    /// Compute dtype; default f32 on CPU (bf16/f16 weights are widened once at load) and the
-    /// checkpoint's own dtype elsewhere.
+    /// Compute dtype; default f32 on CPU (bf16/f16 weights are widened once at load) and bf16
+    /// elsewhere.
     pub dtype: Option<DType>,
     /// How the decoder's linear weights are stored (the other weights: in the compute dtype).
     pub linear_weights: LinearWeights,
@@ -45,26 +46,20 @@ pub enum LinearWeights {
     Dtype(DType),
 }
 
-/// The dtype the decoder's linear weights are stored in, from the options and the checkpoint's
-/// own (`q_proj` of layer 0 speaks for all).
-fn linear_dtype(
-    ckpt: &Checkpoint,
+/// The dtype the decoder's linear weights are stored in, from the options and the dtype the
+/// checkpoint stores them in (`stored`: `q_proj` of layer 0 speaks for all).
+pub(crate) fn linear_dtype(
+    stored: Option<DType>,
     choice: LinearWeights,
     compute: DType,
     device: &Device,
 ) -> Result<DType> {
     let wanted = match choice {
         LinearWeights::Compute => return Ok(compute),
-        LinearWeights::Checkpoint => {
-            match ckpt.dtype_of("language_model.model.layers.0.self_attn.q_proj.weight") {
-                Some(d @ (DType::BF16 | DType::F16))
-                    if compute == DType::F32 && device.is_cpu() =>
-                {
-                    d
-                }
-                _ => return Ok(compute),
-            }
-        }
+        LinearWeights::Checkpoint => match stored {
+            Some(d @ (DType::BF16 | DType::F16)) if compute == DType::F32 && device.is_cpu() => d,
+            _ => return Ok(compute),
+        },
         LinearWeights::Dtype(d) => d,
     };
     if wanted == compute {
@@ -77,6 +72,16 @@ fn linear_dtype(
         )));
     }
     Ok(wanted)
+}
+
+/// The compute dtype: the option, else f32 on the CPU (bf16/f16 weights are widened once at
+/// load) and bf16 elsewhere.
+pub(crate) fn default_dtype(opts: &LoadOptions, device: &Device) -> DType {
+    opts.dtype.unwrap_or(if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    })
 }
 
 /// One image ready for the vision tower.
@@ -99,7 +104,7 @@ pub struct LlavaModel {
     dtype: DType,
 }
 
-const VISION: &str = "vision_tower.vision_model";
+pub(crate) const VISION: &str = "vision_tower.vision_model";
 
 impl LlavaModel {
     pub fn load(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<Self> {
@@ -130,45 +135,49 @@ impl LlavaModel {
                     .unwrap_or_default()
             )));
         }
-        let dtype = opts.dtype.unwrap_or(if device.is_cpu() {
-            DType::F32
-        } else {
-            DType::BF16
-        });
-        let linear = linear_dtype(&ckpt, opts.linear_weights, dtype, device)?;
+        let dtype = default_dtype(opts, device);
+        let stored = ckpt.dtype_of("language_model.model.layers.0.self_attn.q_proj.weight");
+        let linear = linear_dtype(stored, opts.linear_weights, dtype, device)?;
         let vb = ckpt.var_builder(dtype, device);
-        let needed = config.vision_layers_needed();
-        for i in needed..config.vision.num_hidden_layers {
+        for i in config.vision_layers_needed()..config.vision.num_hidden_layers {
             ckpt.allow_unused(format!("{VISION}.encoder.layers.{i}."));
         }
         ckpt.allow_unused(format!("{VISION}.post_layernorm."));
-        let built = (|| -> candle_core::Result<_> {
-            let vision = VisionTower::new(&config.vision, needed, vb.pp(VISION))?;
-            let projector = Projector::new(
-                config.vision.hidden_size,
-                config.text.hidden_size,
-                vb.pp("multi_modal_projector"),
-            )?;
-            let image_newline = match preprocess.aspect {
-                AspectMode::Anyres { .. } => {
-                    Some(vb.get(config.text.hidden_size, "image_newline")?)
-                }
-                _ => None,
-            };
-            let decoder = Decoder::new(&config.text, vb.pp("language_model"), linear)?;
-            Ok((vision, projector, image_newline, decoder))
-        })();
-        let (vision, projector, image_newline, decoder) = built.map_err(|e| ckpt.explain(e))?;
+        let model = Self::build(config, preprocess, vb, linear).map_err(|e| ckpt.explain(e))?;
         ckpt.check_all_used()?;
         tracing::info!(
-            format = ?config.format,
-            layers = config.text.num_hidden_layers,
-            hidden = config.text.hidden_size,
+            format = ?model.config.format,
+            layers = model.config.text.num_hidden_layers,
+            hidden = model.config.text.hidden_size,
             ?dtype,
             linear_weights = ?linear,
             "model loaded from {}",
             dir.display()
         );
+        Ok(model)
+    }
+
+    /// The model's modules from `vb` (rooted at the canonical names, in its dtype and device):
+    /// the one construction path of checkpoints and random weights. CLIP layers past the
+    /// feature layer and `post_layernorm` are never read.
+    pub(crate) fn build(
+        config: LlavaConfig,
+        preprocess: PreprocessConfig,
+        vb: VarBuilder,
+        linear: DType,
+    ) -> candle_core::Result<Self> {
+        let vision =
+            VisionTower::new(&config.vision, config.vision_layers_needed(), vb.pp(VISION))?;
+        let projector = Projector::new(
+            config.vision.hidden_size,
+            config.text.hidden_size,
+            vb.pp("multi_modal_projector"),
+        )?;
+        let image_newline = match preprocess.aspect {
+            AspectMode::Anyres { .. } => Some(vb.get(config.text.hidden_size, "image_newline")?),
+            _ => None,
+        };
+        let decoder = Decoder::new(&config.text, vb.pp("language_model"), linear)?;
         Ok(Self {
             config,
             preprocess,
@@ -176,8 +185,8 @@ impl LlavaModel {
             projector,
             image_newline,
             decoder,
-            device: device.clone(),
-            dtype,
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
         })
     }
 

@@ -75,6 +75,15 @@ impl Checkpoint {
         })
     }
 
+    /// Every tensor's canonical name and shape.
+    pub fn shapes(&self) -> std::collections::BTreeMap<String, Vec<usize>> {
+        self.inner
+            .entries
+            .iter()
+            .map(|(name, e)| (name.clone(), e.shape.clone()))
+            .collect()
+    }
+
     pub fn contains(&self, canonical: &str) -> bool {
         self.inner.entries.contains_key(canonical)
     }

@@ -216,6 +216,15 @@ pub struct ServeArgs {
     /// `builtin:baseline` (the same, LLaVA recipe) or `builtin:tiny` (a random-weight fixture).
     #[arg(long, env = "TGA_MODEL")]
     pub model: Option<PathBuf>,
+    /// Serve a model with random weights drawn on the device instead of a checkpoint: a preset
+    /// (`llava-v1.6-mistral-7b`: the real shapes, 7.57 B parameters; `tiny`: builtin:tiny's
+    /// shapes) or an HF llava_next config.json. It uses builtin:tiny's tokenizer and chat
+    /// template; its answers are noise. For benchmarks and tests.
+    #[arg(long, env = "TGA_RANDOM_WEIGHTS", conflicts_with_all = ["model", "vision_tower"])]
+    pub random_weights: Option<String>,
+    /// The seed of --random-weights (the same seed draws the same weights on the same device).
+    #[arg(long, env = "TGA_RANDOM_SEED", default_value_t = 0)]
+    pub random_seed: u64,
     /// CLIP vision tower directory, for original-LLaVA checkpoints that name one outside.
     #[arg(long, env = "TGA_VISION_TOWER")]
     pub vision_tower: Option<PathBuf>,
@@ -714,6 +723,16 @@ mod tests {
         assert!(
             Cli::try_parse_from(["tga-serve", "serve", "--diagnose-sample-rate", "2"]).is_err()
         );
+    }
+
+    #[test]
+    fn random_weights_take_a_preset_and_exclude_a_checkpoint() {
+        let args = serve(&["--random-weights", "tiny", "--random-seed", "3"]);
+        assert_eq!(args.random_weights.as_deref(), Some("tiny"));
+        assert_eq!(args.random_seed, 3);
+        assert_eq!(serve(&[]).random_seed, 0);
+        let both = ["--random-weights", "tiny", "--model", "builtin:tiny"];
+        assert!(Cli::try_parse_from(["tga-serve", "serve"].iter().chain(&both)).is_err());
     }
 
     #[test]

@@ -134,6 +134,15 @@ fn gpu_budget(cfg: &TextConfig, args: &KvBudgetArgs) -> (u64, KvBudgetSource) {
     )
 }
 
+/// Memory free for new allocations on `device`: the host's `MemAvailable` on the CPU, the
+/// device's free memory on CUDA; `None` when it cannot be read.
+pub fn available_memory(device: &Device) -> Option<u64> {
+    match device.is_cuda() {
+        true => gpu_memory().map(|(free, _)| free),
+        false => mem_available(),
+    }
+}
+
 #[cfg(feature = "cuda")]
 fn gpu_memory() -> Option<(u64, u64)> {
     candle_core::cuda_backend::cudarc::driver::result::mem_get_info()

@@ -1,3 +1,4 @@
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -151,7 +152,13 @@ fn load_model(
     firehose: Arc<Firehose>,
 ) -> Result<ServingModel, Box<dyn std::error::Error + Send + Sync>> {
     let device = args.device.open()?;
+    let random = args
+        .random_weights
+        .as_deref()
+        .map(model::random::RandomModelSpec::parse)
+        .transpose()?;
     let builtin = match args.model.as_deref().and_then(|m| m.to_str()) {
+        _ if random.is_some() => None,
         None if args.model.is_none() => Some(Builtin::DEFAULT),
         None => None,
         Some(name) => Builtin::parse(name).transpose()?,
@@ -160,7 +167,7 @@ fn load_model(
     let dir = match (&materialized, &args.model) {
         (Some(m), _) => m.dir.clone(),
         (None, Some(dir)) => dir.clone(),
-        (None, None) => unreachable!("no --model means the default built-in model"),
+        (None, None) => PathBuf::new(), // --random-weights: no directory
     };
     if let Some(b) = builtin {
         tracing::info!(
@@ -187,14 +194,24 @@ fn load_model(
         tracing::warn!("bf16 on CPU is slow in candle (weights are widened on every matmul); f32 is recommended");
     }
     let started = std::time::Instant::now();
-    let mut loaded = server::backend::llava::load(
-        &dir,
-        vision_tower.clone(),
-        Some(dtype),
-        args.weights.linear_weights(),
-        template,
-        &device,
-    )?;
+    let mut loaded = match &random {
+        Some(spec) => server::backend::llava::load_random(
+            spec,
+            args.random_seed,
+            Some(dtype),
+            args.weights.linear_weights(),
+            template,
+            &device,
+        )?,
+        None => server::backend::llava::load(
+            &dir,
+            vision_tower.clone(),
+            Some(dtype),
+            args.weights.linear_weights(),
+            template,
+            &device,
+        )?,
+    };
     let max_model_len = args.max_model_len.map_or(
         loaded.model.config().text.max_position_embeddings,
         |limit| limit.min(loaded.model.config().text.max_position_embeddings),
@@ -236,7 +253,9 @@ fn load_model(
     let cfg = loaded.model.config();
     let card = ModelCard {
         id: args.served_model_name.clone().unwrap_or_else(|| {
-            if let Some(b) = builtin {
+            if let Some(spec) = &random {
+                format!("random:{}", spec.name)
+            } else if let Some(b) = builtin {
                 b.id().to_string()
             } else {
                 dir.file_name()

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import urllib.parse
+from pathlib import Path
 
 import pytest
 
@@ -300,3 +302,38 @@ def test_toy_tga_eval_on_a_fresh_subset_shows_the_papers_gap(tmp_path):
         assert dsr[model]["text"][1] <= 0.10 and dsr[model]["image"][1] <= 0.10, dsr
     assert dsr["baseline"]["text"][0] - dsr["baseline"]["image"][0] >= 0.30, dsr
     assert dsr["tga"]["image"][0] >= dsr["baseline"]["image"][0] + 0.20, dsr
+
+
+def test_random_weights_serve_the_tiny_preset_with_an_image(spawn_server):
+    """`--random-weights tiny` serves builtin:tiny's shapes with weights drawn at start-up (and
+    its tokenizer and template): a chat with an image is answered, greedily the same each time,
+    and the start-up log states the parameter count."""
+    server = spawn_server("--random-weights", "tiny", "--random-seed", "5", tiny=False)
+    models = server.session.get(server.url + "/v1/models", timeout=10).json()["data"]
+    assert [m["id"] for m in models] == ["random:tiny"]
+    name = "portrait_300x200.png"
+    messages = [user(image_part(data_uri(name)), "Describe it.")]
+    first = server.chat(messages, max_tokens=8, temperature=0)
+    again = server.chat(messages, max_tokens=8, temperature=0)
+    choice = first["choices"][0]
+    assert choice["finish_reason"] in ("stop", "length")
+    assert first["usage"]["prompt_tokens"] > image_token_counts()[upright_size(name)]
+    assert choice["message"]["content"] == again["choices"][0]["message"]["content"]
+    sampled = server.chat(messages, max_tokens=8, temperature=1.0, seed=3, logprobs=True)
+    assert sampled["choices"][0]["logprobs"]["content"], sampled
+    log = server.log_text()
+    assert "random weights drawn" in log and "parameters=" in log, server.log_tail()
+
+
+def test_random_weights_too_large_for_memory_are_refused(tmp_path):
+    """The 7B preset in f32 on the CPU (30 GB) is refused before anything is drawn when the host
+    has less memory available, with the bytes it needs, rather than being OOM-killed."""
+    meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
+    match = re.search(r"MemAvailable:\s+(\d+) kB", meminfo)
+    if not match or int(match[1]) * 1024 > 31 * 10**9:
+        pytest.skip("this host could hold the 7B preset in f32")
+    server = Server("--random-weights", "llava-v1.6-mistral-7b", "--dtype", "f32", tiny=False).spawn()
+    code = server.wait(timeout=60)
+    assert code not in (0, -9, -6, 101, 134), server.log_tail()
+    log = server.log_text()
+    assert "not enough memory" in log and "--weights bf16" in log, server.log_tail()

@@ -17,6 +17,7 @@ use model::image::{decode_image, preprocess, probe_image, ImageLimits};
 use model::kv::{BlockTable, KvBlocks};
 use model::llava::{LinearWeights, LlavaModel, LoadOptions};
 use model::mistral::{KeyMask, KvCache, LayerTaps, PrefillOutput, StateEdit, TapAccumulator};
+use model::random::RandomModelSpec;
 use model::template::{
     build_prompt, ChatMessage, ChatTemplate, ContentPart, PromptMode, PromptTokens,
     IMAGE_PLACEHOLDER,
@@ -39,11 +40,15 @@ use crate::engine::request::{
     image_order, ChatTurn, ImageInput, Prompt, PromptLayout, Role, TurnPart,
 };
 
-/// Everything loaded from a checkpoint directory.
+/// Everything loaded from a checkpoint directory (or drawn at random).
 pub struct LoadedModel {
     pub model: Arc<LlavaModel>,
     pub tokenizer: Arc<Tokenizer>,
     pub template: ChatTemplate,
+    /// Logit rows at or past this id are never sampled: a random-weight model's rows past its
+    /// borrowed tokenizer's ids stand for no text (`None`: every row may be, as transformers
+    /// samples a checkpoint's padded vocabulary).
+    pub sampled_vocab: Option<usize>,
 }
 
 /// Loads model, tokenizer and chat template. `template` names a built-in template or overrides
@@ -66,6 +71,21 @@ pub fn load(
         },
         device,
     )?;
+    let (tokenizer, template) = load_text(dir, template, model.config().format)?;
+    Ok(LoadedModel {
+        model: Arc::new(model),
+        tokenizer: Arc::new(tokenizer),
+        template,
+        sampled_vocab: None,
+    })
+}
+
+/// The tokenizer and chat template of `dir` (a checkpoint of `format`), or the named template.
+fn load_text(
+    dir: &Path,
+    template: Option<&str>,
+    format: CheckpointFormat,
+) -> Result<(Tokenizer, ChatTemplate), ModelError> {
     let tokenizer = Tokenizer::from_dir(dir)?;
     let template = match template {
         Some(name) => ChatTemplate::by_name(name)?,
@@ -77,7 +97,7 @@ pub fn load(
                 ChatTemplate::Jinja(t.with_special_tokens(specials))
             }
             Some(t) => t,
-            None if model.config().format == CheckpointFormat::Original => {
+            None if format == CheckpointFormat::Original => {
                 tracing::info!("no chat template in the checkpoint: using mistral_instruct (pass --template llava_llama_2 for TGA checkpoints)");
                 ChatTemplate::MistralInstruct
             }
@@ -89,10 +109,104 @@ pub fn load(
             }
         },
     };
+    Ok((tokenizer, template))
+}
+
+/// A random-weight model of `spec` (`--random-weights`) drawn from `seed`, with the tokenizer
+/// and chat template of the built-in tiny model (`fixtures/tiny-llava-next`: a 1000-piece
+/// SentencePiece BPE with Mistral's special ids, `<image>` = 1000, the llava-hf Mistral
+/// template): there is no hub to fetch Mistral's. The model's vocabulary rows must cover the
+/// tokenizer's ids; the rows past them are never sampled. The weights' bytes are estimated
+/// first and a model that would not fit in the memory available is refused.
+pub fn load_random(
+    spec: &RandomModelSpec,
+    seed: u64,
+    dtype: Option<DType>,
+    linear_weights: LinearWeights,
+    template: Option<&str>,
+    device: &Device,
+) -> Result<LoadedModel, ModelError> {
+    let opts = LoadOptions {
+        vision_tower: None,
+        dtype,
+        linear_weights,
+    };
+    let footprint = spec.footprint(&opts, device)?;
+    let (compute, linear) = spec.dtypes(&opts, device)?;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let needed = footprint.bytes();
+    tracing::info!(
+        model = %spec.name,
+        parameters = footprint.parameters(),
+        checkpoint_parameters = footprint.checkpoint_parameters(),
+        bytes = needed,
+        gib = format!("{:.2}", gib(needed)),
+        dtype = ?compute,
+        linear_weights = ?linear,
+        "drawing random weights"
+    );
+    if let Some(available) = crate::kv_budget::available_memory(device) {
+        if needed > available {
+            let hint = if device.is_cpu() && linear != DType::BF16 && linear != DType::F16 {
+                " (--weights bf16 stores the decoder's linear weights in half the bytes)"
+            } else {
+                ""
+            };
+            return Err(ModelError::InsufficientMemory(format!(
+                "random weights for {} ({} parameters in {compute:?}, linear weights in \
+                 {linear:?}) need {needed} bytes ({:.1} GiB), more than the {available} bytes \
+                 ({:.1} GiB) available on {}{hint}",
+                spec.name,
+                footprint.parameters(),
+                gib(needed),
+                gib(available),
+                if device.is_cpu() {
+                    "the host"
+                } else {
+                    "the device"
+                },
+            )));
+        }
+    }
+    let tiny = super::builtin::Builtin::Tiny
+        .materialize()
+        .map_err(|source| ModelError::Io {
+            path: std::env::temp_dir(),
+            source,
+        })?;
+    let text = load_text(&tiny.dir, template, CheckpointFormat::HfLlavaNext);
+    if let Err(err) = tiny.remove() {
+        tracing::debug!(error = %err, "cannot remove the built-in tokenizer's temp dir");
+    }
+    let (tokenizer, template) = text?;
+    let ids = tokenizer.vocab_size();
+    if ids > spec.config.text.vocab_size {
+        return Err(ModelError::Config {
+            path: spec.name.clone().into(),
+            msg: format!(
+                "vocab_size {} is smaller than the random-weight tokenizer's {ids} ids",
+                spec.config.text.vocab_size
+            ),
+        });
+    }
+    // Prompts hold the tokenizer's `<image>` id at image positions (their rows are overwritten
+    // by the image features, so the model never reads the config's id).
+    let mut spec = spec.clone();
+    let image_id = tokenizer.token_to_id(IMAGE_PLACEHOLDER);
+    if image_id != spec.config.image_token_index {
+        tracing::info!(
+            config = ?spec.config.image_token_index,
+            tokenizer = ?image_id,
+            "image_token_index follows the random-weight tokenizer's <image>"
+        );
+        spec.config.image_token_index = image_id;
+    }
+    let model = LlavaModel::random(&spec, seed, &opts, device)?;
     Ok(LoadedModel {
         model: Arc::new(model),
         tokenizer: Arc::new(tokenizer),
         template,
+        sampled_vocab: Some(ids),
     })
 }
 
@@ -445,6 +559,8 @@ pub struct LlavaBackend {
     lens: Option<LogitLens>,
     /// Per vocabulary id, the byte of a byte-fallback piece (`<0x41>` → 0x41).
     byte_tokens: Vec<Option<u8>>,
+    /// [`LoadedModel::sampled_vocab`].
+    sampled_vocab: Option<usize>,
 }
 
 impl LlavaBackend {
@@ -465,6 +581,7 @@ impl LlavaBackend {
             prompts: LlavaProcessor::new(loaded, ImageLimits::default()),
             lens,
             byte_tokens: byte_tokens(&loaded.tokenizer),
+            sampled_vocab: loaded.sampled_vocab,
         }
     }
 
@@ -1020,11 +1137,10 @@ impl ModelBackend for LlavaBackend {
     }
 
     fn sampler(&self, params: &SamplingParams, prompt: &[u32]) -> LlavaSampler {
-        LlavaSampler(Sampler::for_sequence(
-            params.clone(),
-            prompt,
-            &self.stop_ids,
-        ))
+        LlavaSampler {
+            sampler: Sampler::for_sequence(params.clone(), prompt, &self.stop_ids),
+            sampled_vocab: self.sampled_vocab,
+        }
     }
 
     fn stop_token_ids(&self) -> &[u32] {
@@ -1053,21 +1169,87 @@ impl ModelBackend for LlavaBackend {
     }
 }
 
-pub struct LlavaSampler(Sampler);
+pub struct LlavaSampler {
+    sampler: Sampler,
+    sampled_vocab: Option<usize>,
+}
 
 impl TokenSampler for LlavaSampler {
     fn sample(&mut self, logits: &[f32]) -> Result<SampledToken, BackendError> {
-        self.0.sample_logits(logits).map_err(internal)
+        match self.sampled_vocab {
+            Some(n) if n < logits.len() => {
+                // −inf rather than a shorter row, so that ids past `n` (a logit_bias) stay
+                // in range and the logprobs are normalised over the ids that can be drawn.
+                let mut row = logits.to_vec();
+                row[n..].fill(f32::NEG_INFINITY);
+                self.sampler.sample_logits(&row)
+            }
+            _ => self.sampler.sample_logits(logits),
+        }
+        .map_err(internal)
     }
 
     fn params(&self) -> &SamplingParams {
-        self.0.params()
+        self.sampler.params()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_past_the_sampled_vocabulary_are_never_drawn() {
+        // Row 5 is the largest, but only ids 0..3 stand for text.
+        let logits = [0.0, 1.0, 0.5, 0.0, 0.0, 9.0];
+        for (temperature, seed) in [(0.0, 0), (1.0, 1), (1.0, 2), (2.0, 3)] {
+            let mut sampler = LlavaSampler {
+                sampler: Sampler::new(SamplingParams {
+                    temperature,
+                    seed: Some(seed),
+                    ..SamplingParams::default()
+                }),
+                sampled_vocab: Some(3),
+            };
+            for _ in 0..20 {
+                let token = sampler.sample(&logits).unwrap();
+                assert!(token.id < 3, "drew row {}", token.id);
+                assert!(token.logprob.is_finite());
+            }
+        }
+        let mut unmasked = LlavaSampler {
+            sampler: Sampler::new(SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            }),
+            sampled_vocab: None,
+        };
+        assert_eq!(unmasked.sample(&logits).unwrap().id, 5);
+    }
+
+    #[test]
+    fn a_random_model_uses_the_builtin_tokenizer_and_masks_the_rows_it_lacks() {
+        let spec = RandomModelSpec::parse("tiny").unwrap();
+        let loaded = load_random(
+            &spec,
+            1,
+            Some(DType::F32),
+            Default::default(),
+            None,
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(loaded.sampled_vocab, Some(loaded.tokenizer.vocab_size()));
+        assert_eq!(loaded.tokenizer.vocab_size(), 1001);
+        assert_eq!(loaded.model.config().text.vocab_size, 1024);
+        assert_eq!(
+            loaded.model.config().image_token_index,
+            loaded.tokenizer.token_to_id(IMAGE_PLACEHOLDER)
+        );
+        // The 7B preset's config says 32000; prompts carry the tokenizer's <image> id.
+        let big = RandomModelSpec::parse("llava-v1.6-mistral-7b").unwrap();
+        assert_eq!(big.config.image_token_index, Some(32000));
+    }
 
     #[test]
     fn logprob_bytes_of_byte_fallback_pieces_are_the_raw_byte() {
