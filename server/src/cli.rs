@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::app::{HttpConfig, ServingConfig};
 use crate::engine::EngineConfig;
-use crate::media::MediaConfig;
+use crate::media::{MediaConfig, MediaHost};
 use crate::validation::diagnostics::DiagnosticsConfig;
 
 #[derive(Debug, Parser)]
@@ -341,6 +341,16 @@ pub struct ServeArgs {
     /// Allow image URLs that resolve to loopback, private or link-local addresses.
     #[arg(long, env = "TGA_ALLOW_PRIVATE_IMAGE_URLS")]
     pub allow_private_image_urls: bool,
+    /// One origin `HOST:PORT` (an internal image store) whose image URLs are fetched although
+    /// its addresses are not public (repeat for several). Only that host on that port: a
+    /// redirect from it to any other non-public address is refused like any other.
+    #[arg(
+        long = "allowed-media-host",
+        env = "TGA_ALLOWED_MEDIA_HOSTS",
+        value_delimiter = ',',
+        value_name = "HOST:PORT"
+    )]
+    pub allowed_media_hosts: Vec<MediaHost>,
     #[arg(long, env = "TGA_MAX_IMAGES_PER_REQUEST", default_value_t = crate::validation::DEFAULT_MAX_IMAGES_PER_REQUEST)]
     pub max_images_per_request: usize,
     /// Pixels (width × height) summed over one request's images, checked from their headers
@@ -501,6 +511,7 @@ impl ServeArgs {
                 max_image_bytes: self.max_image_bytes,
                 fetch_timeout: seconds(self.image_fetch_timeout),
                 allow_private: self.allow_private_image_urls,
+                allowed_hosts: self.allowed_media_hosts.clone(),
             },
             max_model_len: self.max_model_len,
             max_images_per_request: self.max_images_per_request,
@@ -742,5 +753,29 @@ mod tests {
         assert!(args.model.is_none());
         assert!(args.http_config().api_keys.is_empty());
         assert!(!args.serving_config().media.allow_private);
+        assert!(args.serving_config().media.allowed_hosts.is_empty());
+    }
+
+    #[test]
+    fn allowed_media_hosts_are_host_and_port() {
+        let args = serve(&[
+            "--allowed-media-host",
+            "images.internal:8080",
+            "--allowed-media-host",
+            "10.0.0.5:80,127.0.0.1:9000",
+        ]);
+        let hosts: Vec<String> = (args.serving_config().media.allowed_hosts.iter())
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            hosts,
+            ["images.internal:8080", "10.0.0.5:80", "127.0.0.1:9000"]
+        );
+        for bad in ["images.internal", "10.0.0.5:x", "10.0.0.0/8:80"] {
+            assert!(
+                Cli::try_parse_from(["tga-serve", "serve", "--allowed-media-host", bad]).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

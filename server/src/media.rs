@@ -4,9 +4,18 @@
 //! The guard resolves the host itself and refuses the whole request if any address is loopback,
 //! private, link-local or otherwise not globally routable (unless the operator allows them); the
 //! connection then goes to exactly the addresses that were checked, so a DNS answer that changes
-//! between check and connect (rebinding) cannot slip through. Redirects are checked the same way.
+//! between check and connect (rebinding) cannot slip through. Every redirect hop is checked the
+//! same way before it is followed (its scheme and literal address by the redirect policy, its
+//! name by the resolver when it connects), so a public URL that redirects to a private one is
+//! refused without a connection to the private one.
+//!
+//! An operator may allow exact origins (`--allowed-media-host HOST:PORT`, an internal image
+//! store): only that host on that port is exempt from the guard; a redirect from it to any other
+//! address is judged like any other hop.
 
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +34,8 @@ pub struct MediaConfig {
     pub fetch_timeout: Duration,
     /// Allow URLs that resolve to loopback / private / link-local addresses.
     pub allow_private: bool,
+    /// Origins fetched although their addresses are not public (each exactly one host and port).
+    pub allowed_hosts: Vec<MediaHost>,
 }
 
 impl Default for MediaConfig {
@@ -33,7 +44,48 @@ impl Default for MediaConfig {
             max_image_bytes: 20 * 1024 * 1024,
             fetch_timeout: Duration::from_secs(10),
             allow_private: false,
+            allowed_hosts: Vec::new(),
         }
+    }
+}
+
+/// One origin the operator allows although it is not public (`--allowed-media-host`): a host
+/// (name or IP address, in the URL parser's normal form) and a port, both matched exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaHost {
+    host: String,
+    port: u16,
+}
+
+impl MediaHost {
+    /// Whether `url`'s host and port (its scheme's default port when it names none) are this.
+    fn is_origin_of(&self, url: &Url) -> bool {
+        url.host_str() == Some(self.host.as_str()) && url.port_or_known_default() == Some(self.port)
+    }
+}
+
+impl fmt::Display for MediaHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+impl FromStr for MediaHost {
+    type Err = String;
+
+    /// `HOST:PORT`, the port required (no default: the exemption is for exactly one port).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("`{s}` is not HOST:PORT (e.g. images.internal:8080 or 10.0.0.5:80)");
+        let (_, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        // The URL parser's normal form, so that `LOCALHOST`, `0x7f.1` or `[0::1]` match the URLs
+        // clients send.
+        let url = Url::parse(&format!("http://{s}/")).map_err(|_| bad())?;
+        if url.path() != "/" || !url.username().is_empty() || url.password().is_some() {
+            return Err(bad());
+        }
+        let host = url.host_str().ok_or_else(bad)?.to_string();
+        Ok(Self { host, port })
     }
 }
 
@@ -63,35 +115,49 @@ const BASE64: GeneralPurpose = GeneralPurpose::new(
     GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
 );
 
+/// Redirects followed at most (curl's and browsers' limits are higher; an image needs few).
+pub const MAX_REDIRECTS: usize = 5;
+
 pub struct MediaFetcher {
     config: MediaConfig,
+    guard: Guard,
     client: reqwest::Client,
 }
 
 impl MediaFetcher {
     pub fn new(config: MediaConfig) -> Result<Self, reqwest::Error> {
-        let allow_private = config.allow_private;
+        let guard = Guard {
+            allow_private: config.allow_private,
+            allowed: config.allowed_hosts.clone().into(),
+        };
+        let redirect_guard = guard.clone();
         let client = reqwest::Client::builder()
             .timeout(config.fetch_timeout)
             .connect_timeout(config.fetch_timeout)
             // An operator's HTTP_PROXY would connect on our behalf, past the guard.
             .no_proxy()
             .dns_resolver(Arc::new(GuardedResolver {
-                allow_private,
+                guard: guard.clone(),
                 timeout: config.fetch_timeout,
             }))
+            // Each hop is checked before it is followed: a redirect to a literal private
+            // address or another scheme is refused here, one to a name by the resolver.
             .redirect(redirect::Policy::custom(move |attempt| {
-                if attempt.previous().len() >= 5 {
+                if attempt.previous().len() >= MAX_REDIRECTS {
                     return attempt.error("too many redirects");
                 }
-                match check_url(attempt.url(), allow_private) {
+                match redirect_guard.check(attempt.url()) {
                     Ok(()) => attempt.follow(),
                     Err(err) => attempt.error(err),
                 }
             }))
             .user_agent(concat!("tga-serve/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self { config, client })
+        Ok(Self {
+            config,
+            guard,
+            client,
+        })
     }
 
     pub fn config(&self) -> &MediaConfig {
@@ -104,13 +170,24 @@ impl MediaFetcher {
             return decode_data_uri(rest, self.config.max_image_bytes);
         }
         let parsed = Url::parse(url).map_err(|e| MediaError::Fetch(format!("bad URL: {e}")))?;
-        check_url(&parsed, self.config.allow_private)?;
+        self.guard.check(&parsed)?;
         self.fetch(parsed).await
     }
 
     async fn fetch(&self, url: Url) -> Result<Vec<u8>, MediaError> {
         let limit = self.config.max_image_bytes;
         let mut response = self.client.get(url).send().await.map_err(classify)?;
+        if response.status().is_redirection() {
+            // reqwest hands back, unfollowed and without asking the policy, a redirect to a
+            // scheme it cannot fetch (`file:`, `data:`, `gopher:`): refused by name, not as a
+            // bare 3xx.
+            let next = (response.headers().get(reqwest::header::LOCATION))
+                .and_then(|location| location.to_str().ok())
+                .and_then(|location| response.url().join(location).ok());
+            if let Some(next) = next {
+                self.guard.check(&next)?;
+            }
+        }
         if !response.status().is_success() {
             return Err(MediaError::Status(response.status().as_u16()));
         }
@@ -166,27 +243,56 @@ fn decode_data_uri(rest: &str, limit: usize) -> Result<Vec<u8>, MediaError> {
     Ok(bytes)
 }
 
-/// Scheme and literal-IP check (hostnames are checked when resolved, by [`GuardedResolver`]).
-fn check_url(url: &Url, allow_private: bool) -> Result<(), MediaError> {
-    match url.scheme() {
-        "http" | "https" => {}
-        other => return Err(MediaError::UnsupportedScheme(other.to_string())),
+/// What may be fetched: public addresses, the operator's allowed origins, or (with
+/// `allow_private`) anything over http(s).
+#[derive(Debug, Clone)]
+struct Guard {
+    allow_private: bool,
+    allowed: Arc<[MediaHost]>,
+}
+
+impl Guard {
+    /// Scheme and literal-IP check of the URL a client sent and of every redirect hop
+    /// (hostnames are checked when resolved, by [`GuardedResolver`]).
+    fn check(&self, url: &Url) -> Result<(), MediaError> {
+        match url.scheme() {
+            "http" | "https" => {}
+            other => return Err(MediaError::UnsupportedScheme(other.to_string())),
+        }
+        let host = url
+            .host_str()
+            .ok_or_else(|| MediaError::Fetch("URL has no host".into()))?;
+        if self.allow_private || self.allowed.iter().any(|h| h.is_origin_of(url)) {
+            return Ok(());
+        }
+        // The URL parser has already normalised IPv4 spellings such as `2130706433` or `0x7f.1`.
+        let Ok(ip) = literal_ip(host) else {
+            // The resolver lets an allowed name resolve to private addresses without knowing
+            // the port, so that name on any other port is refused here.
+            if self.allowed.iter().any(|h| h.host == host) {
+                let port = url.port_or_known_default().unwrap_or_default();
+                return Err(MediaError::Forbidden(format!("{host}:{port}")));
+            }
+            return Ok(());
+        };
+        if !is_public(ip) {
+            return Err(MediaError::Forbidden(ip.to_string()));
+        }
+        Ok(())
     }
-    let host = url
-        .host_str()
-        .ok_or_else(|| MediaError::Fetch("URL has no host".into()))?;
-    // The URL parser has already normalised IPv4 spellings such as `2130706433` or `0x7f.1`.
-    let Ok(ip) = host
-        .trim_start_matches('[')
+
+    /// Whether `name` may resolve to non-public addresses: anything with `allow_private`, else
+    /// the names of allowed origins (whose port [`Guard::check`] has checked before any
+    /// connection is made).
+    fn allows_private_name(&self, name: &str) -> bool {
+        self.allow_private || self.allowed.iter().any(|h| h.host == name)
+    }
+}
+
+fn literal_ip(host: &str) -> Result<IpAddr, std::net::AddrParseError> {
+    host.trim_start_matches('[')
         .trim_end_matches(']')
         .parse::<IpAddr>()
-    else {
-        return Ok(());
-    };
-    if !allow_private && !is_public(ip) {
-        return Err(MediaError::Forbidden(ip.to_string()));
-    }
-    Ok(())
 }
 
 /// Whether `ip` is globally routable unicast: not loopback, private (RFC 1918, ULA), link-local,
@@ -247,13 +353,13 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
 /// A DNS resolver that refuses names resolving to non-public addresses, and gives up when the
 /// fetch's time is over (reqwest's timeout does not bound the system resolver's thread).
 struct GuardedResolver {
-    allow_private: bool,
+    guard: Guard,
     timeout: Duration,
 }
 
 impl Resolve for GuardedResolver {
     fn resolve(&self, name: Name) -> Resolving {
-        let allow_private = self.allow_private;
+        let allow_private = self.guard.allows_private_name(name.as_str());
         let timeout = self.timeout;
         Box::pin(async move {
             let host = name.as_str().to_string();
@@ -313,12 +419,212 @@ mod tests {
     use super::*;
 
     fn fetcher(allow_private: bool) -> MediaFetcher {
+        fetcher_allowing(allow_private, &[])
+    }
+
+    fn fetcher_allowing(allow_private: bool, allowed: &[&str]) -> MediaFetcher {
         MediaFetcher::new(MediaConfig {
             max_image_bytes: 64,
             fetch_timeout: Duration::from_secs(2),
             allow_private,
+            allowed_hosts: allowed.iter().map(|h| h.parse().unwrap()).collect(),
         })
         .unwrap()
+    }
+
+    /// A loopback server that answers `/image` with 10 bytes, `/redirect/{status}?{url}` with
+    /// that redirect to `url`, `/chain/{i}?{url}` with 301, 302, 307 then 308 (the last to
+    /// `url`), and `/loop` with a redirect to itself.
+    async fn redirecting_server() -> SocketAddr {
+        use axum::extract::{Path, RawQuery};
+        use axum::http::{header::LOCATION, StatusCode};
+        use axum::routing::get;
+        fn to(
+            status: u16,
+            location: String,
+        ) -> (StatusCode, [(axum::http::HeaderName, String); 1]) {
+            (
+                StatusCode::from_u16(status).unwrap(),
+                [(LOCATION, location)],
+            )
+        }
+        let app = axum::Router::new()
+            .route("/image", get(|| async { vec![7u8; 10] }))
+            .route(
+                "/redirect/{status}",
+                get(
+                    |Path(status): Path<u16>, RawQuery(url): RawQuery| async move {
+                        to(status, url.unwrap_or_default())
+                    },
+                ),
+            )
+            .route(
+                "/chain/{hop}",
+                get(
+                    |Path(hop): Path<usize>, RawQuery(url): RawQuery| async move {
+                        let url = url.unwrap_or_default();
+                        let status = [301, 302, 307, 308][hop];
+                        if hop == 3 {
+                            to(status, url)
+                        } else {
+                            to(status, format!("/chain/{}?{url}", hop + 1))
+                        }
+                    },
+                ),
+            )
+            .route("/loop", get(|| async { to(302, "/loop".into()) }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        addr
+    }
+
+    /// A loopback listener that is never accepted from: a connection to it stays in its backlog,
+    /// where [`assert_untouched`] finds it.
+    fn trap() -> std::net::TcpListener {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        listener
+    }
+
+    fn assert_untouched(trap: &std::net::TcpListener) {
+        match trap.accept() {
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("the redirect target was connected to: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn allowed_hosts_are_exact_origins_in_the_url_normal_form() {
+        for (given, host, port) in [
+            ("images.internal:8080", "images.internal", 8080),
+            ("LOCALHOST:80", "localhost", 80),
+            ("0x7f.1:9", "127.0.0.1", 9),
+            ("[0::1]:443", "[::1]", 443),
+        ] {
+            let parsed: MediaHost = given.parse().unwrap();
+            assert_eq!(
+                parsed,
+                MediaHost {
+                    host: host.into(),
+                    port
+                },
+                "{given}"
+            );
+            assert_eq!(parsed.to_string(), format!("{host}:{port}"));
+        }
+        for bad in [
+            "images.internal",
+            "images.internal:http",
+            ":80",
+            "h:65536",
+            "h:80/x",
+            "user@h:80",
+            "::1:80",
+            "",
+        ] {
+            assert!(
+                bad.parse::<MediaHost>().is_err(),
+                "{bad:?} should be refused"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_allowed_origin_is_fetched_and_its_other_ports_are_not() {
+        let origin = redirecting_server().await;
+        let port = origin.port();
+        let trap = trap();
+        let other = trap.local_addr().unwrap().port();
+        for allowed in [format!("127.0.0.1:{port}"), format!("localhost:{port}")] {
+            let fetcher = fetcher_allowing(false, &[&allowed]);
+            let host = allowed.split(':').next().unwrap();
+            let image = format!("http://{host}:{port}/image");
+            assert_eq!(
+                fetcher.load(&image).await.unwrap(),
+                vec![7u8; 10],
+                "{allowed}"
+            );
+            // Redirects within the allowed origin are followed, through every status.
+            let chain = format!("http://{host}:{port}/chain/0?/image");
+            assert_eq!(
+                fetcher.load(&chain).await.unwrap(),
+                vec![7u8; 10],
+                "{allowed}"
+            );
+            for url in [
+                format!("http://{host}:{other}/x.png"),
+                format!("http://127.0.0.2:{port}/image"),
+                format!("http://[::1]:{port}/image"),
+            ] {
+                let err = fetcher.load(&url).await.unwrap_err();
+                assert!(matches!(err, MediaError::Forbidden(_)), "{url}: {err:?}");
+            }
+        }
+        assert_untouched(&trap);
+    }
+
+    #[tokio::test]
+    async fn every_redirect_hop_is_checked_before_it_is_followed() {
+        let origin = redirecting_server().await;
+        let port = origin.port();
+        let trap = trap();
+        let trapped = trap.local_addr().unwrap().port();
+        let fetcher = fetcher_allowing(false, &[&format!("127.0.0.1:{port}")]);
+        let base = format!("http://127.0.0.1:{port}");
+        let private = [
+            format!("http://127.0.0.1:{trapped}/x.png"),
+            format!("http://localhost:{trapped}/x.png"),
+            format!("http://0x7f000001:{trapped}/x.png"),
+            format!("https://127.0.0.1:{trapped}/x.png"),
+            format!("http://[::ffff:127.0.0.1]:{trapped}/x.png"),
+            format!("http://127.0.0.2:{port}/image"),
+            "http://[::1]:9/x.png".into(),
+            "http://169.254.169.254/latest/meta-data".into(),
+            "http://10.0.0.1:9/x.png".into(),
+            "http://[fd00::1]:9/x.png".into(),
+        ];
+        for target in &private {
+            let mut urls: Vec<String> = [301, 302, 303, 307, 308]
+                .iter()
+                .map(|status| format!("{base}/redirect/{status}?{target}"))
+                .collect();
+            urls.push(format!("{base}/chain/0?{target}"));
+            for url in urls {
+                let err = fetcher.load(&url).await.unwrap_err();
+                assert!(matches!(err, MediaError::Forbidden(_)), "{url}: {err:?}");
+            }
+        }
+        for (target, scheme) in [
+            ("file:///etc/passwd", "file"),
+            ("gopher://127.0.0.1:9/_x", "gopher"),
+            ("ftp://127.0.0.1:9/x.png", "ftp"),
+            ("data:image/png;base64,iVBORw0KGgo=", "data"),
+        ] {
+            for url in [
+                format!("{base}/redirect/302?{target}"),
+                format!("{base}/chain/0?{target}"),
+            ] {
+                assert_eq!(
+                    fetcher.load(&url).await,
+                    Err(MediaError::UnsupportedScheme(scheme.into())),
+                    "{url}"
+                );
+            }
+        }
+        match fetcher.load(&format!("{base}/loop")).await {
+            Err(MediaError::Fetch(message)) => {
+                assert!(message.contains("too many redirects"), "{message}")
+            }
+            other => panic!("a redirect loop gave {other:?}"),
+        }
+        assert_untouched(&trap);
+        // Without the allowance even the first hop is refused.
+        let err = super::tests::fetcher(false)
+            .load(&format!("{base}/redirect/302?/image"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, MediaError::Forbidden(_)), "{err:?}");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 """Issue 13's attack suite over real HTTP (loopback only, bounded in count and time): while a
 steady well-formed client (`latency_probe.py`, its own process) is measured, attackers send slow
 heads and bodies, oversized and endless bodies, image bombs, deep and malformed JSON, too many
-images, invalid UTF-8, mid-stream disconnects and a connection flood past the cap. Every attack
+images, invalid UTF-8, mid-stream disconnects and a connection flood past the cap. Separately, the
+image-URL guard: every spelling of a non-public address, and redirects from a fetchable origin to
+one (or to another scheme). Every attack
 gets its documented answer (a 4xx with OpenAI's error JSON, or a closed connection where no
 request was ever made), none a 5xx or a hang; the innocent client's median latency under attack
 stays within 2x its idle median; afterwards the server is healthy and /metrics counts exactly what
@@ -10,6 +12,7 @@ the attackers and the client saw."""
 from __future__ import annotations
 
 import base64
+import http.server
 import json
 import socket
 import statistics
@@ -23,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from conftest import CHAT, chat_requests_total, data_uri, image_part, user
+from conftest import CHAT, IMAGES, chat_requests_total, data_uri, image_part, user
 from rawhttp import Response, connect, exchange, head, post, read_response, reset
 
 HEADER_TIMEOUT = 2.0
@@ -528,3 +531,105 @@ def test_private_address_spellings_are_refused_before_any_connection(spawn_serve
         assert "not a public address" in error["message"], (url, error)
         assert time.monotonic() - started < 1.5, url
     assert chat_requests_total(server.metrics(), "400") == len(PRIVATE_URLS)
+
+
+class _Redirector(http.server.BaseHTTPRequestHandler):
+    """`/image` (a tiny PNG), `/redirect/<status>?<url>` (that redirect to `url`),
+    `/chain/<hop>?<url>` (301, 302, 307 then 308, the last to `url`) and `/loop` (to itself)."""
+
+    def do_GET(self):  # noqa: N802 (the base class's name)
+        path, _, target = self.path.partition("?")
+        parts = path.strip("/").split("/")
+        if path == "/image":
+            body = (IMAGES / "tiny_20x20.png").read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        if parts[0] == "redirect":
+            status, location = int(parts[1]), target
+        elif parts[0] == "chain":
+            hop = int(parts[1])
+            status = (301, 302, 307, 308)[hop]
+            location = target if hop == 3 else f"/chain/{hop + 1}?{target}"
+        else:
+            status, location = 302, "/loop"
+        self.send_response(status)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format, *args):  # noqa: A002
+        pass
+
+
+def test_redirects_to_private_addresses_or_other_schemes_are_refused_per_hop(spawn_server):
+    """The redirecting server is the one origin `--allowed-media-host` exempts (it stands for a
+    public image host: the guard lets it be fetched); each hop it redirects to is checked again.
+    A redirect (301, 302, 303, 307, 308, or a chain of all four) to a loopback, private or
+    link-local address, or to a scheme other than http(s), is a 400 `invalid_image_url` within
+    the fetch timeout, and nothing connects to the target (a listener never accepted from, whose
+    backlog stays empty)."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Redirector)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    trap = socket.socket()
+    trap.bind(("127.0.0.1", 0))
+    trap.listen(64)
+    trapped = trap.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    try:
+        server = spawn_server("--allowed-media-host", f"127.0.0.1:{port}", "--image-fetch-timeout", "2")
+        # The origin itself, directly and through a chain of redirects within it, is served.
+        for url in (f"{base}/image", f"{base}/chain/0?/image"):
+            response = server.post(with_images(url))
+            assert response.status_code == 200, (url, response.text)
+
+        private = [
+            f"http://127.0.0.1:{trapped}/x.png", f"http://localhost:{trapped}/x.png",
+            f"http://0x7f000001:{trapped}/x.png", f"http://[::ffff:127.0.0.1]:{trapped}/x.png",
+            f"https://127.0.0.1:{trapped}/x.png", f"http://127.0.0.2:{port}/image",
+            "http://[::1]:9/x.png", "http://169.254.169.254/latest/meta-data", "http://10.0.0.1:9/x.png",
+            "http://100.64.0.1:9/x.png", "http://[fd00::1]:9/x.png", "http://[64:ff9b::7f00:1]:9/x.png",
+        ]
+        cases = [
+            (f"{base}/{how}?{target}", "not a public address")
+            for target in private
+            for how in ("redirect/301", "redirect/302", "redirect/303", "redirect/307", "redirect/308", "chain/0")
+        ]
+        for target in ("file:///etc/passwd", "gopher://127.0.0.1:9/_x", "ftp://127.0.0.1:9/x.png",
+                       "data:image/png;base64,iVBORw0KGgo="):
+            cases += [(f"{base}/redirect/302?{target}", "unsupported image URL scheme"),
+                      (f"{base}/chain/0?{target}", "unsupported image URL scheme")]
+        cases.append((f"{base}/loop", "too many redirects"))
+        # The allowed host on another port is not the allowed origin.
+        cases.append((f"http://127.0.0.1:{trapped}/x.png", "not a public address"))
+
+        before = chat_requests_total(server.metrics(), "400")
+        for url, says in cases:
+            started = time.monotonic()
+            response = server.post(with_images(url))
+            assert response.status_code == 400, (url, response.text)
+            error = response.json()["error"]
+            assert error["code"] == "invalid_image_url" and error["type"] == "invalid_request_error", (url, error)
+            assert error["param"] == "messages[0].content[1].image_url", (url, error)
+            assert says in error["message"], (url, error)
+            assert time.monotonic() - started < 2 + SLACK_S, url
+        after = server.metrics()
+        assert chat_requests_total(after, "400") - before == len(cases)
+        assert chat_requests_total(after, "500") == 0
+
+        trap.setblocking(False)
+        try:
+            connection, peer = trap.accept()
+            connection.close()
+            raise AssertionError(f"a redirect target was connected to from {peer}")
+        except BlockingIOError:
+            pass
+    finally:
+        trap.close()
+        httpd.shutdown()
+        httpd.server_close()
