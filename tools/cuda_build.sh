@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build tga-serve with `--features cuda` on a machine without a GPU or a CUDA toolkit, and pack the
-# binaries for a lent GPU machine (tools/gpu_check.sh runs them there).
+# binaries for a lent GPU machine (tools/gpu_check.sh and tools/gpu_bench.sh run them there).
 #
 #   tools/cuda_build.sh              toolchain + stub + links, cargo builds, .cudabin/*.gz
 #   tools/cuda_build.sh --toolchain  only the steps before cargo (then `. tools/cuda/env.sh`)
@@ -16,9 +16,11 @@
 #          real libcuda.so.1 is used at run time) and unversioned .so links to the wheel libraries
 #   env.sh the variables below, to source for manual cargo commands
 # then builds with CARGO_TARGET_DIR=target/cuda (kept apart from the CPU build) and
-# CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} (H100/H200), strips both binaries and gzips them into
+# CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} (H100/H200), strips the binaries and gzips them into
 # .cudabin/ (excluded through .git/info/exclude): the stripped binaries together exceed the device
-# tool's 64 MiB limit on carried files, gzipped they are about 31 MB.
+# tool's 64 MiB limit on carried files, gzipped tga-serve and parity are about 31 MB. tga-loadtest
+# (for tools/gpu_bench.sh) needs no CUDA: it is a plain release build, made in the same target
+# directory so that it shares the dependencies built there, and packed beside them (a few MB).
 #
 # Takes about 25 minutes on 2 cores from a cold target/cuda (candle's CUDA kernels dominate).
 # Needs python3 with pip (or tools/.venv), gcc, strip, gzip, cargo and network for the wheels.
@@ -133,6 +135,8 @@ toolchain
 t0=$(date +%s)
 log "cargo build --release --locked -p tga-serve --bin tga-serve --features cuda"
 cargo build --release --locked -p tga-serve --bin tga-serve --features cuda
+log "cargo build --release --locked -p tga-loadtest --bin tga-loadtest (no CUDA in it)"
+cargo build --release --locked -p tga-loadtest --bin tga-loadtest
 log "cargo test --release --locked -p tga-model --features cuda --test parity --no-run"
 msgs=$(mktemp)
 cargo test --release --locked -p tga-model --features cuda --test parity --no-run \
@@ -159,10 +163,12 @@ log "built in $(( $(date +%s) - t0 ))s: $CARGO_TARGET_DIR/release/tga-serve, $pa
 mkdir -p .cudabin
 pack "$CARGO_TARGET_DIR/release/tga-serve" tga-serve
 pack "$parity" parity
+pack "$CARGO_TARGET_DIR/release/tga-loadtest" tga-loadtest
 exclude=$(git rev-parse --git-path info/exclude)
 mkdir -p "$(dirname "$exclude")"
 grep -qxF '/.cudabin/' "$exclude" 2>/dev/null || echo '/.cudabin/' >> "$exclude"
-ls -l .cudabin/tga-serve.gz .cudabin/parity.gz >&2
+ls -l .cudabin/tga-serve.gz .cudabin/parity.gz .cudabin/tga-loadtest.gz >&2
 total=$(du -cb .cudabin | tail -1 | cut -f1)
 [ "$total" -lt $(( 60 * 1024 * 1024 )) ] || log "WARNING: .cudabin/ is $total bytes; the device tool carries 64 MiB in all"
 log "done; on a lent GPU: run(command=\"bash tools/gpu_check.sh\", carry=[\".cudabin\"], timeout_s=420)"
+log "      or run(command=\"bash tools/gpu_bench.sh\", carry=[\".cudabin\"], timeout_s=480)"

@@ -22,6 +22,8 @@
 # skips the CUDA parts (a dry run of the script with a CPU build); PY=python interpreter.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+# shellcheck source=tools/gpu_lib.sh
+. tools/gpu_lib.sh
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu.log") 2>&1
 T0=$(date +%s)
@@ -47,13 +49,11 @@ set -x
 
 # --- binaries (carried gzip-compressed: stripped, they exceed the device tool's 64 MiB limit)
 if [ -z "${SERVE:-}" ] || [ -z "${PARITY:-}" ]; then
-  mkdir -p /tmp/tgabin
-  gunzip -c .cudabin/tga-serve.gz > /tmp/tgabin/tga-serve || { note "FAIL no .cudabin/tga-serve.gz (run tools/cuda_build.sh)"; FAIL=1; exit 1; }
-  gunzip -c .cudabin/parity.gz > /tmp/tgabin/parity || { note "FAIL no .cudabin/parity.gz"; FAIL=1; exit 1; }
+  gpu_unpack /tmp/tgabin tga-serve parity || { note "FAIL no .cudabin/tga-serve.gz or parity.gz (run tools/cuda_build.sh)"; FAIL=1; exit 1; }
   SERVE=/tmp/tgabin/tga-serve PARITY=/tmp/tgabin/parity
 fi
 chmod +x "$SERVE" "$PARITY"
-PY=${PY:-/opt/torch/.venv/bin/python3}; [ -x "$PY" ] || PY=python3
+PY=$(gpu_python)
 uname -m; nproc
 if [ -z "$NO_CUDA" ]; then
   nvidia-smi
@@ -61,21 +61,7 @@ if [ -z "$NO_CUDA" ]; then
 fi
 
 # --- CUDA runtime libraries: take them from the machine (PyTorch env / toolkit), don't carry them
-LIBDIRS=""
-find /opt /usr/local /usr/lib /usr/lib64 \( -name 'libcudart.so.13' -o -name 'libnvrtc.so.13' \
-  -o -name 'libcurand.so.10' -o -name 'libcublas.so.13' -o -name 'libcublasLt.so.13' \) \
-  -not -path '*/stubs/*' 2>/dev/null > "$W/libs.txt"
-for lib in libcudart.so.13 libnvrtc.so.13 libcurand.so.10 libcublas.so.13 libcublasLt.so.13; do
-  p=$(grep "/$lib\$" "$W/libs.txt" | head -1)
-  echo "LIB $lib -> ${p:-NOT FOUND}"
-  if [ -n "$p" ]; then LIBDIRS="$LIBDIRS:$(dirname "$p")"; fi
-done
-if ! ldconfig -p | grep -q 'libcuda.so.1 '; then
-  p=$(find /usr/local/nvidia /usr/lib /usr/lib64 -name libcuda.so.1 2>/dev/null | head -1)
-  echo "LIB libcuda.so.1 -> ${p:-NOT FOUND}"
-  if [ -n "$p" ]; then LIBDIRS="$LIBDIRS:$(dirname "$p")"; fi
-fi
-export LD_LIBRARY_PATH="${LIBDIRS#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+gpu_cuda_libs "$W/libs.txt"
 ldd "$SERVE" | grep -E 'not found|cuda|cublas|nvrtc|curand'
 # shellcheck disable=SC2016  # $1 $2 are bash -c's arguments
 check "libraries resolved (ldd: nothing 'not found')" \
