@@ -327,8 +327,16 @@ impl BlockTable {
         if first >= self.blocks.len() {
             return 0;
         }
-        let pool = self.pool.lock();
-        (first..=last)
+        self.count_shared(&self.pool.lock(), first..=last)
+    }
+
+    /// How many of the blocks at `indices` another holder also holds.
+    fn count_shared(
+        &self,
+        pool: &BlockAllocator,
+        indices: std::ops::RangeInclusive<usize>,
+    ) -> usize {
+        indices
             .filter(|&i| pool.ref_count(self.blocks[i]) > 1)
             .count()
     }
@@ -343,9 +351,7 @@ impl BlockTable {
         let first = range.start / self.block_size;
         let last = (range.end - 1) / self.block_size;
         let mut pool = self.pool.lock();
-        let shared = (first..=last)
-            .filter(|&i| pool.ref_count(self.blocks[i]) > 1)
-            .count();
+        let shared = self.count_shared(&pool, first..=last);
         if pool.available() < shared {
             return Err(OutOfBlocks {
                 needed: shared,

@@ -249,16 +249,30 @@ struct Sibling {
 impl Job {
     /// Tells every choice's client that the request failed (it was never admitted).
     fn reject(&self, error: GenerationError) {
-        let _ = self.events.send(Event::Failed(error.clone()));
-        for sibling in &self.siblings {
-            let _ = sibling.events.send(Event::Failed(error.clone()));
-        }
+        notify_failed(&self.events, &self.siblings, error);
     }
 
     /// Every choice's client went away.
     fn abandoned(&self) -> bool {
-        self.events.is_closed() && self.siblings.iter().all(|s| s.events.is_closed())
+        abandoned(&self.events, &self.siblings)
     }
+}
+
+/// Sends `error` to a choice's client and to those of the choices not split off from it yet.
+fn notify_failed(
+    events: &mpsc::UnboundedSender<Event>,
+    siblings: &[Sibling],
+    error: GenerationError,
+) {
+    for sibling in siblings {
+        let _ = sibling.events.send(Event::Failed(error.clone()));
+    }
+    let _ = events.send(Event::Failed(error));
+}
+
+/// The clients of a choice and of the choices not split off from it yet all went away.
+fn abandoned(events: &mpsc::UnboundedSender<Event>, siblings: &[Sibling]) -> bool {
+    events.is_closed() && siblings.iter().all(|s| s.events.is_closed())
 }
 
 enum Command {

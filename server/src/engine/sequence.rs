@@ -185,7 +185,7 @@ impl<B: ModelBackend> Sequence<B> {
 
     /// Every client of this sequence (its choice and those not split off yet) went away.
     pub(super) fn abandoned(&self) -> bool {
-        self.events.is_closed() && self.siblings.iter().all(|s| s.events.is_closed())
+        super::abandoned(&self.events, &self.siblings)
     }
 
     /// Samples from `logits` and emits the text it completes; `Some` when the sequence is done.
@@ -392,9 +392,6 @@ impl<B: ModelBackend> Sequence<B> {
 
     /// Tells the clients of this sequence and of the choices not split off yet that it failed.
     pub(super) fn notify_failed(&self, error: GenerationError) {
-        for sibling in &self.siblings {
-            let _ = sibling.events.send(Event::Failed(error.clone()));
-        }
-        let _ = self.events.send(Event::Failed(error));
+        super::notify_failed(&self.events, &self.siblings, error);
     }
 }
