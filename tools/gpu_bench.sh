@@ -135,10 +135,13 @@ start_server() {
 }
 
 loadtest() {  # loadtest NAME LIMIT ARGS...: a tga-loadtest run with its JSON report lt_NAME.json
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$2 url; shift 2
+  url=$(printf '%s\n' "$@" | grep -m1 '^http')  # the --url argument: /metrics around the run
+  curl -s "$url/metrics" > "$W/metrics_before_$name.txt"
   part "$name" "$limit" "$LOADTEST" run --seed 0 --no-progress -o "$W/lt_$name.json" "$@" \
     > "$W/lt_$name.txt" 2>&1
   local rc=$?
+  curl -s "$url/metrics" > "$W/metrics_after_$name.txt"
   sed -n '1,25p' "$W/lt_$name.txt"
   return $rc
 }

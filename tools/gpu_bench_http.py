@@ -319,6 +319,36 @@ def fmt(v, nd=1):
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
+def step_stats(text: str) -> dict:
+    """Decode-step totals in Prometheus text: {stage: [sum_s, count]} of tga_decode_step_seconds,
+    and "batch": [sum, count] of tga_batch_size."""
+    out: dict = {}
+    for line in text.splitlines():
+        m = re.match(r'tga_decode_step_seconds_(sum|count)\{stage="(\w+)"\} (\S+)$', line)
+        if m:
+            out.setdefault(m.group(2), [0.0, 0.0])[0 if m.group(1) == "sum" else 1] = float(m.group(3))
+        m = re.match(r"tga_batch_size_(sum|count) (\S+)$", line)
+        if m:
+            out.setdefault("batch", [0.0, 0.0])[0 if m.group(1) == "sum" else 1] = float(m.group(2))
+    return out
+
+
+def step_rows(w: Path) -> list:
+    """Markdown rows: per loadtest run, the mean decode step by stage, from /metrics scraped
+    before and after it (metrics_before_NAME.txt, metrics_after_NAME.txt)."""
+    rows = []
+    for after in sorted(w.glob("metrics_after_*.txt")):
+        name = after.stem[len("metrics_after_"):]
+        before = w / f"metrics_before_{name}.txt"
+        a = step_stats(after.read_text())
+        b = step_stats(before.read_text()) if before.exists() else {}
+        d = {k: [v[0] - b.get(k, [0, 0])[0], v[1] - b.get(k, [0, 0])[1]] for k, v in a.items()}
+        mean = lambda k, scale=1.0: (d[k][0] / d[k][1] * scale) if k in d and d[k][1] else None
+        rows.append(f"| {name} | {fmt((d.get('forward') or [0, 0])[1], 0)} | {fmt(mean('batch'), 1)} | "
+                    f"{fmt(mean('forward', 1e3), 2)} | {fmt(mean('sample', 1e3), 2)} |")
+    return rows
+
+
 def cmd_report(a) -> int:
     w, out = Path(a.work), Path(a.out)
     parts = {}
@@ -491,6 +521,9 @@ def cmd_report(a) -> int:
            f"incl. its image processor ({im.get('image_processor', '—')}), {fmt(im.get('prefill_ms_median'))} ms "
            "without", f"- peer errors: {json.dumps(peer.get('errors'))}", "",
            "## tga-serve", "",
+           "Decode steps by stage (tga_decode_step_seconds between scrapes of /metrics around each run):", "",
+           "| run | steps | mean batch | forward ms | sample ms |", "| --- | --- | --- | --- | --- |",
+           *step_rows(w), "",
            f"- server start to /ready: {fmt(server.get('ready_s'), 0)} s; KV cache: {server.get('kv_line', '—')}",
            f"- weights: {server.get('weights_line', '—')}",
            "", "| run | requests ok/failed | output tok/s | TTFT p50 ms | TPOT p50 ms | ITL p99 ms | duration s |",

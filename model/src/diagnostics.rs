@@ -105,9 +105,28 @@ impl LogitLens {
         // for this call (transient; the model's copy is untouched).
         let logits = match crate::cpu::linear(&x, &self.unembed)? {
             Some(logits) => logits,
-            None => x.matmul(&self.unembed.to_dtype(DType::F32)?.t()?)?,
+            None => self.widened_matmul(&x, 64 << 20)?,
         };
         Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
+    }
+
+    /// `x · W_Uᵀ` with the unembedding widened to f32 a slice of rows at a time (f32 `x`
+    /// [L, H]): the 7B's whole unembedding in f32 is 525 MB, which a GPU with a full KV pool may
+    /// not have spare for every diagnosed request; a slice is at most `slice_bytes`.
+    fn widened_matmul(&self, x: &Tensor, slice_bytes: usize) -> Result<Tensor> {
+        let (vocab, hidden) = self.unembed.dims2()?;
+        let rows = (slice_bytes / (4 * hidden.max(1))).max(1);
+        if self.unembed.dtype() == DType::F32 || rows >= vocab {
+            return Ok(x.matmul(&self.unembed.to_dtype(DType::F32)?.t()?)?);
+        }
+        let parts = (0..vocab)
+            .step_by(rows)
+            .map(|a| {
+                let w = self.unembed.narrow(0, a, rows.min(vocab - a))?;
+                x.matmul(&w.to_dtype(DType::F32)?.t()?)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 1)?)
     }
 
     /// [`Self::log_probs`] followed by [`LensReport::from_log_probs`].
@@ -1055,6 +1074,50 @@ mod tests {
             "{:?}",
             r.layers[0]
         );
+    }
+
+    /// The unembedding widened a slice of rows at a time (the device path) gives the product
+    /// with the whole matrix widened, for slices that do and do not divide the vocabulary.
+    #[test]
+    fn sliced_unembedding_gives_the_whole_product() {
+        let dev = Device::Cpu;
+        let w: Vec<f32> = (0..7 * 3)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) / 4.0)
+            .collect();
+        let w_u = Tensor::from_vec(w, (7, 3), &dev).unwrap();
+        let lens = LogitLens::new(
+            Tensor::ones(3, DType::F32, &dev).unwrap(),
+            1e-5,
+            w_u.to_dtype(DType::BF16).unwrap(),
+        )
+        .unwrap();
+        let x = Tensor::new(&[[0.5f32, -1.0, 2.0], [1.5, 0.25, -0.75]], &dev).unwrap();
+        let whole = lens
+            .widened_matmul(&x, 1 << 20)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let want = x
+            .matmul(
+                &w_u.to_dtype(DType::BF16)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .t()
+                    .unwrap(),
+            )
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(whole, want);
+        for rows in [1, 2, 3, 6] {
+            let got = lens
+                .widened_matmul(&x, rows * 4 * 3)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            assert_eq!(got, want, "{rows} rows a slice");
+        }
     }
 
     #[test]

@@ -220,6 +220,11 @@ impl LlavaModel {
         self.decoder.new_cache()
     }
 
+    /// The decoder's device path on or off (see [`Decoder::set_device_ops`]).
+    pub fn set_device_ops(&mut self, on: bool) {
+        self.decoder.set_device_ops(on)
+    }
+
     /// Sizes the decoder's paged KV pool (see [`Decoder::configure_kv_pool`]).
     pub fn configure_kv_pool(&mut self, config: crate::kv::KvPoolConfig) -> Result<()> {
         self.decoder.configure_kv_pool(config)

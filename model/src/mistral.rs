@@ -25,6 +25,10 @@ use crate::kv::{BlockCopy, BlockTable, KvBlocks, KvPoolConfig};
 const SCORE_CHUNK_BYTES: usize = 16 << 20;
 const MIN_QUERY_CHUNK: usize = 16;
 const MAX_QUERY_CHUNK: usize = 512;
+/// Off the CPU the cost is per launch, not per page: a chunk is up to 1,024 rows with f32 scores
+/// under 512 MiB (an image prompt's ~3,000 rows of the 7B take three chunks per layer, not 35).
+const DEVICE_SCORE_CHUNK_BYTES: usize = 512 << 20;
+const DEVICE_MAX_QUERY_CHUNK: usize = 1024;
 
 /// What to record or change during one prefill. Positions are absolute sequence positions.
 #[derive(Debug, Clone, Default)]
@@ -334,6 +338,22 @@ impl KvPool {
         Ok(())
     }
 
+    /// Writes `k`, `v` [n, kv_heads, hd] of layer `layer` at the slots of `index` (from
+    /// [`write_index`]): one scatter per tensor whatever the rows' blocks, for devices where each
+    /// copy is a launch.
+    fn scatter(&self, layer: usize, index: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+        let (n, width) = index.dims2()?;
+        for (pool, new) in [(&self.k[layer], k), (&self.v[layer], v)] {
+            let slots = pool.dim(0)?;
+            pool.reshape((slots, width))?.scatter_set(
+                index,
+                &new.reshape((n, width))?.contiguous()?,
+                0,
+            )?;
+        }
+        Ok(())
+    }
+
     /// Layer `layer`'s cached keys and values at `slots` (a [len] u32 tensor of pool slots, in
     /// position order): k, v [kv_heads, len, hd].
     fn gather(&self, layer: usize, slots: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -373,6 +393,95 @@ impl KvPool {
             .map_err(ModelError::OutOfBlocks)?;
         self.copy(&copies, table.block_size())
     }
+}
+
+/// The scatter index that writes rows at `slots` into a pool `[slots, kv_heads, hd]` viewed as
+/// `[slots, width]` (width = kv_heads · hd): each slot repeated along its row, u32 [n, width].
+fn write_index(slots: &[u32], width: usize, dev: &Device) -> Result<Tensor> {
+    let n = slots.len();
+    Ok(Tensor::from_vec(slots.to_vec(), (n, 1), dev)?
+        .broadcast_as((n, width))?
+        .contiguous()?)
+}
+
+/// What a decode step on the device path shares across layers: every sequence's slots padded
+/// to the longest (padding reads the sequence's own position 0, which the mask hides), the
+/// additive mask [B, 1, 1, L] (0 or -inf: padding and keys outside a sliding window) and the
+/// new tokens' write index.
+struct BatchedDecode {
+    slots: Tensor,
+    mask: Tensor,
+    write: Tensor,
+    len: usize,
+}
+
+impl BatchedDecode {
+    fn new(
+        caches: &[&mut KvCache],
+        positions: &[usize],
+        window: Option<usize>,
+        width: usize,
+        dev: &Device,
+    ) -> Result<Self> {
+        let b = caches.len();
+        let len = positions.iter().max().map_or(0, |p| p + 1);
+        let mut slots = Vec::with_capacity(b * len);
+        let mut mask = Vec::with_capacity(b * len);
+        for (cache, &pos) in caches.iter().zip(positions) {
+            let table = &cache.table;
+            let pad = table.slot(0) as u32;
+            let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            for j in 0..len {
+                let visible = j <= pos && j >= first;
+                slots.push(if j <= pos { table.slot(j) as u32 } else { pad });
+                mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+            }
+        }
+        let new: Vec<u32> = caches
+            .iter()
+            .zip(positions)
+            .map(|(c, &p)| c.table.slot(p) as u32)
+            .collect();
+        Ok(Self {
+            slots: Tensor::from_vec(slots, b * len, dev)?,
+            mask: Tensor::from_vec(mask, (b, 1, 1, len), dev)?,
+            write: write_index(&new, width, dev)?,
+            len,
+        })
+    }
+}
+
+/// [`Attention::mask`] without key spans, built on `dev` from position ranges (a host-built
+/// mask is c × klen floats uploaded in every layer: ~1 GB over an image prompt of the 7B).
+fn device_mask(
+    window: Option<usize>,
+    q0: usize,
+    c: usize,
+    kbeg: usize,
+    klen: usize,
+    dev: &Device,
+) -> Result<Option<Tensor>> {
+    let window_needed = window.is_some_and(|w| q0 + c > w);
+    if c == 1 && !window_needed {
+        return Ok(None);
+    }
+    let range = |a: usize, n: usize| Tensor::arange(a as u32, (a + n) as u32, dev);
+    let q = range(q0, c)?.reshape((c, 1))?;
+    let neg = Tensor::full(f32::NEG_INFINITY, (c, klen), dev)?;
+    let zero = Tensor::zeros((c, klen), DType::F32, dev)?;
+    // Later keys are hidden (kpos > qpos) ...
+    let mut mask = range(kbeg, klen)?
+        .reshape((1, klen))?
+        .broadcast_gt(&q)?
+        .where_cond(&neg, &zero)?;
+    // ... and, with a sliding window, keys w or more behind (kpos + w <= qpos).
+    if let Some(w) = window.filter(|_| window_needed) {
+        mask = range(kbeg + w, klen)?
+            .reshape((1, klen))?
+            .broadcast_le(&q)?
+            .where_cond(&neg, &mask)?;
+    }
+    Ok(Some(mask))
 }
 
 /// Pool slots of positions `0..len` of `table`, as a u32 tensor for gathering.
@@ -493,6 +602,9 @@ struct Attention {
 struct AttnTaps<'a> {
     queries: &'a [usize],
     masked: Option<&'a [Range<usize>]>,
+    /// The device path (see [`Decoder::set_device_ops`]): no CPU kernels, masks built on the
+    /// device, larger query chunks.
+    device_ops: bool,
 }
 
 impl Attention {
@@ -538,12 +650,16 @@ impl Attention {
         start: usize,
         (cos, sin): (&Tensor, &Tensor),
         (pool, layer, table, slots): (&KvPool, usize, &BlockTable, Option<&Tensor>),
+        write_index: Option<&Tensor>,
         taps: &AttnTaps,
         recorded: &mut Option<Tensor>,
     ) -> Result<Tensor> {
         let n = xs.dim(0)?;
         let (q, k, v) = self.qkv(xs, cos, sin)?;
-        pool.write(layer, table, start, &k, &v)?;
+        match write_index {
+            Some(index) => pool.scatter(layer, index, &k, &v)?,
+            None => pool.write(layer, table, start, &k, &v)?,
+        }
         let (keys, values) = match slots {
             Some(slots) => pool.gather(layer, slots)?,
             // Nothing cached before: the new rows are all the keys.
@@ -582,8 +698,12 @@ impl Attention {
         let groups = self.heads / self.kv_heads;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let dev = q.device();
-        let chunk = (SCORE_CHUNK_BYTES / (self.heads * total * q.dtype().size_in_bytes()))
-            .clamp(MIN_QUERY_CHUNK, MAX_QUERY_CHUNK);
+        let chunk = match taps.device_ops {
+            false => (SCORE_CHUNK_BYTES / (self.heads * total * q.dtype().size_in_bytes()))
+                .clamp(MIN_QUERY_CHUNK, MAX_QUERY_CHUNK),
+            true => (DEVICE_SCORE_CHUNK_BYTES / (self.heads * total * 4))
+                .clamp(MIN_QUERY_CHUNK, DEVICE_MAX_QUERY_CHUNK),
+        };
         let mut outs = Vec::with_capacity(n.div_ceil(chunk));
         let mut rows: Vec<(usize, Tensor)> = Vec::new();
         for c0 in (0..n).step_by(chunk) {
@@ -610,9 +730,9 @@ impl Attention {
                 window: self.window,
             };
             // Key-span masks (interventions) take the general path below.
-            let fused = match taps.masked {
-                None => cpu::masked_softmax(&scores, scale as f32, keys)?,
-                Some(_) => None,
+            let fused = match (taps.masked, taps.device_ops) {
+                (None, false) => cpu::masked_softmax(&scores, scale as f32, keys)?,
+                _ => None,
             };
             let probs = match fused {
                 Some(p) => p,
@@ -621,11 +741,15 @@ impl Attention {
                     // its softmax; the probabilities then go back to the compute dtype.
                     let dtype = scores.dtype();
                     let scores = (scores.to_dtype(DType::F32)? * scale)?;
-                    let mask = self.mask(start + c0, c, kbeg, klen, taps.masked)?;
+                    let mask = match (taps.masked, taps.device_ops) {
+                        (None, true) => device_mask(self.window, start + c0, c, kbeg, klen, dev)?,
+                        _ => self
+                            .mask(start + c0, c, kbeg, klen, taps.masked)?
+                            .map(|m| Tensor::from_vec(m, (c, klen), dev))
+                            .transpose()?,
+                    };
                     let scores = match mask {
-                        Some(m) => {
-                            scores.broadcast_add(&Tensor::from_vec(m, (1, c, klen), dev)?)?
-                        }
+                        Some(m) => scores.broadcast_add(&m.unsqueeze(0)?)?,
                         None => scores,
                     };
                     candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?
@@ -658,6 +782,38 @@ impl Attention {
             *recorded = Some(Tensor::cat(&ordered, 1)?);
         }
         Ok(Tensor::cat(&outs, 1)?)
+    }
+
+    /// Decode attention of B new rows q [B, heads, hd] over their sequences' caches, batched
+    /// over the padded plan (the device path): one gather per tensor and two matmuls per layer
+    /// whatever B, where the per-sequence path launches ~10 kernels per sequence. The same
+    /// operations as [`Attention::attend`] (f32 softmax, probabilities back in the compute
+    /// dtype); padded keys get probability exactly 0.
+    fn attend_batched(
+        &self,
+        q: &Tensor,
+        pool: &KvPool,
+        layer: usize,
+        plan: &BatchedDecode,
+    ) -> Result<Tensor> {
+        let b = q.dim(0)?;
+        let (kvh, hd, len) = (self.kv_heads, self.head_dim, plan.len);
+        let groups = self.heads / kvh;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let gather = |t: &Tensor| -> candle_core::Result<Tensor> {
+            t.index_select(&plan.slots, 0)?
+                .reshape((b, len, kvh, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (k, v) = (gather(&pool.k[layer])?, gather(&pool.v[layer])?); // [B, kv, L, hd]
+                                                                         // Head h reads KV head h / groups (GQA): [B, heads, hd] → [B, kv, groups, hd].
+        let q = q.contiguous()?.reshape((b, kvh, groups, hd))?;
+        let scores = q.matmul(&k.t()?)?; // [B, kv, groups, L]
+        let dtype = scores.dtype();
+        let scores = (scores.to_dtype(DType::F32)? * scale)?.broadcast_add(&plan.mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        Ok(probs.matmul(&v)?.reshape((b, self.heads * hd))?)
     }
 
     /// Additive mask for queries at `q0..q0+c` over keys `kbeg..kbeg+klen`, or None when nothing
@@ -760,6 +916,8 @@ pub struct Decoder {
     cfg: TextConfig,
     device: Device,
     dtype: DType,
+    /// See [`Decoder::set_device_ops`].
+    device_ops: bool,
 }
 
 /// Result of a prefill.
@@ -804,7 +962,16 @@ impl Decoder {
             cfg: cfg.clone(),
             device: vb.device().clone(),
             dtype: vb.dtype(),
+            device_ops: !vb.device().is_cpu(),
         })
+    }
+
+    /// Chooses the device path (the default off the CPU): tensor ops batched for launch counts
+    /// (one scatter per layer for new keys and values, batched decode attention, masks built on
+    /// the device) instead of the CPU's fused f32 kernels. On the CPU only for tests, which check
+    /// that the GPU's path computes what the exact one does.
+    pub fn set_device_ops(&mut self, on: bool) {
+        self.device_ops = on;
     }
 
     pub fn config(&self) -> &TextConfig {
@@ -949,6 +1116,14 @@ impl Decoder {
             0 => None,
             _ => Some(slots_tensor(&cache.table, total, &self.device)?),
         };
+        let write_index = match self.device_ops {
+            true => {
+                let slots: Vec<u32> = (start..total).map(|p| cache.table.slot(p) as u32).collect();
+                let width = self.cfg.num_key_value_heads * self.cfg.head_dim;
+                Some(write_index(&slots, width, &self.device)?)
+            }
+            false => None,
+        };
         // A key mask given with the prompt holds for all its chunks and what follows.
         let mask_keys = taps.mask_keys.clone().or_else(|| cache.mask.clone());
         let positions: Vec<usize> = (start..total).collect();
@@ -1021,6 +1196,7 @@ impl Decoder {
             let attn_taps = AttnTaps {
                 queries: &queries,
                 masked,
+                device_ops: self.device_ops,
             };
             let mut rec = None;
             let h = layer.input_layernorm.forward(&xs)?;
@@ -1029,6 +1205,7 @@ impl Decoder {
                 start,
                 (&cos, &sin),
                 (&self.pool, i, &cache.table, slots.as_ref()),
+                write_index.as_ref(),
                 &attn_taps,
                 &mut rec,
             )?;
@@ -1096,19 +1273,35 @@ impl Decoder {
         let (cos, sin) = self.rotary.cos_sin(&positions, &self.device, self.dtype)?;
         let mut xs = self.embed(tokens)?.to_dtype(self.dtype)?;
         let (hd, heads) = (self.cfg.head_dim, self.cfg.num_attention_heads);
+        let plan = match self.device_ops {
+            true => Some(BatchedDecode::new(
+                caches,
+                &positions,
+                self.cfg.sliding_window,
+                self.cfg.num_key_value_heads * hd,
+                &self.device,
+            )?),
+            false => None,
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&xs)?;
             let attn = &layer.self_attn;
             let (q, k, v) = attn.qkv(&h, &cos, &sin)?;
-            for (s, cache) in caches.iter().enumerate() {
-                let (ks, vs) = (k.narrow(0, s, 1)?, v.narrow(0, s, 1)?); // [1, kv, hd]
-                self.pool.write(i, &cache.table, positions[s], &ks, &vs)?;
+            match &plan {
+                Some(plan) => self.pool.scatter(i, &plan.write, &k, &v)?,
+                None => {
+                    for (s, cache) in caches.iter().enumerate() {
+                        let (ks, vs) = (k.narrow(0, s, 1)?, v.narrow(0, s, 1)?); // [1, kv, hd]
+                        self.pool.write(i, &cache.table, positions[s], &ks, &vs)?;
+                    }
+                }
             }
             // Sequences under a key-mask intervention take the general path at its layers.
             let any_masked = caches.iter().any(|c| c.masked_at(i + 1).is_some());
-            let fused = match any_masked {
-                false => self.fused_decode_attention(i, &q, caches, &positions)?,
-                true => None,
+            let fused = match (any_masked, &plan) {
+                (false, None) => self.fused_decode_attention(i, &q, caches, &positions)?,
+                (false, Some(plan)) => Some(attn.attend_batched(&q, &self.pool, i, plan)?),
+                (true, _) => None,
             };
             let o = match fused {
                 Some(o) => o,
@@ -1122,6 +1315,7 @@ impl Decoder {
                         let taps = AttnTaps {
                             queries: &[],
                             masked: cache.masked_at(i + 1),
+                            device_ops: self.device_ops,
                         };
                         let o = attn.attend(&qs, pos, &keys, &values, &taps, &mut None)?;
                         outs.push(o.reshape((1, heads * hd))?);
@@ -1220,4 +1414,80 @@ pub fn kv_bytes_per_block(cfg: &TextConfig, dtype: DType, block_size: usize) -> 
         * cfg.num_key_value_heads
         * cfg.head_dim
         * dtype.size_in_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(t: &Tensor) -> Vec<Vec<f32>> {
+        t.to_dtype(DType::F32).unwrap().to_vec2().unwrap()
+    }
+
+    /// The device's mask hides what the rule says: later keys, and keys `w` or more behind.
+    #[test]
+    fn device_mask_hides_later_keys_and_keys_outside_the_window() {
+        let dev = Device::Cpu;
+        for window in [None, Some(1), Some(3), Some(8)] {
+            for (q0, c, kbeg, klen) in [(0, 5, 0, 5), (4, 3, 2, 5), (10, 1, 0, 11), (7, 4, 5, 6)] {
+                let got = device_mask(window, q0, c, kbeg, klen, &dev).unwrap();
+                let want: Vec<Vec<f32>> = (0..c)
+                    .map(|i| {
+                        (0..klen)
+                            .map(|j| {
+                                let (q, k) = (q0 + i, kbeg + j);
+                                match k > q || window.is_some_and(|w| q >= k + w) {
+                                    true => f32::NEG_INFINITY,
+                                    false => 0.0,
+                                }
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let everything_visible = want.iter().flatten().all(|&x| x == 0.0);
+                match got {
+                    Some(m) => assert_eq!(rows(&m), want, "{window:?} {q0} {c} {kbeg} {klen}"),
+                    None => assert!(everything_visible, "{window:?} {q0} {c} {kbeg} {klen}"),
+                }
+            }
+        }
+    }
+
+    /// A batched decode plan pads every sequence to the longest with its own position 0, hides
+    /// the padding and the keys outside the window, and writes each new token at its slot.
+    #[test]
+    fn batched_decode_plan_pads_masks_and_writes_at_the_new_slots() {
+        let dev = Device::Cpu;
+        let blocks = KvBlocks::new(KvPoolConfig {
+            block_size: 4,
+            num_blocks: 8,
+        });
+        let mut a = KvCache::from_table(blocks.table(), 0);
+        let mut b = KvCache::from_table(blocks.table(), 0);
+        // Interleave the two tables' blocks.
+        for len in [4, 8] {
+            a.table_mut().reserve(len).unwrap();
+            b.table_mut().reserve(len).unwrap();
+        }
+        let positions = [6, 2];
+        let (sa, sb): (Vec<u32>, Vec<u32>) = (
+            (0..7).map(|p| a.table().slot(p) as u32).collect(),
+            (0..3).map(|p| b.table().slot(p) as u32).collect(),
+        );
+        assert_ne!(sa[4], sa[3] + 1, "tables not interleaved: {sa:?}");
+        let caches = [&mut a, &mut b];
+        let plan = BatchedDecode::new(&caches, &positions, Some(4), 6, &dev).unwrap();
+        assert_eq!(plan.len, 7);
+        let slots: Vec<u32> = plan.slots.to_vec1().unwrap();
+        assert_eq!(slots[..7], sa[..]);
+        assert_eq!(slots[7..10], sb[..]);
+        assert!(slots[10..].iter().all(|&s| s == sb[0]), "{slots:?}");
+        let mask: Vec<f32> = plan.mask.flatten_all().unwrap().to_vec1().unwrap();
+        let inf = f32::NEG_INFINITY;
+        // Window 4 at position 6: keys 3..=6; at position 2: keys 0..=2, then padding.
+        assert_eq!(mask[..7], [inf, inf, inf, 0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(mask[7..], [0.0, 0.0, 0.0, inf, inf, inf, inf]);
+        let write: Vec<Vec<u32>> = plan.write.to_vec2().unwrap();
+        assert_eq!(write, vec![vec![sa[6]; 6], vec![sb[2]; 6]]);
+    }
 }

@@ -430,13 +430,34 @@ fn batched_decode_matches_single_sequence_decode() {
     if dtype() != DType::F32 {
         return eprintln!("skipped: compares 20 greedy tokens with transformers' f32 ones");
     }
-    let model = load_variant("llava_next");
+    batched_decode_gives_transformers_greedy_tokens(&load_variant("llava_next"));
+}
+
+/// The device path (what a GPU runs: scatter writes of new keys and values, masks built on the
+/// device, decode attention batched over padded gathers) run on the CPU against transformers,
+/// as the CPU's own kernels are: every variant's logits, hidden states, attention rows and
+/// greedy tokens, and batched decode over sequences of different lengths.
+#[test]
+fn device_ops_match_transformers() {
+    for variant in ["llava_next", "llava", "orig_anyres", "orig_pad"] {
+        let mut model = load_variant(variant);
+        model.set_device_ops(true);
+        check_model(variant, &model);
+        if variant == "llava_next" && dtype() == DType::F32 {
+            batched_decode_gives_transformers_greedy_tokens(&model);
+        }
+    }
+}
+
+/// 20 greedy tokens of every llava_next case, decoded together in one batch (different
+/// lengths), equal transformers' own.
+fn batched_decode_gives_transformers_greedy_tokens(model: &LlavaModel) {
     let cases = cases("llava_next");
     let mut caches = Vec::new();
     let mut toks = Vec::new();
     let mut want = Vec::new();
     for case in &cases {
-        let prep = prepare(&model, case);
+        let prep = prepare(model, case);
         let mut cache = model.new_cache();
         let out = model
             .prefill(&prep.ids, &prep.images, &mut cache, &LayerTaps::default())
@@ -528,8 +549,135 @@ fn paged_batched_decode_equals_single_sequence_decode() {
         return eprintln!("skipped: bit-exact on the CPU in f32 only");
     }
     let model = load_variant("llava_next");
+    let (batched, single) = (
+        interleaved_decode(&model, true),
+        interleaved_decode(&model, false),
+    );
+    for (b, (x, y)) in batched.iter().zip(&single).enumerate() {
+        for (s, (x, y)) in x.iter().zip(y).enumerate() {
+            assert_eq!(max_abs_diff(x, y), 0.0, "sequence {b} step {s}");
+        }
+    }
+}
+
+/// The device path's batched decode over interleaved block tables (padded to the longest
+/// sequence) against the CPU kernels' decode of the same sequences one at a time: logits within
+/// f32 rounding (the padded keys add exact zeros, but the matmuls sum in another order).
+#[test]
+fn device_ops_batched_decode_equals_cpu_kernels() {
+    if dtype() != DType::F32 || !device().is_cpu() {
+        return eprintln!("skipped: compares with the CPU's f32 kernels");
+    }
+    let cpu = load_variant("llava_next");
+    let mut dev = load_variant("llava_next");
+    dev.set_device_ops(true);
+    let (got, want) = (
+        interleaved_decode(&dev, true),
+        interleaved_decode(&cpu, false),
+    );
+    let mut worst = 0f32;
+    for (b, (x, y)) in got.iter().zip(&want).enumerate() {
+        for (s, (x, y)) in x.iter().zip(y).enumerate() {
+            let d = max_abs_diff(x, y);
+            assert!(d <= TOL, "sequence {b} step {s}: logits differ by {d}");
+            assert_eq!(argmax(x), argmax(y), "sequence {b} step {s}");
+            worst = worst.max(d);
+        }
+    }
+    eprintln!(
+        "device path vs CPU kernels, batched decode: max |Δlogit| {worst:.2e} (tolerance {TOL:e})"
+    );
+}
+
+/// The device path on the test's device (on the CPU: forced) against the CPU's fused kernels,
+/// over awkward lengths (1, 15, 16, 17, 511-513, 3,000: block edges, query chunks of 1,024
+/// rows, one-token prompts): each prompt prefilled whole, then 3 decode steps of all eight
+/// together (padded to the longest). Logits within TOL, greedy tokens equal.
+#[test]
+fn device_ops_equal_cpu_kernels_at_awkward_lengths() {
+    if dtype() != DType::F32 {
+        return eprintln!("skipped: compares f32 logits");
+    }
+    let mut dev_model = load_variant("llava_next");
+    dev_model.set_device_ops(true);
+    let opts = LoadOptions {
+        vision_tower: None,
+        dtype: Some(DType::F32),
+        linear_weights: LinearWeights::Compute,
+    };
+    let cpu_model = LlavaModel::load(&fixtures().join("tiny-llava-next"), &opts, &Device::Cpu)
+        .expect("loading tiny-llava-next on the CPU");
+    let vocab = cpu_model.decoder().config().vocab_size as u64;
+    let lengths = [1usize, 15, 16, 17, 511, 512, 513, 3000];
+    let prompts: Vec<Vec<u32>> = lengths
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ i as u64;
+            (0..n)
+                .map(|_| {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((x >> 33) % vocab) as u32
+                })
+                .collect()
+        })
+        .collect();
+    let run = |model: &LlavaModel| -> Vec<Vec<Tensor>> {
+        let dec = model.decoder();
+        let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+        let mut steps = vec![Vec::new(); prompts.len()];
+        let mut toks = Vec::new();
+        for (p, cache) in prompts.iter().zip(caches.iter_mut()) {
+            let out = dec
+                .prefill(&dec.embed(p).unwrap(), cache, &LayerTaps::default())
+                .unwrap();
+            let row = out.logits.i(0).unwrap().to_device(&Device::Cpu).unwrap();
+            toks.push(argmax(&row));
+        }
+        for (b, &t) in toks.iter().enumerate() {
+            steps[b].push(Tensor::new(&[t as f32], &Device::Cpu).unwrap());
+        }
+        for _ in 0..3 {
+            let mut refs: Vec<_> = caches.iter_mut().collect();
+            let l = model.decode_step(&toks, &mut refs).unwrap();
+            let l = l.to_device(&Device::Cpu).unwrap();
+            for (b, t) in toks.iter_mut().enumerate() {
+                let row = l.i(b).unwrap();
+                *t = argmax(&row);
+                steps[b].push(row);
+            }
+        }
+        steps
+    };
+    let (got, want) = (run(&dev_model), run(&cpu_model));
+    let mut worst = 0f32;
+    for (b, (x, y)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            x[0].to_vec1::<f32>().unwrap(),
+            y[0].to_vec1::<f32>().unwrap(),
+            "length {}: first greedy token",
+            lengths[b]
+        );
+        for (s, (x, y)) in x.iter().zip(y).enumerate().skip(1) {
+            let d = max_abs_diff(x, y);
+            assert!(d <= TOL, "length {} step {s}: logits differ by {d}", lengths[b]);
+            assert_eq!(argmax(x), argmax(y), "length {} step {s}", lengths[b]);
+            worst = worst.max(d);
+        }
+    }
+    eprintln!(
+        "device path ({:?}) vs CPU kernels at lengths {lengths:?}: max |Δlogit| {worst:.2e} \
+         (tolerance {TOL:e})",
+        dev_model.device().location()
+    );
+}
+
+/// Every llava_next case prefilled in 16-token chunks round-robin (so that the block tables
+/// interleave), then 6 greedy decode steps, batched or one sequence at a time: each step's
+/// logits per sequence.
+fn interleaved_decode(model: &LlavaModel, batched: bool) -> Vec<Vec<Tensor>> {
     let cases = cases("llava_next");
-    let preps: Vec<Prepared> = cases.iter().map(|c| prepare(&model, c)).collect();
+    let preps: Vec<Prepared> = cases.iter().map(|c| prepare(model, c)).collect();
     let run = |batched: bool| -> Vec<Vec<Tensor>> {
         let mut caches: Vec<_> = preps.iter().map(|_| model.new_cache()).collect();
         let mut toks = Vec::new();
@@ -579,12 +727,7 @@ fn paged_batched_decode_equals_single_sequence_decode() {
         }
         steps
     };
-    let (batched, single) = (run(true), run(false));
-    for (b, (x, y)) in batched.iter().zip(&single).enumerate() {
-        for (s, (x, y)) in x.iter().zip(y).enumerate() {
-            assert_eq!(max_abs_diff(x, y), 0.0, "sequence {b} step {s}");
-        }
-    }
+    run(batched)
 }
 
 /// The choices of one request (`n`): caches forked from one prefill share its blocks and copy a

@@ -23,6 +23,7 @@ pub mod names {
     pub const IMAGE_TOKENS_TOTAL: &str = "tga_image_tokens_total";
     pub const IMAGES_TOTAL: &str = "tga_images_total";
     pub const BATCH_SIZE: &str = "tga_batch_size";
+    pub const DECODE_STEP_SECONDS: &str = "tga_decode_step_seconds";
     pub const REQUESTS_REJECTED_TOTAL: &str = "tga_requests_rejected_total";
     pub const CLIENT_DISCONNECTS_TOTAL: &str = "tga_client_disconnects_total";
     pub const MODEL_INFO: &str = "tga_model_info";
@@ -129,6 +130,13 @@ pub const REQUEST_BUCKETS: &[f64] = &[
 /// Sequences per decode step.
 pub const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
+/// `tga_decode_step_seconds` buckets: a GPU step of the 7B takes milliseconds, a CPU one up to
+/// seconds.
+pub const STEP_BUCKETS: &[f64] = &[
+    0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
+
 /// The `route` label of requests that matched no route (keeps the label set bounded).
 pub const UNMATCHED_ROUTE: &str = "unmatched";
 
@@ -146,6 +154,9 @@ pub struct Metrics {
     pub image_tokens: IntCounter,
     pub images: IntCounter,
     pub batch_size: Histogram,
+    /// By `stage`: `forward` (the model's step, logits on the host), `sample` (sampling and
+    /// streaming the step's tokens).
+    pub decode_step: HistogramVec,
     pub rejected: IntCounterVec,
     pub client_disconnects: IntCounter,
     pub model_info: IntGaugeVec,
@@ -246,6 +257,19 @@ impl Metrics {
                 "Sequences per decode step.",
                 BATCH_SIZE_BUCKETS,
             ),
+            decode_step: {
+                let opts = HistogramOpts::new(
+                    names::DECODE_STEP_SECONDS,
+                    "Time of one decode step of the running batch, by stage: forward (the model, \
+                     logits on the host) and sample (sampling and streaming the tokens).",
+                )
+                .buckets(STEP_BUCKETS.to_vec());
+                let metric = HistogramVec::new(opts, &["stage"]).expect("valid metric");
+                registry
+                    .register(Box::new(metric.clone()))
+                    .expect("unique metric");
+                metric
+            },
             rejected: counter_vec(
                 names::REQUESTS_REJECTED_TOTAL,
                 "Generation requests refused before generating, by error code.",

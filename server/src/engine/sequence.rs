@@ -200,18 +200,31 @@ impl<B: ModelBackend> Sequence<B> {
         backend: &B,
         metrics: &Metrics,
     ) -> Result<Option<FinishReason>, BackendError> {
-        let sampled = match &mut self.constraint {
-            None => self.sampler.sample(logits)?,
-            Some(constraint) => {
-                let mut masked = logits.to_vec();
-                constraint
-                    .mask_logits(&mut masked)
-                    .map_err(BackendError::new)?;
-                let sampled = self.sampler.sample(&masked)?;
-                constraint.commit(sampled.id).map_err(BackendError::new)?;
-                sampled
-            }
-        };
+        let sampled = self.draw(logits)?;
+        self.on_sampled(sampled, backend, metrics)
+    }
+
+    /// Draws the next token from `logits` (the constraint's mask applied, the token committed
+    /// to it): the part of a step that reads the whole vocabulary, and touches nothing but this
+    /// sequence's sampler and constraint, so a batch's draws can run in parallel.
+    pub(super) fn draw(&mut self, logits: &[f32]) -> Result<SampledToken, BackendError> {
+        draw(&mut self.sampler, &mut self.constraint, logits)
+    }
+
+    /// The parts [`Sequence::draw`] uses, borrowed apart from the rest of the sequence.
+    pub(super) fn draw_parts(
+        &mut self,
+    ) -> (&mut B::Sampler, &mut Option<model::constraint::Constraint>) {
+        (&mut self.sampler, &mut self.constraint)
+    }
+
+    /// What follows a drawn token: latency metrics, stops, detokenizing and streaming.
+    pub(super) fn on_sampled(
+        &mut self,
+        sampled: SampledToken,
+        backend: &B,
+        metrics: &Metrics,
+    ) -> Result<Option<FinishReason>, BackendError> {
         let now = Instant::now();
         if self.usage.completion_tokens == 0 {
             metrics
@@ -394,4 +407,24 @@ impl<B: ModelBackend> Sequence<B> {
     pub(super) fn notify_failed(&self, error: GenerationError) {
         super::notify_failed(&self.events, &self.siblings, error);
     }
+}
+
+/// [`Sequence::draw`] on its parts.
+pub(super) fn draw<S: TokenSampler>(
+    sampler: &mut S,
+    constraint: &mut Option<model::constraint::Constraint>,
+    logits: &[f32],
+) -> Result<SampledToken, BackendError> {
+    Ok(match constraint {
+        None => sampler.sample(logits)?,
+        Some(constraint) => {
+            let mut masked = logits.to_vec();
+            constraint
+                .mask_logits(&mut masked)
+                .map_err(BackendError::new)?;
+            let sampled = sampler.sample(&masked)?;
+            constraint.commit(sampled.id).map_err(BackendError::new)?;
+            sampled
+        }
+    })
 }

@@ -18,8 +18,9 @@ use std::time::Instant;
 use tokio::sync::mpsc::{self, error::TryRecvError};
 
 use model::kv::{prefix_hashes, KvBlocks};
-use model::sampling::StopMatcher;
+use model::sampling::{SampledToken, StopMatcher};
 use model::tokenizer::IncrementalDetokenizer;
+use rayon::prelude::*;
 
 use super::request::Prompt;
 use super::sequence::{Phase, Sequence, SequenceDiagnosis};
@@ -685,6 +686,29 @@ impl<B: ModelBackend> Worker<B> {
             seq.on_logits(logits, &self.backend, &self.metrics)
         }))
         .unwrap_or_else(|panic| Err(BackendError::new(panic_message(&panic))));
+        self.settled(seq, stepped)
+    }
+
+    /// [`Worker::advance`] for a token already drawn (or a failed draw).
+    fn settle(
+        &self,
+        mut seq: Sequence<B>,
+        drawn: Result<SampledToken, BackendError>,
+    ) -> Option<Sequence<B>> {
+        let stepped = drawn.and_then(|sampled| {
+            catch_unwind(AssertUnwindSafe(|| {
+                seq.on_sampled(sampled, &self.backend, &self.metrics)
+            }))
+            .unwrap_or_else(|panic| Err(BackendError::new(panic_message(&panic))))
+        });
+        self.settled(seq, stepped)
+    }
+
+    fn settled(
+        &self,
+        seq: Sequence<B>,
+        stepped: Result<Option<FinishReason>, BackendError>,
+    ) -> Option<Sequence<B>> {
         match stepped {
             Ok(None) => Some(seq),
             Ok(Some(reason)) => {
@@ -708,6 +732,7 @@ impl<B: ModelBackend> Worker<B> {
         self.metrics.batch_size.observe(tokens.len() as f64);
         let backend = &mut self.backend;
         let mut caches: Vec<&mut B::Cache> = batch.iter_mut().map(|seq| &mut seq.cache).collect();
+        let started = Instant::now();
         let result = catch_unwind(AssertUnwindSafe(|| {
             backend.decode_batch(&tokens, &mut caches)
         }))
@@ -731,12 +756,35 @@ impl<B: ModelBackend> Worker<B> {
             }
             Err(err) => return self.fail_batch(batch, err),
         };
+        let sampling = Instant::now();
+        let stage = |name: &str| self.metrics.decode_step.with_label_values(&[name]);
+        stage("forward").observe((sampling - started).as_secs_f64());
+        // Each draw reads the whole vocabulary (an f64 log-normaliser, the draw): ~0.3 ms a
+        // sequence, which at 64 sequences would outlast a GPU's step; they run in parallel, each
+        // under its own panic guard, and the rest of each step in batch order.
+        let mut parts: Vec<_> = batch.iter_mut().map(|seq| seq.draw_parts()).collect();
+        let draws: Vec<Result<SampledToken, BackendError>> = parts
+            .par_iter_mut()
+            .zip(all_logits.par_iter())
+            .with_min_len(4)
+            .map(|((sampler, constraint), logits)| {
+                catch_unwind(AssertUnwindSafe(|| {
+                    super::sequence::draw(&mut **sampler, &mut **constraint, logits)
+                }))
+                .unwrap_or_else(|panic| Err(BackendError::new(panic_message(&panic))))
+            })
+            .collect();
+        drop(parts);
         let mut decoded = Vec::with_capacity(batch.len());
-        for (seq, logits) in batch.into_iter().zip(all_logits) {
-            if let Some(seq) = self.advance(seq, &logits) {
+        for (seq, drawn) in batch.into_iter().zip(draws) {
+            if let Some(seq) = self.settle(seq, drawn) {
                 decoded.push(seq);
             }
         }
+        self.metrics
+            .decode_step
+            .with_label_values(&["sample"])
+            .observe(sampling.elapsed().as_secs_f64());
         decoded.append(&mut self.running);
         self.running = decoded;
     }
