@@ -405,7 +405,7 @@ mod cuda {
         vl: &Layout,
         name: &str,
     ) -> candle_core::Result<CudaStorage> {
-        let dev = qs.device().clone();
+        let dev = qs.device.clone();
         let (q0, q1) = range(ql, "q")?;
         let (k0, k1) = range(kl, "k_pool")?;
         let (v0, v1) = range(vl, "v_pool")?;
