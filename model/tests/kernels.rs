@@ -220,3 +220,53 @@ fn paged_decode_edge_blocks() {
         println!("device {dev:?} {dtype:?} block 1: max |diff| {e:.3e}");
     }
 }
+
+/// Kernel time at the 7B's shape in bf16 (decode, one layer): `--ignored` (on CUDA, for numbers).
+#[test]
+#[ignore]
+fn paged_decode_timing() {
+    let dev = device();
+    let (kvh, heads, hd, bs) = (8usize, 32usize, 128usize, 16usize);
+    for (b, len) in [
+        (1usize, 512usize),
+        (1, 3000),
+        (8, 3000),
+        (32, 1000),
+        (64, 3000),
+    ] {
+        let nblk = len.div_ceil(bs);
+        let slots = b * nblk * bs;
+        let k = Tensor::ones((slots, kvh, hd), DType::BF16, &dev).unwrap();
+        let v = k.clone();
+        let table: Vec<u32> = (0..(b * nblk) as u32).collect();
+        let tables = Tensor::from_vec(table, (b, nblk), &dev).unwrap();
+        let lens = Tensor::from_vec(vec![len as u32; b], b, &dev).unwrap();
+        let q = Tensor::ones((b, heads, hd), DType::BF16, &dev).unwrap();
+        let args = PagedDecode {
+            k_pool: &k,
+            v_pool: &v,
+            block_tables: &tables,
+            lens: &lens,
+            block_size: bs,
+            window: None,
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
+        let iters = 100;
+        for _ in 0..5 {
+            paged_decode_attention(&q, &args).unwrap();
+        }
+        dev.synchronize().unwrap();
+        let t = std::time::Instant::now();
+        for _ in 0..iters {
+            paged_decode_attention(&q, &args).unwrap();
+        }
+        dev.synchronize().unwrap();
+        let us = t.elapsed().as_secs_f64() * 1e6 / iters as f64;
+        let bytes = (2 * b * len * kvh * hd * 2) as f64;
+        println!(
+            "B {b:3} len {len:5}: {us:8.1} µs per call, K+V {:.1} MB, {:.0} GB/s",
+            bytes / 1e6,
+            bytes / us / 1e3
+        );
+    }
+}
