@@ -18,7 +18,8 @@
 # then builds with CARGO_TARGET_DIR=target/cuda (kept apart from the CPU build) and
 # CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} (H100/H200), strips the binaries and gzips them into
 # .cudabin/ (excluded through .git/info/exclude): the stripped binaries together exceed the device
-# tool's 64 MiB limit on carried files, gzipped tga-serve and parity are about 31 MB. tga-loadtest
+# tool's 64 MiB limit on carried files, gzipped tga-serve and parity are about 31 MB (kernels, the
+# paged attention test, about as much as parity). tga-loadtest
 # (for tools/gpu_bench.sh) needs no CUDA: it is a plain release build, made in the same target
 # directory so that it shares the dependencies built there, and packed beside them (a few MB).
 #
@@ -137,37 +138,45 @@ log "cargo build --release --locked -p tga-serve --bin tga-serve --features cuda
 cargo build --release --locked -p tga-serve --bin tga-serve --features cuda
 log "cargo build --release --locked -p tga-loadtest --bin tga-loadtest (no CUDA in it)"
 cargo build --release --locked -p tga-loadtest --bin tga-loadtest
-log "cargo test --release --locked -p tga-model --features cuda --test parity --no-run"
-msgs=$(mktemp)
-cargo test --release --locked -p tga-model --features cuda --test parity --no-run \
-  --message-format=json-render-diagnostics > "$msgs"
-parity=$(python3 - "$msgs" <<'PY'
+# build_test NAME: the tga-model integration test binary NAME, built for CUDA; prints its path.
+build_test() {
+  local name=$1 msgs exe
+  log "cargo test --release --locked -p tga-model --features cuda --test $name --no-run"
+  msgs=$(mktemp)
+  cargo test --release --locked -p tga-model --features cuda --test "$name" --no-run \
+    --message-format=json-render-diagnostics > "$msgs"
+  exe=$(python3 - "$msgs" "$name" <<'PY'
 import json, sys
 exe = None
 for line in open(sys.argv[1]):
     try: m = json.loads(line)
     except ValueError: continue
-    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "parity" and m.get("executable"):
+    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == sys.argv[2] and m.get("executable"):
         exe = m["executable"]
 print(exe or "")
 PY
-) || parity=""
-rm -f "$msgs"
-if [ -z "$parity" ]; then  # fall back to the newest test binary
-  parity=$(find "$CARGO_TARGET_DIR/release/deps" -maxdepth 1 -type f -executable -name 'parity-*' -printf '%T@ %p\n' \
-    | sort -rn | head -1 | cut -d' ' -f2-)
-fi
-if [ -z "$parity" ] || [ ! -x "$parity" ]; then die "parity test binary not found"; fi
-log "built in $(( $(date +%s) - t0 ))s: $CARGO_TARGET_DIR/release/tga-serve, $parity"
+  ) || exe=""
+  rm -f "$msgs"
+  if [ -z "$exe" ]; then  # fall back to the newest test binary
+    exe=$(find "$CARGO_TARGET_DIR/release/deps" -maxdepth 1 -type f -executable -name "$name-*" -printf '%T@ %p\n' \
+      | sort -rn | head -1 | cut -d' ' -f2-)
+  fi
+  if [ -z "$exe" ] || [ ! -x "$exe" ]; then die "$name test binary not found"; fi
+  printf '%s\n' "$exe"
+}
+parity=$(build_test parity)
+kernels=$(build_test kernels)
+log "built in $(( $(date +%s) - t0 ))s: $CARGO_TARGET_DIR/release/tga-serve, $parity, $kernels"
 
 mkdir -p .cudabin
 pack "$CARGO_TARGET_DIR/release/tga-serve" tga-serve
 pack "$parity" parity
+pack "$kernels" kernels
 pack "$CARGO_TARGET_DIR/release/tga-loadtest" tga-loadtest
 exclude=$(git rev-parse --git-path info/exclude)
 mkdir -p "$(dirname "$exclude")"
 grep -qxF '/.cudabin/' "$exclude" 2>/dev/null || echo '/.cudabin/' >> "$exclude"
-ls -l .cudabin/tga-serve.gz .cudabin/parity.gz .cudabin/tga-loadtest.gz >&2
+ls -l .cudabin/tga-serve.gz .cudabin/parity.gz .cudabin/kernels.gz .cudabin/tga-loadtest.gz >&2
 total=$(du -cb .cudabin | tail -1 | cut -f1)
 [ "$total" -lt $(( 60 * 1024 * 1024 )) ] || log "WARNING: .cudabin/ is $total bytes; the device tool carries 64 MiB in all"
 log "done; on a lent GPU: run(command=\"bash tools/gpu_check.sh\", carry=[\".cudabin\"], timeout_s=420)"

@@ -15,10 +15,10 @@
 #   4. the same in bf16 on cuda (parity with bf16 tolerances; the server with --dtype bf16 must
 #      answer every request; its texts against f32's are reported, not required).
 # Results in $OUT: summary.txt (PASS/FAIL lines), gpu.log (everything), parity_cuda.log,
-# parity_cuda_bf16.log, server_cuda.log, server_cuda-bf16.log, server_cpu.log, compare.txt,
+# parity_cuda_bf16.log, kernels_cuda.log (the paged attention kernel against its reference), server_cuda.log, server_cuda-bf16.log, server_cpu.log, compare.txt,
 # compare_bf16.txt, responses.tgz (requests and responses).
 # Exit status 0 when the parity tests pass on CUDA and the greedy texts on CUDA equal the CPU's.
-# Variables: SERVE=/path PARITY=/path use these binaries instead of .cudabin/*.gz; NO_CUDA=1
+# Variables: SERVE=/path PARITY=/path KERNELS=/path use these binaries instead of .cudabin/*.gz; NO_CUDA=1
 # skips the CUDA parts (a dry run of the script with a CPU build); PY=python interpreter.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -87,6 +87,19 @@ if [ -z "$NO_CUDA" ]; then
   grep -vE '^\s*[0-9]+: ' "$OUT/parity_cuda_bf16.log" | head -150
   grep -E 'max \|diff\|' "$OUT/parity_cuda_bf16.log" | sed 's/^test [a-z_0-9]* \.\.\. /  /' >> "$SUMMARY"
   check "bf16 parity tests on CUDA: $(grep -E '^test result' "$OUT/parity_cuda_bf16.log" | tail -1)" test "$rc" = 0
+  # the paged decode attention kernel against its Rust reference (model/tests/kernels.rs)
+  if [ -n "${KERNELS:-}" ] || gpu_unpack /tmp/tgabin kernels; then
+    KERNELS=${KERNELS:-/tmp/tgabin/kernels}
+    t=$(date +%s)
+    TGA_TEST_DEVICE=cuda timeout 240 "$KERNELS" --test-threads 1 --nocapture > "$OUT/kernels_cuda.log" 2>&1
+    rc=$?
+    echo "KERNELS CUDA rc=$rc in $(( $(date +%s) - t ))s"
+    head -150 "$OUT/kernels_cuda.log"
+    grep -E 'max \|diff\|' "$OUT/kernels_cuda.log" >> "$SUMMARY"
+    check "paged attention kernel on CUDA: $(grep -E '^test result' "$OUT/kernels_cuda.log" | tail -1)" test "$rc" = 0
+  else
+    note "FAIL no .cudabin/kernels.gz (run tools/cuda_build.sh)"; FAIL=1
+  fi
 fi
 
 # --- helper scripts

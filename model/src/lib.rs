@@ -10,6 +10,8 @@
 //!   through the loader's construction path.
 //! - `kv`: the paged KV cache's block allocator, block tables and prefix hashes (the storage is the
 //!   decoder's).
+//! - `paged`: paged decode attention over that storage, a CUDA kernel (one launch per layer) and
+//!   its Rust reference.
 //! - `sampling`: logits to tokens (greedy, temperature, top-k/top-p, seeds, logprobs, stops).
 //! - `diagnostics`: the DIAGNOSTICS.md math (logit lens, refusal sets, attention shares, cosines).
 //! - `clip_embed`: [`clip_embed::ClipEmbedder`], CLIP text and image embeddings of a full `CLIPModel`.
@@ -28,6 +30,7 @@ pub mod image;
 pub mod kv;
 pub mod llava;
 pub mod mistral;
+pub mod paged;
 pub mod random;
 pub mod retrieval;
 pub mod sampling;
