@@ -203,7 +203,9 @@ PYEOF
 IMG=fixtures/images/photo_120x160.png
 run_server() {  # $1 = cuda|cpu|cuda-bf16 (label; the device is the part before '-'), $2 = port
   local label=$1 port=$2 d=$W/$1 base=http://127.0.0.1:$2 pid t r model dev=${1%%-*} flags=()
-  if [ "$label" = cuda-bf16 ]; then flags=(--dtype bf16); fi
+  # The CUDA label is the f32 parity mode (`--dtype auto` would serve bf16 on the GPU and the
+  # comparison with the CPU would measure bf16 rounding).
+  case $label in cuda) flags=(--dtype f32) ;; cuda-bf16) flags=(--dtype bf16) ;; esac
   mkdir -p "$d"
   t=$(date +%s)
   RUST_LOG=info "$SERVE" serve --device "$dev" --port "$port" "${flags[@]}" > "$OUT/server_$label.log" 2>&1 &

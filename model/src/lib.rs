@@ -4,6 +4,7 @@
 //! - `weights`: sharded, memory-mapped safetensors with name mapping and shape validation.
 //! - `image`: decoding with limits, PIL-exact resizing, pad / anyres preprocessing, token counts.
 //! - `tokenizer`, `sentencepiece`, `template`: tokenizers, SentencePiece `.model` files, chat templates.
+//! - `device`: CUDA set-up candle leaves at the driver's defaults (the memory pool's threshold).
 //! - `cpu`: f32 CPU kernels (small-batch linear, decode attention, fused softmax/activations).
 //! - `clip`, `mistral`, `llava`: vision tower, decoder with [`mistral::LayerTaps`], the assembled model.
 //! - `random`: random-weight models of any LLaVA-NeXT shape (presets: the 7B, a tiny one), built
@@ -25,6 +26,7 @@ pub mod clip_embed;
 pub mod config;
 pub mod constraint;
 mod cpu;
+pub mod device;
 pub mod diagnostics;
 pub mod image;
 pub mod kv;

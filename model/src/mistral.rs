@@ -413,6 +413,11 @@ struct BatchedDecode {
     mask: Tensor,
     write: Tensor,
     len: usize,
+    /// For the paged kernel: block tables [B, max_blocks] u32 (padded with block 0) and the
+    /// lengths attended [B] u32.
+    tables: Tensor,
+    lens: Tensor,
+    block_size: usize,
 }
 
 impl BatchedDecode {
@@ -442,11 +447,27 @@ impl BatchedDecode {
             .zip(positions)
             .map(|(c, &p)| c.table.slot(p) as u32)
             .collect();
+        let block_size = caches.first().map_or(1, |c| c.table.block_size());
+        let max_blocks = len.div_ceil(block_size).max(1);
+        let mut tables = vec![0u32; b * max_blocks];
+        for (row, (cache, &pos)) in tables
+            .chunks_mut(max_blocks)
+            .zip(caches.iter().zip(positions))
+        {
+            let used = (pos + 1).div_ceil(block_size);
+            for (t, &blk) in row.iter_mut().zip(cache.table.blocks().iter().take(used)) {
+                *t = blk;
+            }
+        }
+        let lens: Vec<u32> = positions.iter().map(|&p| p as u32 + 1).collect();
         Ok(Self {
             slots: Tensor::from_vec(slots, b * len, dev)?,
             mask: Tensor::from_vec(mask, (b, 1, 1, len), dev)?,
             write: write_index(&new, width, dev)?,
             len,
+            tables: Tensor::from_vec(tables, (b, max_blocks), dev)?,
+            lens: Tensor::from_vec(lens, b, dev)?,
+            block_size,
         })
     }
 }
@@ -1300,6 +1321,19 @@ impl Decoder {
             let any_masked = caches.iter().any(|c| c.masked_at(i + 1).is_some());
             let fused = match (any_masked, &plan) {
                 (false, None) => self.fused_decode_attention(i, &q, caches, &positions)?,
+                (false, Some(plan)) if self.paged_kernel(q.dtype()) => {
+                    let args = crate::paged::PagedDecode {
+                        k_pool: &self.pool.k[i],
+                        v_pool: &self.pool.v[i],
+                        block_tables: &plan.tables,
+                        lens: &plan.lens,
+                        block_size: plan.block_size,
+                        window: attn.window,
+                        scale: 1.0 / (hd as f32).sqrt(),
+                    };
+                    let o = crate::paged::paged_decode_attention(&q, &args)?;
+                    Some(o.reshape((b, heads * hd))?)
+                }
                 (false, Some(plan)) => Some(attn.attend_batched(&q, &self.pool, i, plan)?),
                 (true, _) => None,
             };
@@ -1337,6 +1371,23 @@ impl Decoder {
 }
 
 impl Decoder {
+    /// Whether decode attention takes the paged CUDA kernel (crate::paged): on CUDA where it
+    /// supports the shapes, unless `TGA_PAGED_ATTENTION=0` asks for the candle-ops path (the
+    /// kernel's side-by-side benchmark, and a way around a kernel fault).
+    fn paged_kernel(&self, dtype: DType) -> bool {
+        static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let enabled = *ENABLED.get_or_init(|| {
+            !matches!(
+                std::env::var("TGA_PAGED_ATTENTION").as_deref(),
+                Ok("0" | "off" | "false")
+            )
+        });
+        let groups = self.cfg.num_attention_heads / self.cfg.num_key_value_heads.max(1);
+        enabled
+            && self.device.is_cuda()
+            && crate::paged::kernel_supports(dtype, self.cfg.head_dim, groups)
+    }
+
     /// Layer `i`'s attention of the B new tokens (already written) through the fused CPU
     /// kernel, reading the pool through each block table; `None` where it does not apply (not
     /// f32 on the CPU).

@@ -616,7 +616,9 @@ fn device_ops_equal_cpu_kernels_at_awkward_lengths() {
             let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ i as u64;
             (0..n)
                 .map(|_| {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     ((x >> 33) % vocab) as u32
                 })
                 .collect()
@@ -660,7 +662,11 @@ fn device_ops_equal_cpu_kernels_at_awkward_lengths() {
         );
         for (s, (x, y)) in x.iter().zip(y).enumerate().skip(1) {
             let d = max_abs_diff(x, y);
-            assert!(d <= TOL, "length {} step {s}: logits differ by {d}", lengths[b]);
+            assert!(
+                d <= TOL,
+                "length {} step {s}: logits differ by {d}",
+                lengths[b]
+            );
             assert_eq!(argmax(x), argmax(y), "length {} step {s}", lengths[b]);
             worst = worst.max(d);
         }

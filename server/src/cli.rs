@@ -197,8 +197,19 @@ impl DeviceSpec {
         match self {
             Self::Cpu => Ok(candle_core::Device::Cpu),
             #[cfg(feature = "cuda")]
-            Self::Cuda(ordinal) => candle_core::Device::new_cuda(ordinal)
-                .map_err(|err| format!("cannot open CUDA device {ordinal}: {err}")),
+            Self::Cuda(ordinal) => {
+                let device = candle_core::Device::new_cuda(ordinal)
+                    .map_err(|err| format!("cannot open CUDA device {ordinal}: {err}"))?;
+                // A pool that hands memory back at every sync costs each step fresh pages
+                // (model::device); failing to set it is slower, not wrong.
+                if std::env::var("TGA_CUDA_POOL_RELEASE").as_deref() != Ok("1") {
+                    match model::device::retain_freed_memory(&device) {
+                        Ok(_) => tracing::info!("CUDA memory pool keeps freed memory"),
+                        Err(err) => tracing::warn!(error = %err, "CUDA memory pool left as is"),
+                    }
+                }
+                Ok(device)
+            }
             #[cfg(not(feature = "cuda"))]
             Self::Cuda(_) => Err(format!(
                 "--device {self}: this tga-serve was built without CUDA support; rebuild it with \
