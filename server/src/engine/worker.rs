@@ -769,7 +769,7 @@ impl<B: ModelBackend> Worker<B> {
             .with_min_len(4)
             .map(|((sampler, constraint), logits)| {
                 catch_unwind(AssertUnwindSafe(|| {
-                    super::sequence::draw(&mut **sampler, &mut **constraint, logits)
+                    super::sequence::draw(&mut **sampler, constraint, logits)
                 }))
                 .unwrap_or_else(|panic| Err(BackendError::new(panic_message(&panic))))
             })
