@@ -5,6 +5,8 @@
 #   tools/cuda_build.sh              toolchain + stub + links, cargo builds, .cudabin/*.gz
 #   tools/cuda_build.sh --toolchain  only the steps before cargo (then `. tools/cuda/env.sh`)
 #   tools/cuda_build.sh --stub DIR   only write the stub libcuda.so (+ cuda_stub.c, syms.txt) to DIR
+#   tools/cuda_build.sh --check      CI: clippy over the workspace with `--features tga-serve/cuda`
+#                                    (every target, -D warnings) in target/cuda-check; see below
 #
 # Idempotent: each step is skipped when its result is already there. It sets up, under tools/cuda/
 # (ignored by git):
@@ -24,15 +26,26 @@
 # directory so that it shares the dependencies built there, and packed beside them (a few MB).
 #
 # Takes about 25 minutes on 2 cores from a cold target/cuda (candle's CUDA kernels dominate).
-# Needs python3 with pip (or tools/.venv), gcc, strip, gzip, cargo and network for the wheels.
+#
+# --check is what CI runs so that the CUDA code cannot rot between GPU runs: every Rust line behind
+# the `cuda` feature is type-checked and linted, and every PTX kernel (candle's and
+# model/cuda/*.cu, which model/build.rs compiles) is compiled by nvcc. It installs only the
+# compiler wheels (no cuBLAS/cuRAND: nothing is linked) and sets NVCC to tools/nvcc_ci.sh, which
+# runs the real nvcc for everything except candle's statically linked GGUF/MoE objects
+# (mmq_*, mmvq_gguf, moe_*: quantized kernels tga-serve never calls, ~10 of the 12 minutes
+# candle-kernels' build script takes on 2 cores); for those it writes an empty object, which is
+# harmless because `cargo clippy` links nothing. About 8 minutes from cold.
+# Needs python3 with venv (or tools/.venv), gcc, strip, gzip, cargo and network for the wheels.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 T=$ROOT/tools/cuda
-WHEELS=(nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88
-        nvidia-cuda-runtime==13.0.96 nvidia-cuda-nvrtc==13.0.88 nvidia-curand==10.4.0.35
-        nvidia-cuda-cccl==13.0.85 nvidia-cublas==13.0.2.14)
+# The compiler's wheels (enough for --check), then the libraries a linked build needs.
+COMPILER_WHEELS=(nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88
+                 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85)
+WHEELS=("${COMPILER_WHEELS[@]}" nvidia-cuda-nvrtc==13.0.88 nvidia-curand==10.4.0.35
+        nvidia-cublas==13.0.2.14)
 LIBS=(libcudart.so.13 libnvrtc.so.13 libcurand.so.10 libcublas.so.13 libcublasLt.so.13)
 
 log() { printf '== %s\n' "$*" >&2; }
@@ -71,24 +84,38 @@ make_stub() {
   log "stub libcuda.so: $n symbols from $src"
 }
 
+# toolchain [--compiler-only]: the compiler-only form skips the library wheels, the stub and the links.
 toolchain() {
-  local py missing w d lib
+  local py missing w d lib wheels=("${WHEELS[@]}")
+  if [ "${1:-}" = --compiler-only ]; then wheels=("${COMPILER_WHEELS[@]}"); fi
   mkdir -p "$T/py" "$T/link" "$T/stub"
   # 1. wheels: one dist-info directory per pinned version (nvidia_cuda_nvcc-13.0.88.dist-info)
   missing=()
-  for w in "${WHEELS[@]}"; do
+  for w in "${wheels[@]}"; do
     d="$(printf '%s' "${w%%==*}" | tr - _)-${w##*==}.dist-info"
     [ -d "$T/py/$d" ] || missing+=("$w")
   done
   if [ ${#missing[@]} -gt 0 ]; then
-    if [ -x tools/.venv/bin/python ]; then py=tools/.venv/bin/python; else py=python3; fi
+    # A venv's pip: Debian's python3 has none of its own (and refuses system installs).
+    if [ -x tools/.venv/bin/python ]; then py=tools/.venv/bin/python
+    else
+      [ -x "$T/venv/bin/python" ] || python3 -m venv "$T/venv"
+      py=$T/venv/bin/python
+    fi
     log "pip install --target tools/cuda/py ${missing[*]}"
-    "$py" -m pip install --quiet --no-deps --upgrade --target "$T/py" "${WHEELS[@]}"
+    "$py" -m pip install --quiet --no-deps --upgrade --target "$T/py" "${wheels[@]}"
   else
-    log "CUDA wheels present (${#WHEELS[@]})"
+    log "CUDA wheels present (${#wheels[@]})"
   fi
   CUDA_HOME=$T/py/nvidia/cu13
   if [ ! -x "$CUDA_HOME/bin/nvcc" ] || [ ! -x "$CUDA_HOME/nvvm/bin/cicc" ]; then die "no nvcc/cicc under $CUDA_HOME"; fi
+  if [ "${1:-}" = --compiler-only ]; then
+    export CUDA_HOME CUDA_PATH=$CUDA_HOME
+    export PATH=$CUDA_HOME/bin:$CUDA_HOME/nvvm/bin:$PATH
+    export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+    log "$(nvcc --version | tail -2 | head -1); CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP"
+    return
+  fi
   # 2. stub libcuda.so
   make_stub "$T/stub"
   if ! cmp -s "$T/stub/libcuda.so" "$T/link/libcuda.so"; then cp "$T/stub/libcuda.so" "$T/link/libcuda.so"; fi
@@ -128,8 +155,15 @@ pack() {  # $1 binary, $2 name in .cudabin/
 case "${1:-}" in
   --stub) [ $# -eq 2 ] || die "usage: $0 --stub DIR"; make_stub "$2"; exit 0 ;;
   --toolchain) toolchain; exit 0 ;;
+  --check)
+    toolchain --compiler-only
+    export TGA_REAL_NVCC=$CUDA_HOME/bin/nvcc NVCC=$ROOT/tools/nvcc_ci.sh
+    export CARGO_TARGET_DIR=$ROOT/target/cuda-check
+    log "cargo clippy --locked --workspace --all-targets --features tga-serve/cuda -- -D warnings"
+    cargo clippy --locked --workspace --all-targets --features tga-serve/cuda -- -D warnings
+    exit 0 ;;
   "") ;;
-  *) die "usage: $0 [--toolchain | --stub DIR]" ;;
+  *) die "usage: $0 [--toolchain | --check | --stub DIR]" ;;
 esac
 
 toolchain

@@ -19,7 +19,8 @@
 #       (targets ≥ 3,500 and ≥ 6,000)
 #   T3  TTFT of one 672×672 image request on the idle server (target ≤ 120 ms), T4 the same with
 #       `diagnostics: {}` (≤ 1.15 × T3): tools/gpu_bench_http.py ttft, fresh images each request
-#   T5b the same greedy request (128 prompt tokens, 32 out) 20 times, then 8 at once: one text
+#   T5b the same greedy request (128 prompt tokens, 32 out) 20 times one by one: one text (then 8
+#       at once, reported: bf16 rows depend on the batch size)
 #   T6  a second server with --kv-cache-memory for 4 image prompts: 64 image requests at once
 #       (672×672, 96 to 160 tokens each: 6 to 10 new KV blocks per sequence against ~11 spare),
 #       0 errors and tga_preemptions_total > 0

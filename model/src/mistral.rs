@@ -939,6 +939,8 @@ pub struct Decoder {
     dtype: DType,
     /// See [`Decoder::set_device_ops`].
     device_ops: bool,
+    /// The paged kernel's start-up check (`crate::paged::self_check`), run before its first use.
+    paged_checked: std::sync::OnceLock<bool>,
 }
 
 /// Result of a prefill.
@@ -984,6 +986,7 @@ impl Decoder {
             device: vb.device().clone(),
             dtype: vb.dtype(),
             device_ops: !vb.device().is_cpu(),
+            paged_checked: std::sync::OnceLock::new(),
         })
     }
 
@@ -1372,8 +1375,9 @@ impl Decoder {
 
 impl Decoder {
     /// Whether decode attention takes the paged CUDA kernel (crate::paged): on CUDA where it
-    /// supports the shapes, unless `TGA_PAGED_ATTENTION=0` asks for the candle-ops path (the
-    /// kernel's side-by-side benchmark, and a way around a kernel fault).
+    /// supports the shapes and passed its start-up check against the reference (else an error
+    /// is logged and the candle-ops path serves), unless `TGA_PAGED_ATTENTION=0` asks for the
+    /// candle-ops path (the kernel's side-by-side benchmark, and a way around a kernel fault).
     fn paged_kernel(&self, dtype: DType) -> bool {
         static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let enabled = *ENABLED.get_or_init(|| {
@@ -1386,6 +1390,24 @@ impl Decoder {
         enabled
             && self.device.is_cuda()
             && crate::paged::kernel_supports(dtype, self.cfg.head_dim, groups)
+            && *self.paged_checked.get_or_init(|| {
+                let (kvh, hd) = (self.cfg.num_key_value_heads, self.cfg.head_dim);
+                match crate::paged::self_check(&self.device, dtype, kvh, groups, hd) {
+                    Ok(max_err) => {
+                        tracing::info!(?dtype, max_err, "paged decode kernel equals its reference");
+                        true
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            ?dtype,
+                            error = %e,
+                            "paged decode kernel failed its start-up check: decode attention \
+                             falls back to candle ops (slower, same results)"
+                        );
+                        false
+                    }
+                }
+            })
     }
 
     /// Layer `i`'s attention of the B new tokens (already written) through the fused CPU

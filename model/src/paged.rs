@@ -488,32 +488,36 @@ mod cuda {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::{Device, IndexOp};
-    use rand::{rngs::StdRng, Rng, SeedableRng};
+/// A random decode batch for checking the kernel: q `[B, kv_heads·groups, hd]` and pools
+/// `[slots, kv_heads, hd]` in f32 on the CPU, values uniform in [-2, 2), the pool's blocks handed
+/// out shuffled (so sequences interleave) and `u32::MAX` in the table entries past each length
+/// (they must never be read). Deterministic in `seed`.
+#[derive(Debug)]
+pub struct RandomCase {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    /// `[B, max_blocks]` u32.
+    pub tables: Tensor,
+    /// `[B]` u32.
+    pub lens: Tensor,
+    /// The table's rows.
+    pub table_rows: Vec<Vec<u32>>,
+    pub block_size: usize,
+}
 
-    /// A batch in a pool whose blocks are handed out shuffled (so sequences interleave), with
-    /// u32::MAX in the table entries past each length (they must never be read).
-    struct Case {
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        tables: Tensor,
-        lens: Tensor,
-        table_rows: Vec<Vec<u32>>,
-    }
-
-    fn case(
-        rng: &mut StdRng,
+impl RandomCase {
+    pub fn new(
+        seed: u64,
         lens: &[usize],
-        bs: usize,
-        kvh: usize,
+        block_size: usize,
+        kv_heads: usize,
         groups: usize,
         hd: usize,
-    ) -> Case {
-        let nb: Vec<usize> = lens.iter().map(|l| l.div_ceil(bs)).collect();
+    ) -> candle_core::Result<Self> {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(seed);
+        let nb: Vec<usize> = lens.iter().map(|l| l.div_ceil(block_size)).collect();
         let max_blocks = nb.iter().copied().max().unwrap_or(1) + 1;
         let total = nb.iter().sum::<usize>() + 3;
         let mut blocks: Vec<u32> = (0..total as u32).collect();
@@ -532,26 +536,141 @@ mod tests {
                     .collect()
             })
             .collect();
-        let flat: Vec<u32> = table_rows.concat();
-        let dev = Device::Cpu;
-        let mut randn =
+        let dev = candle_core::Device::Cpu;
+        let mut uniform =
             |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
-        let b = lens.len();
-        let heads = kvh * groups;
-        let slots = total * bs;
-        Case {
-            q: Tensor::from_vec(randn(b * heads * hd), (b, heads, hd), &dev).unwrap(),
-            k: Tensor::from_vec(randn(slots * kvh * hd), (slots, kvh, hd), &dev).unwrap(),
-            v: Tensor::from_vec(randn(slots * kvh * hd), (slots, kvh, hd), &dev).unwrap(),
-            tables: Tensor::from_vec(flat, (b, max_blocks), &dev).unwrap(),
-            lens: Tensor::from_vec(lens.iter().map(|&l| l as u32).collect::<Vec<_>>(), b, &dev)
-                .unwrap(),
+        let (b, heads, slots) = (lens.len(), kv_heads * groups, total * block_size);
+        let lens_u32: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
+        Ok(Self {
+            q: Tensor::from_vec(uniform(b * heads * hd), (b, heads, hd), &dev)?,
+            k: Tensor::from_vec(uniform(slots * kv_heads * hd), (slots, kv_heads, hd), &dev)?,
+            v: Tensor::from_vec(uniform(slots * kv_heads * hd), (slots, kv_heads, hd), &dev)?,
+            tables: Tensor::from_vec(table_rows.concat(), (b, max_blocks), &dev)?,
+            lens: Tensor::from_vec(lens_u32, b, &dev)?,
             table_rows,
+            block_size,
+        })
+    }
+}
+
+/// How far the kernel's output may be from the reference's f32 output `reference` (computed from
+/// the same inputs, rounded to `dtype`): f32, `1e-5 · (1 + |r|)` (online softmax and split
+/// partitions sum in another order than the reference's one pass); bf16/f16 output, one rounding
+/// of the result plus that, `2^-8 · |r| + 1e-5`.
+pub fn tolerance(dtype: DType, reference: f64) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5 * (1.0 + reference.abs()),
+        _ => reference.abs() / 256.0 + 1e-5,
+    }
+}
+
+/// The kernel on `device` against the reference on the CPU, for one [`RandomCase`] batch in
+/// `dtype`: the largest |difference|, or an error naming the first element out of
+/// [`tolerance`] (or the kernel's own error). On the CPU both sides are the reference.
+pub fn check_against_reference(
+    device: &candle_core::Device,
+    case: &RandomCase,
+    window: Option<usize>,
+    dtype: DType,
+) -> candle_core::Result<f64> {
+    let hd = case.q.dim(2)?;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let round = |t: &Tensor| t.to_dtype(dtype)?.to_dtype(DType::F32);
+    let (qf, kf, vf) = (round(&case.q)?, round(&case.k)?, round(&case.v)?);
+    let args = |k, v, tables, lens| PagedDecode {
+        k_pool: k,
+        v_pool: v,
+        block_tables: tables,
+        lens,
+        block_size: case.block_size,
+        window,
+        scale,
+    };
+    let want = paged_decode_attention_reference(&qf, &args(&kf, &vf, &case.tables, &case.lens))?;
+    let on = |t: &Tensor| t.to_dtype(dtype)?.to_device(device);
+    let (k, v) = (on(&case.k)?, on(&case.v)?);
+    let (tables, lens) = (case.tables.to_device(device)?, case.lens.to_device(device)?);
+    // q as a non-contiguous view, as the decoder's may be.
+    let q = on(&case.q)?
+        .transpose(0, 1)?
+        .contiguous()?
+        .transpose(0, 1)?;
+    let got = paged_decode_attention(&q, &args(&k, &v, &tables, &lens))?;
+    if got.dtype() != dtype || got.dims() != want.dims() {
+        candle_core::bail!(
+            "paged decode: output {:?} {:?}, expected {dtype:?} {:?}",
+            got.dtype(),
+            got.dims(),
+            want.dims()
+        );
+    }
+    let got = got
+        .to_dtype(DType::F32)?
+        .to_device(&candle_core::Device::Cpu)?;
+    let (got, want) = (
+        got.flatten_all()?.to_vec1::<f32>()?,
+        want.flatten_all()?.to_vec1::<f32>()?,
+    );
+    let mut max_err = 0f64;
+    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+        let (g, w) = (g as f64, w as f64);
+        let err = (g - w).abs();
+        // NaN fails too.
+        if !(err <= tolerance(dtype, w)) {
+            candle_core::bail!(
+                "paged decode on {device:?}, {dtype:?}: element {i} is {g}, the reference {w} \
+                 (|diff| {err:e} > {:e})",
+                tolerance(dtype, w)
+            );
         }
+        max_err = max_err.max(err);
+    }
+    Ok(max_err)
+}
+
+/// A start-up check of the kernel at a model's attention shape on `device` (milliseconds): a
+/// batch of awkward lengths (1, 17, 513, 1,100; block size 16) without a window, and the same
+/// under a 100-token window. The decoder runs it once before its first paged decode and falls
+/// back to candle ops when it fails, so that a kernel fault on an untried GPU or driver costs
+/// speed, not answers.
+pub fn self_check(
+    device: &candle_core::Device,
+    dtype: DType,
+    kv_heads: usize,
+    groups: usize,
+    hd: usize,
+) -> candle_core::Result<f64> {
+    let case = RandomCase::new(0x7ea5, &[1, 17, 513, 1100], 16, kv_heads, groups, hd)?;
+    let a = check_against_reference(device, &case, None, dtype)?;
+    let b = check_against_reference(device, &case, Some(100), dtype)?;
+    Ok(a.max(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, IndexOp};
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    fn case(
+        rng: &mut StdRng,
+        lens: &[usize],
+        bs: usize,
+        kvh: usize,
+        groups: usize,
+        hd: usize,
+    ) -> RandomCase {
+        RandomCase::new(rng.random(), lens, bs, kvh, groups, hd).unwrap()
     }
 
     /// Plain dense attention in f64 over the gathered visible rows.
-    fn dense(c: &Case, lens: &[usize], bs: usize, window: Option<usize>, scale: f32) -> Vec<f64> {
+    fn dense(
+        c: &RandomCase,
+        lens: &[usize],
+        bs: usize,
+        window: Option<usize>,
+        scale: f32,
+    ) -> Vec<f64> {
         let (b, heads, hd) = c.q.dims3().unwrap();
         let kvh = c.k.dim(1).unwrap();
         let groups = heads / kvh;

@@ -4,14 +4,13 @@
 //! Environment: `TGA_TEST_DEVICE` = `cpu` (default: the op runs the reference itself, so this
 //! checks the plumbing in CI) or `cuda` (device 0; needs `--features cuda`: the CUDA kernel).
 //!
-//! Tolerances: f32, `|kernel - reference| <= 1e-5 · (1 + |reference|)` (f32 summation order:
-//! online softmax and split partitions against one pass). bf16 (inputs rounded to bf16, the
-//! reference computed from the same rounded inputs in f32): the kernel's bf16 output within one
-//! bf16 rounding of the reference's f32 output, `<= 2^-8 · |reference| + 1e-5`.
+//! Tolerances (`model::paged::tolerance`): f32, `|kernel - reference| <= 1e-5 · (1 + |reference|)`
+//! (f32 summation order: online softmax and split partitions against one pass). bf16 (inputs
+//! rounded to bf16, the reference computed from the same rounded inputs in f32): the kernel's bf16
+//! output within one bf16 rounding of the reference's f32 output, `<= 2^-8 · |reference| + 1e-5`.
 
 use candle_core::{DType, Device, Tensor};
-use model::paged::{paged_decode_attention, paged_decode_attention_reference, PagedDecode};
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use model::paged::{check_against_reference, paged_decode_attention, PagedDecode, RandomCase};
 
 /// The device the kernel runs on, from `TGA_TEST_DEVICE` (`cpu` when unset).
 fn device() -> Device {
@@ -51,7 +50,8 @@ const SHAPES: [Shape; 2] = [
 
 const LENGTHS: [usize; 8] = [1, 15, 16, 17, 511, 512, 513, 3000];
 
-/// Max error of one batch: the kernel on `dev` against the reference on the CPU.
+/// Max error of one batch: the kernel on `dev` against the reference on the CPU (within
+/// `model::paged::tolerance` everywhere, else the test fails).
 fn run(
     dev: &Device,
     lens: &[usize],
@@ -60,118 +60,24 @@ fn run(
     window: Option<usize>,
     dtype: DType,
 ) -> f64 {
-    let mut rng = StdRng::seed_from_u64((lens.iter().sum::<usize>() * 31 + bs) as u64);
-    let cpu = Device::Cpu;
-    let (b, heads) = (lens.len(), s.kv_heads * s.groups);
-    // Blocks handed out shuffled, so sequences interleave in the pool; u32::MAX past each length.
-    let nb: Vec<usize> = lens.iter().map(|l| l.div_ceil(bs)).collect();
-    let max_blocks = nb.iter().copied().max().unwrap_or(1) + 2;
-    let total = nb.iter().sum::<usize>() + 4;
-    let mut blocks: Vec<u32> = (0..total as u32).collect();
-    for i in (1..blocks.len()).rev() {
-        blocks.swap(i, rng.random_range(0..=i));
-    }
-    let mut next = blocks.into_iter();
-    let mut table = Vec::with_capacity(b * max_blocks);
-    for &n in &nb {
-        for i in 0..max_blocks {
-            table.push(if i < n {
-                next.next().expect("enough blocks")
-            } else {
-                u32::MAX
-            });
-        }
-    }
-    let slots = total * bs;
-    let mut randn =
-        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect() };
-    let q = Tensor::from_vec(randn(b * heads * s.hd), (b, heads, s.hd), &cpu).unwrap();
-    let k = Tensor::from_vec(
-        randn(slots * s.kv_heads * s.hd),
-        (slots, s.kv_heads, s.hd),
-        &cpu,
-    )
-    .unwrap();
-    let v = Tensor::from_vec(
-        randn(slots * s.kv_heads * s.hd),
-        (slots, s.kv_heads, s.hd),
-        &cpu,
-    )
-    .unwrap();
-    let (q, k, v) = (
-        q.to_dtype(dtype).unwrap(),
-        k.to_dtype(dtype).unwrap(),
-        v.to_dtype(dtype).unwrap(),
-    );
-    let tables = Tensor::from_vec(table, (b, max_blocks), &cpu).unwrap();
-    let lens_t =
-        Tensor::from_vec(lens.iter().map(|&l| l as u32).collect::<Vec<_>>(), b, &cpu).unwrap();
-    let scale = 1.0 / (s.hd as f32).sqrt();
+    let seed = (lens.iter().sum::<usize>() * 31 + bs) as u64;
+    let case = RandomCase::new(seed, lens, bs, s.kv_heads, s.groups, s.hd).unwrap();
+    check_against_reference(dev, &case, window, dtype).unwrap_or_else(|e| {
+        panic!(
+            "lens {lens:?} bs {bs} hd {} groups {} window {window:?}: {e}",
+            s.hd, s.groups
+        )
+    })
+}
 
-    // Reference in f32 from the (rounded) inputs widened to f32.
-    let widen = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-    let (qf, kf, vf) = (widen(&q), widen(&k), widen(&v));
-    let want = paged_decode_attention_reference(
-        &qf,
-        &PagedDecode {
-            k_pool: &kf,
-            v_pool: &vf,
-            block_tables: &tables,
-            lens: &lens_t,
-            block_size: bs,
-            window,
-            scale,
-        },
-    )
-    .unwrap();
-
-    // The kernel, with q as a non-contiguous view (as the decoder's q after a transpose may be).
-    let to = |t: &Tensor| t.to_device(dev).unwrap();
-    let (qd, kd, vd, td, ld) = (to(&q), to(&k), to(&v), to(&tables), to(&lens_t));
-    let qd = qd
-        .transpose(0, 1)
-        .unwrap()
-        .contiguous()
-        .unwrap()
-        .transpose(0, 1)
-        .unwrap();
-    let got = paged_decode_attention(
-        &qd,
-        &PagedDecode {
-            k_pool: &kd,
-            v_pool: &vd,
-            block_tables: &td,
-            lens: &ld,
-            block_size: bs,
-            window,
-            scale,
-        },
-    )
-    .unwrap_or_else(|e| panic!("kernel on {dev:?}: {e}"));
-    assert_eq!(got.dtype(), dtype);
-    assert_eq!(got.dims(), [b, heads, s.hd]);
-    let got = got.to_device(&cpu).unwrap().to_dtype(DType::F32).unwrap();
-    let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-
-    let mut max_err = 0f64;
-    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-        let (g, w) = (g as f64, w as f64);
-        let tol = match dtype {
-            DType::BF16 => w.abs() / 256.0 + 1e-5,
-            _ => 1e-5 * (1.0 + w.abs()),
-        };
-        let err = (g - w).abs();
-        assert!(
-            err <= tol,
-            "{dtype:?} lens {lens:?} bs {bs} hd {} groups {} window {window:?}: [{i}] \
-             kernel {g} reference {w} (err {err:e} > {tol:e})",
-            s.hd,
-            s.groups
-        );
-        max_err = max_err.max(err);
+/// The decoder's start-up check (`model::paged::self_check`) at the 7B's shape.
+#[test]
+fn self_check_passes() {
+    let dev = device();
+    for dtype in [DType::F32, DType::BF16] {
+        let e = model::paged::self_check(&dev, dtype, 8, 4, 128).unwrap();
+        println!("device {dev:?} {dtype:?} self-check: max |diff| {e:.3e}");
     }
-    max_err
 }
 
 fn sweep(dtype: DType) {
