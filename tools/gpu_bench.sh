@@ -4,11 +4,13 @@
 # from the repository root, after tools/cuda_build.sh packed .cudabin/ (tga-serve.gz, parity.gz,
 # tga-loadtest.gz):
 #
-#   run(command="bash tools/gpu_bench.sh", carry=[".cudabin"], timeout_s=480)
+#   run(command="bash tools/gpu_bench.sh", carry=[".cudabin"], timeout_s=500)
 #
-# The run keeps to BUDGET_S (345 s) on its own: every part has a timeout, clamped to what is left,
+# The run keeps to BUDGET_S (400 s) on its own: every part has a timeout, clamped to what is left,
 # and a part that runs out is reported as timed out (or skipped) while the script goes on.
 #   T5a tools/gpu_check.sh (parity on CUDA, tiny servers cuda vs cpu): its summary, PASS/FAIL
+#   stages: the model-level time of each stage of an image prompt (kernels test
+#       image_prefill_stage_timing), as served and with each newer path switched off
 #   T0  tools/gpu_peer.py: copy bandwidth, bf16 GEMM TFLOP/s; transformers on the same random
 #       7B shapes: decode at batch 1 (context 512), batched decode (32, 64 sequences of 128
 #       prompt tokens, 256 steps), TTFT of one 672×672 image (2,928 image tokens)
@@ -32,8 +34,9 @@
 #
 # Dry run on a machine without a GPU (exercises every step with builtin:tiny's shapes on the CPU):
 #   NO_CUDA=1 SERVE=target/debug/tga-serve LOADTEST=target/debug/tga-loadtest \
+#     KERNELS=$(ls -t target/debug/deps/kernels-* | grep -v '\.d$' | head -1) \
 #     PY=tools/.venv/bin/python bash tools/gpu_bench.sh
-# Variables: SERVE, LOADTEST, PARITY (binaries instead of .cudabin/*.gz), PY (python with torch
+# Variables: SERVE, LOADTEST, PARITY, KERNELS (binaries instead of .cudabin/*.gz), PY (python with torch
 # and transformers), OUT (default /tmp/gpu_bench_out), BUDGET_S, NO_CUDA=1.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -42,7 +45,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 OUT=${OUT:-/tmp/gpu_bench_out}; mkdir -p "$OUT"
 exec > >(tee -a "$OUT/bench.log") 2>&1
 T_START=$(date +%s)
-BUDGET_S=${BUDGET_S:-345}
+BUDGET_S=${BUDGET_S:-400}
 DEADLINE=$(( T_START + BUDGET_S ))
 W=/tmp/gpubench; rm -rf "$W"; mkdir -p "$W"
 NO_CUDA=${NO_CUDA:-}
@@ -177,6 +180,25 @@ PY
 part gpu_check 120 env OUT="$W/check" SERVE="$SERVE" PARITY="$PARITY" NO_CUDA="$NO_CUDA" PY="$PY" \
   bash tools/gpu_check.sh > "$W/check.log" 2>&1
 grep -E '^(PASS|FAIL|INFO|RESULT)' "$W/check/summary.txt" 2>/dev/null
+
+# --- where an image prompt's time goes, at the model level (no HTTP): the kernels test binary's
+# image_prefill_stage_timing, once as served and once per switch that restores an older path
+# (cudarc's per-allocation events; the candle-ops prefill attention; the unfused norms/RoPE), so
+# each change is measured side by side in this run.
+if [ -z "${KERNELS:-}" ] && [ -f .cudabin/kernels.gz ]; then gpu_unpack /tmp/tgabin kernels && KERNELS=/tmp/tgabin/kernels; fi
+if [ -n "${KERNELS:-}" ]; then
+  for variant in served:- events:TGA_CUDA_EVENT_TRACKING=1 \
+      candle_attention:TGA_PREFILL_KERNEL=0 unfused:TGA_FUSED_KERNELS=0; do
+    name=${variant%%:*} envs=${variant#*:}
+    [ "$envs" = - ] && envs=""
+    # shellcheck disable=SC2086  # envs is one VAR=value word or empty
+    part "stages_$name" 40 env TGA_TEST_DEVICE="$DEVICE" $envs "$KERNELS" --ignored --exact \
+      image_prefill_stage_timing --nocapture --test-threads 1 > "$W/stages_$name.log" 2>&1
+    grep -E '^ +[a-z_]+: |^prefill chunks' "$W/stages_$name.log"
+  done
+else
+  echo "== stages: no kernels test binary (.cudabin/kernels.gz or KERNELS=): not measured"
+fi
 
 # --- T0: the ceilings and the transformers peer
 part peer 130 env PYTHONUNBUFFERED=1 "$PY" tools/gpu_peer.py "${PEER_ARGS[@]}" --device "$DEVICE" \

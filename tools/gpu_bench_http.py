@@ -368,6 +368,11 @@ def cmd_report(a) -> int:
     t6plan = load(w / "t6plan.json") or {}
     t6m = load(w / "t6_metrics.json") or {}
     check_summary = (w / "check/summary.txt").read_text() if (w / "check/summary.txt").exists() else ""
+    # model-level stage timings (kernels test image_prefill_stage_timing), one file per variant
+    stages = {}
+    for f in sorted(w.glob("stages_*.log")):
+        line = next((l for l in f.read_text().splitlines() if l.startswith("STAGES ")), None)
+        stages[f.stem[len("stages_"):]] = json.loads(line[len("STAGES "):]) if line else None
     prompt_stats = {p.name.split(".")[0]: load(p) for p in sorted(w.glob("prompts_*.jsonl.stats.json"))}
 
     def part_note(*names) -> str:
@@ -549,6 +554,16 @@ def cmd_report(a) -> int:
            f"- race (T5b): {json.dumps({k: race.get(k) for k in ('times', 'concurrent', 'distinct_texts', 'distinct_sequential', 'distinct_concurrent', 'errors')})}",
            f"- T6 plan: {json.dumps({k: t6plan.get(k) for k in ('prompt_tokens', 'block_size', 'seqs', 'pool_blocks', 'kv_cache_memory')})}; "
            f"after: preemptions {fmt(pre)}, requests {json.dumps({k: v for k, v in t6m.items() if k.startswith('tga_requests_total')})}",
+           "", "## Where an image prompt's time goes (model level, device synchronised per stage)", "",
+           "The kernels test `image_prefill_stage_timing` (no HTTP): medians of 5 runs; variants differ "
+           "only in their environment (commands below).", "",
+           "| variant | preprocess ms | vision ms | embed ms | prefill ms (chunks) | first token ms | "
+           "sum ms | decode step ms (batch 1) |", "| --- | --- | --- | --- | --- | --- | --- | --- |",
+           *[f"| {k} | {fmt(v.get('preprocess_ms'), 1)} | {fmt(v.get('vision_ms'), 1)} | "
+             f"{fmt(v.get('embed_ms'), 1)} | {fmt(v.get('prefill_ms'), 1)} "
+             f"({', '.join(fmt(c, 1) for c in v.get('prefill_chunks_ms') or [])}) | "
+             f"{fmt(v.get('first_token_ms'), 1)} | {fmt(v.get('ttft_ms'), 1)} | {fmt(v.get('decode_step_ms'), 2)} |"
+             if v else f"| {k} | (no STAGES line: see its log) | | | | | | |" for k, v in stages.items()],
            "", "## tools/gpu_check.sh summary (T5a)", "", "```", check_summary.strip() or "(none)", "```",
            "", "## Parts (timeouts are per part, clamped by the run's budget)", "",
            "| part | status | rc | seconds | limit s |", "| --- | --- | --- | --- | --- |"]

@@ -18,7 +18,9 @@ fn device() -> Device {
     match name.to_ascii_lowercase().as_str() {
         "" | "cpu" => Device::Cpu,
         #[cfg(feature = "cuda")]
-        "cuda" => Device::new_cuda(0).unwrap_or_else(|e| panic!("opening CUDA device 0: {e}")),
+        "cuda" => {
+            model::device::open_cuda(0).unwrap_or_else(|e| panic!("opening CUDA device 0: {e}"))
+        }
         #[cfg(not(feature = "cuda"))]
         "cuda" => panic!(
             "TGA_TEST_DEVICE=cuda, but this test binary was built without CUDA support: \
@@ -175,4 +177,201 @@ fn paged_decode_timing() {
             bytes / us / 1e3
         );
     }
+}
+
+/// One stream for all host threads (`model::device::open_cuda`): a result queued on one thread
+/// and read on another, with no synchronisation between them, is read complete. Under candle's
+/// default per-thread streams the reading thread's copy is not ordered after the other thread's
+/// kernels (a 256 MB tensor written by 64 launches, ~10 ms of GPU work, is read part-done); on
+/// the CPU the ops are synchronous and this only checks the arithmetic. 20 rounds.
+#[test]
+fn work_queued_on_one_thread_is_complete_when_another_reads_it() {
+    let dev = device();
+    const STEPS: usize = 64;
+    let n = if dev.is_cuda() { 1 << 26 } else { 1 << 12 };
+    for round in 0..20 {
+        let d = dev.clone();
+        let queued = std::thread::spawn(move || {
+            let mut t = Tensor::zeros(n, DType::F32, &d).unwrap();
+            for _ in 0..STEPS {
+                t = (t + 1.0).unwrap();
+            }
+            t // handed over without a synchronisation
+        })
+        .join()
+        .unwrap();
+        let values = queued.to_vec1::<f32>().unwrap();
+        let wrong = values.iter().filter(|&&x| x != STEPS as f32).count();
+        assert_eq!(
+            wrong, 0,
+            "round {round}: {wrong} of {n} elements read before their last write"
+        );
+    }
+}
+
+/// Where an image prompt's time to first token goes (`--ignored`, for the GPU script): a random
+/// model (`TGA_STAGES_MODEL`, default `llava-v1.6-mistral-7b` on CUDA, `tiny` on the CPU) in
+/// the default dtype (bf16 on CUDA), one 672×672 image, each stage ended by a device
+/// synchronisation so that its time is the device's: preprocessing (CPU), vision tower +
+/// projector + anyres packing, input embeddings, the decoder's prefill in 2,048-position chunks
+/// (the server's default on CUDA), then batch-1 decode steps at that context with the logits
+/// read back, as the engine does. Medians of 5 runs after a warm-up; one `STAGES {json}` line.
+#[test]
+#[ignore]
+fn image_prefill_stage_timing() {
+    use model::llava::{ImageInput, LlavaModel, LoadOptions};
+    use model::mistral::{LayerTaps, TapAccumulator};
+    use std::time::Instant;
+
+    let dev = device();
+    let preset = std::env::var("TGA_STAGES_MODEL").unwrap_or_else(|_| {
+        match dev.is_cuda() {
+            true => "llava-v1.6-mistral-7b",
+            false => "tiny",
+        }
+        .into()
+    });
+    let spec = model::random::RandomModelSpec::parse(&preset).unwrap();
+    let model = LlavaModel::random(&spec, 0, &LoadOptions::default(), &dev).unwrap();
+    let (side, chunk, runs, steps) = (672u32, 2048usize, 5usize, 16usize);
+    let img = image::RgbImage::from_fn(side, side, |x, y| {
+        image::Rgb([
+            (x * 7 % 256) as u8,
+            (y * 13 % 256) as u8,
+            ((x ^ y) % 256) as u8,
+        ])
+    });
+    let image_tokens = model.image_token_count(side, side);
+    // BOS, a few text tokens, the image, a few more: about the server's chat prompt.
+    let (before, after) = (5usize, 12usize);
+    let total = before + image_tokens + after;
+    let ids: Vec<u32> = (0..total as u32).map(|i| 1 + i % 100).collect();
+    let span = before..before + image_tokens;
+    let sync = || dev.synchronize().unwrap();
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+
+    let mut stages: Vec<(&str, Vec<f64>)> = [
+        "preprocess",
+        "vision",
+        "embed",
+        "prefill",
+        "first_token",
+        "decode_step",
+    ]
+    .into_iter()
+    .map(|s| (s, Vec::new()))
+    .collect();
+    let mut chunks_ms: Vec<Vec<f64>> = Vec::new();
+    for run in 0..=runs {
+        let warm = run == 0;
+        let mut times = Vec::new();
+        let t = Instant::now();
+        let processed = model::image::preprocess(&img, model.preprocess_config()).unwrap();
+        times.push(ms(t));
+        let t = Instant::now();
+        let pv = Tensor::from_vec(
+            processed.pixel_values,
+            (
+                processed.n_views,
+                3,
+                processed.size.0 as usize,
+                processed.size.1 as usize,
+            ),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let feats = model
+            .encode_image(&ImageInput {
+                pixel_values: pv,
+                original_hw: processed.original_hw,
+            })
+            .unwrap();
+        sync();
+        times.push(ms(t));
+        let t = Instant::now();
+        let embeds = model.embed_prompt(&ids, &[(span.clone(), feats)]).unwrap();
+        sync();
+        times.push(ms(t));
+        let t = Instant::now();
+        let mut cache = model.new_cache();
+        let taps = LayerTaps::default();
+        let mut acc = TapAccumulator::new(&taps);
+        let mut logits = None;
+        let mut per_chunk = Vec::new();
+        for c0 in (0..total).step_by(chunk) {
+            let tc = Instant::now();
+            let n = chunk.min(total - c0);
+            let last = c0 + n == total;
+            logits = model
+                .decoder()
+                .prefill_chunk(
+                    &embeds.narrow(0, c0, n).unwrap(),
+                    &mut cache,
+                    &taps,
+                    &mut acc,
+                    last,
+                )
+                .unwrap();
+            sync();
+            per_chunk.push(ms(tc));
+        }
+        times.push(ms(t));
+        let t = Instant::now();
+        let row = logits
+            .expect("the last chunk's logits")
+            .to_vec2::<f32>()
+            .unwrap();
+        assert!(row[0].iter().all(|x| x.is_finite()), "non-finite logits");
+        let first = model::sampling::argmax(&row[0]) as u32;
+        times.push(ms(t));
+        let mut step_ms = Vec::new();
+        let mut next = first;
+        for _ in 0..steps {
+            let t = Instant::now();
+            let l = model.decode_step(&[next], &mut [&mut cache]).unwrap();
+            let l = l.to_vec2::<f32>().unwrap();
+            next = model::sampling::argmax(&l[0]) as u32;
+            step_ms.push(ms(t));
+        }
+        step_ms.sort_by(f64::total_cmp);
+        times.push(step_ms[steps / 2]);
+        if !warm {
+            for ((_, v), x) in stages.iter_mut().zip(times) {
+                v.push(x);
+            }
+            chunks_ms.push(per_chunk);
+        }
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut json = serde_json::json!({
+        "model": preset,
+        "device": format!("{dev:?}"),
+        "dtype": format!("{:?}", model.dtype()),
+        "image": format!("{side}x{side}"),
+        "image_tokens": image_tokens,
+        "prompt_tokens": total,
+        "chunk": chunk,
+        "runs": runs,
+    });
+    for (name, v) in &stages {
+        json[format!("{name}_ms")] = serde_json::json!(median(v));
+        println!("{name:>12}: {:9.2} ms (median of {runs})", median(v));
+    }
+    let ttft: f64 = stages[..5].iter().map(|(_, v)| median(v)).sum();
+    println!(
+        "{:>12}: {ttft:9.2} ms (sum of the medians up to the first token)",
+        "ttft"
+    );
+    let n_chunks = chunks_ms[0].len();
+    let chunk_medians: Vec<f64> = (0..n_chunks)
+        .map(|i| median(&chunks_ms.iter().map(|c| c[i]).collect::<Vec<_>>()))
+        .collect();
+    println!("prefill chunks: {chunk_medians:.2?} ms");
+    json["ttft_ms"] = serde_json::json!(ttft);
+    json["prefill_chunks_ms"] = serde_json::json!(chunk_medians);
+    println!("STAGES {json}");
 }

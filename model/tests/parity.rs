@@ -86,7 +86,9 @@ fn device() -> Device {
     match name.to_ascii_lowercase().as_str() {
         "" | "cpu" => Device::Cpu,
         #[cfg(feature = "cuda")]
-        "cuda" => Device::new_cuda(0).unwrap_or_else(|e| panic!("opening CUDA device 0: {e}")),
+        "cuda" => {
+            model::device::open_cuda(0).unwrap_or_else(|e| panic!("opening CUDA device 0: {e}"))
+        }
         #[cfg(not(feature = "cuda"))]
         "cuda" => panic!(
             "TGA_TEST_DEVICE=cuda, but this test binary was built without CUDA support: \

@@ -198,8 +198,13 @@ impl DeviceSpec {
             Self::Cpu => Ok(candle_core::Device::Cpu),
             #[cfg(feature = "cuda")]
             Self::Cuda(ordinal) => {
-                let device = candle_core::Device::new_cuda(ordinal)
+                // One stream for all of the model's CUDA work (model::device::open_cuda).
+                let device = model::device::open_cuda(ordinal)
                     .map_err(|err| format!("cannot open CUDA device {ordinal}: {err}"))?;
+                tracing::info!(
+                    event_tracking = model::device::event_tracking(&device),
+                    "CUDA device {ordinal}: one stream for all work"
+                );
                 // A pool that hands memory back at every sync costs each step fresh pages
                 // (model::device); failing to set it is slower, not wrong.
                 if std::env::var("TGA_CUDA_POOL_RELEASE").as_deref() != Ok("1") {
