@@ -404,13 +404,14 @@ fn write_index(slots: &[u32], width: usize, dev: &Device) -> Result<Tensor> {
         .contiguous()?)
 }
 
-/// What a decode step on the device path shares across layers: every sequence's slots padded
-/// to the longest (padding reads the sequence's own position 0, which the mask hides), the
-/// additive mask [B, 1, 1, L] (0 or -inf: padding and keys outside a sliding window) and the
-/// new tokens' write index.
+/// What a decode step on the device path shares across layers: the new tokens' write index, the
+/// paged kernel's tables and lengths, and, for the candle-ops attention only (the kernel reads
+/// the pool itself, so a step that uses it builds and uploads neither), every sequence's slots
+/// padded to the longest (padding reads the sequence's own position 0, which the mask hides) and
+/// the additive mask [B, 1, 1, L] (0 or -inf: padding and keys outside a sliding window).
 struct BatchedDecode {
-    slots: Tensor,
-    mask: Tensor,
+    /// `(slots, mask)`, when built.
+    padded: Option<(Tensor, Tensor)>,
     write: Tensor,
     len: usize,
     /// For the paged kernel: block tables [B, max_blocks] u32 (padded with block 0) and the
@@ -421,27 +422,38 @@ struct BatchedDecode {
 }
 
 impl BatchedDecode {
+    /// `padded`: build the candle-ops attention's padded slots and mask too.
     fn new(
         caches: &[&mut KvCache],
         positions: &[usize],
         window: Option<usize>,
         width: usize,
+        padded: bool,
         dev: &Device,
     ) -> Result<Self> {
         let b = caches.len();
         let len = positions.iter().max().map_or(0, |p| p + 1);
-        let mut slots = Vec::with_capacity(b * len);
-        let mut mask = Vec::with_capacity(b * len);
-        for (cache, &pos) in caches.iter().zip(positions) {
-            let table = &cache.table;
-            let pad = table.slot(0) as u32;
-            let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            for j in 0..len {
-                let visible = j <= pos && j >= first;
-                slots.push(if j <= pos { table.slot(j) as u32 } else { pad });
-                mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+        let padded = match padded {
+            false => None,
+            true => {
+                let mut slots = Vec::with_capacity(b * len);
+                let mut mask = Vec::with_capacity(b * len);
+                for (cache, &pos) in caches.iter().zip(positions) {
+                    let table = &cache.table;
+                    let pad = table.slot(0) as u32;
+                    let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    for j in 0..len {
+                        let visible = j <= pos && j >= first;
+                        slots.push(if j <= pos { table.slot(j) as u32 } else { pad });
+                        mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+                    }
+                }
+                Some((
+                    Tensor::from_vec(slots, b * len, dev)?,
+                    Tensor::from_vec(mask, (b, 1, 1, len), dev)?,
+                ))
             }
-        }
+        };
         let new: Vec<u32> = caches
             .iter()
             .zip(positions)
@@ -461,8 +473,7 @@ impl BatchedDecode {
         }
         let lens: Vec<u32> = positions.iter().map(|&p| p as u32 + 1).collect();
         Ok(Self {
-            slots: Tensor::from_vec(slots, b * len, dev)?,
-            mask: Tensor::from_vec(mask, (b, 1, 1, len), dev)?,
+            padded,
             write: write_index(&new, width, dev)?,
             len,
             tables: Tensor::from_vec(tables, (b, max_blocks), dev)?,
@@ -819,10 +830,13 @@ impl Attention {
     ) -> Result<Tensor> {
         let b = q.dim(0)?;
         let (kvh, hd, len) = (self.kv_heads, self.head_dim, plan.len);
+        let (slots, mask) = plan.padded.as_ref().ok_or_else(|| {
+            ModelError::InvalidInput("decode plan built without the padded gather".into())
+        })?;
         let groups = self.heads / kvh;
         let scale = 1.0 / (hd as f64).sqrt();
         let gather = |t: &Tensor| -> candle_core::Result<Tensor> {
-            t.index_select(&plan.slots, 0)?
+            t.index_select(slots, 0)?
                 .reshape((b, len, kvh, hd))?
                 .transpose(1, 2)?
                 .contiguous()
@@ -832,7 +846,7 @@ impl Attention {
         let q = q.contiguous()?.reshape((b, kvh, groups, hd))?;
         let scores = q.matmul(&k.t()?)?; // [B, kv, groups, L]
         let dtype = scores.dtype();
-        let scores = (scores.to_dtype(DType::F32)? * scale)?.broadcast_add(&plan.mask)?;
+        let scores = (scores.to_dtype(DType::F32)? * scale)?.broadcast_add(mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
         Ok(probs.matmul(&v)?.reshape((b, self.heads * hd))?)
     }
@@ -1303,6 +1317,7 @@ impl Decoder {
                 &positions,
                 self.cfg.sliding_window,
                 self.cfg.num_key_value_heads * hd,
+                !self.paged_kernel(self.dtype),
                 &self.device,
             )?),
             false => None,
@@ -1549,18 +1564,26 @@ mod tests {
         );
         assert_ne!(sa[4], sa[3] + 1, "tables not interleaved: {sa:?}");
         let caches = [&mut a, &mut b];
-        let plan = BatchedDecode::new(&caches, &positions, Some(4), 6, &dev).unwrap();
+        let unpadded = BatchedDecode::new(&caches, &positions, Some(4), 6, false, &dev).unwrap();
+        assert!(unpadded.padded.is_none());
+        let plan = BatchedDecode::new(&caches, &positions, Some(4), 6, true, &dev).unwrap();
         assert_eq!(plan.len, 7);
-        let slots: Vec<u32> = plan.slots.to_vec1().unwrap();
+        let (slots, mask) = plan.padded.as_ref().unwrap();
+        let slots: Vec<u32> = slots.to_vec1().unwrap();
         assert_eq!(slots[..7], sa[..]);
         assert_eq!(slots[7..10], sb[..]);
         assert!(slots[10..].iter().all(|&s| s == sb[0]), "{slots:?}");
-        let mask: Vec<f32> = plan.mask.flatten_all().unwrap().to_vec1().unwrap();
+        let mask: Vec<f32> = mask.flatten_all().unwrap().to_vec1().unwrap();
         let inf = f32::NEG_INFINITY;
         // Window 4 at position 6: keys 3..=6; at position 2: keys 0..=2, then padding.
         assert_eq!(mask[..7], [inf, inf, inf, 0.0, 0.0, 0.0, 0.0]);
         assert_eq!(mask[7..], [0.0, 0.0, 0.0, inf, inf, inf, inf]);
         let write: Vec<Vec<u32>> = plan.write.to_vec2().unwrap();
         assert_eq!(write, vec![vec![sa[6]; 6], vec![sb[2]; 6]]);
+        assert_eq!(unpadded.write.to_vec2::<u32>().unwrap(), write);
+        assert_eq!(
+            unpadded.tables.to_vec2::<u32>().unwrap(),
+            plan.tables.to_vec2::<u32>().unwrap()
+        );
     }
 }
