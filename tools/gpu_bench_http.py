@@ -558,11 +558,13 @@ def cmd_report(a) -> int:
            "The kernels test `image_prefill_stage_timing` (no HTTP): medians of 5 runs; variants differ "
            "only in their environment (commands below).", "",
            "| variant | preprocess ms | vision ms | embed ms | prefill ms (chunks) | first token ms | "
-           "sum ms | decode step ms (batch 1) |", "| --- | --- | --- | --- | --- | --- | --- | --- |",
+           "sum ms | decode step ms: batch 1 at the image's context; batch 1, 32, 64 at 128 |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |",
            *[f"| {k} | {fmt(v.get('preprocess_ms'), 1)} | {fmt(v.get('vision_ms'), 1)} | "
              f"{fmt(v.get('embed_ms'), 1)} | {fmt(v.get('prefill_ms'), 1)} "
              f"({', '.join(fmt(c, 1) for c in v.get('prefill_chunks_ms') or [])}) | "
-             f"{fmt(v.get('first_token_ms'), 1)} | {fmt(v.get('ttft_ms'), 1)} | {fmt(v.get('decode_step_ms'), 2)} |"
+             f"{fmt(v.get('first_token_ms'), 1)} | {fmt(v.get('ttft_ms'), 1)} | {fmt(v.get('decode_step_ms'), 2)}; "
+             f"{'/'.join(fmt(v.get(f'decode_b{b}_step_ms'), 2) for b in (1, 32, 64))} |"
              if v else f"| {k} | (no STAGES line: see its log) | | | | | | |" for k, v in stages.items()],
            "", "## tools/gpu_check.sh summary (T5a)", "", "```", check_summary.strip() or "(none)", "```",
            "", "## Parts (timeouts are per part, clamped by the run's budget)", "",

@@ -215,7 +215,8 @@ fn work_queued_on_one_thread_is_complete_when_another_reads_it() {
 /// synchronisation so that its time is the device's: preprocessing (CPU), vision tower +
 /// projector + anyres packing, input embeddings, the decoder's prefill in 2,048-position chunks
 /// (the server's default on CUDA), then batch-1 decode steps at that context with the logits
-/// read back, as the engine does. Medians of 5 runs after a warm-up; one `STAGES {json}` line.
+/// read back, as the engine does; then decode steps at batch 1, 32 and 64 over 128-token
+/// contexts (T2's shape). Medians of 5 runs after a warm-up; one `STAGES {json}` line.
 #[test]
 #[ignore]
 fn image_prefill_stage_timing() {
@@ -232,7 +233,14 @@ fn image_prefill_stage_timing() {
         .into()
     });
     let spec = model::random::RandomModelSpec::parse(&preset).unwrap();
-    let model = LlavaModel::random(&spec, 0, &LoadOptions::default(), &dev).unwrap();
+    let mut model = LlavaModel::random(&spec, 0, &LoadOptions::default(), &dev).unwrap();
+    // Room for the batched decode below: 64 sequences of 128 + 24 positions, and the image's.
+    model
+        .configure_kv_pool(model::kv::KvPoolConfig {
+            block_size: 16,
+            num_blocks: 64 * 10 + 2 * 200,
+        })
+        .unwrap();
     let (side, chunk, runs, steps) = (672u32, 2048usize, 5usize, 16usize);
     let img = image::RgbImage::from_fn(side, side, |x, y| {
         image::Rgb([
@@ -373,5 +381,39 @@ fn image_prefill_stage_timing() {
     println!("prefill chunks: {chunk_medians:.2?} ms");
     json["ttft_ms"] = serde_json::json!(ttft);
     json["prefill_chunks_ms"] = serde_json::json!(chunk_medians);
+
+    // Batched decode at a 128-token context (T2's prompts): the model's step, logits read back,
+    // no engine or HTTP; median of 16 steps after 4 warm-up steps.
+    let prompt: Vec<u32> = (0..128u32).map(|i| 1 + i % 100).collect();
+    let embeds = model.embed_prompt(&prompt, &[]).unwrap();
+    for b in [1usize, 32, 64] {
+        let mut caches: Vec<_> = (0..b).map(|_| model.new_cache()).collect();
+        for cache in caches.iter_mut() {
+            let taps = LayerTaps::default();
+            let mut acc = TapAccumulator::new(&taps);
+            model
+                .decoder()
+                .prefill_chunk(&embeds, cache, &taps, &mut acc, false)
+                .unwrap();
+        }
+        let mut tokens = vec![7u32; b];
+        let mut step_ms = Vec::new();
+        for step in 0..20 {
+            let t = Instant::now();
+            let mut refs: Vec<&mut _> = caches.iter_mut().collect();
+            let logits = model.decode_step(&tokens, &mut refs).unwrap();
+            let rows = logits.to_vec2::<f32>().unwrap();
+            tokens = rows
+                .iter()
+                .map(|r| model::sampling::argmax(r) as u32)
+                .collect();
+            if step >= 4 {
+                step_ms.push(ms(t));
+            }
+        }
+        let m = median(&step_ms);
+        println!("decode batch {b:2} at context 128: {m:8.2} ms per step");
+        json[format!("decode_b{b}_step_ms")] = serde_json::json!(m);
+    }
     println!("STAGES {json}");
 }
