@@ -685,8 +685,32 @@ pub fn uniform(seed: u64, dims: &[usize]) -> candle_core::Result<Tensor> {
     Tensor::from_vec(v, dims, &candle_core::Device::Cpu)
 }
 
-/// The RoPE angle table `[rows, hd/2]` as transformers computes it for Mistral (f32 inverse
-/// frequencies `1/θ^(2i/hd)`, f32 `p · f`, then cos and sin), cast to `dtype` on `device`.
+/// RoPE's inverse frequencies `1/θ^(2i/hd)` in f32, as transformers computes them (so that long
+/// prompts match it to f32 rounding).
+pub fn rope_inv_freq(hd: usize, theta: f32) -> Vec<f32> {
+    (0..hd)
+        .step_by(2)
+        .map(|i| 1.0f32 / theta.powf(i as f32 / hd as f32))
+        .collect()
+}
+
+/// cos and sin of the angles `p · f` (f32) of each position and inverse frequency, as
+/// transformers computes them: `[positions.len() · inv_freq.len()]` each, row-major.
+pub fn rope_angles(inv_freq: &[f32], positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    let n = positions.len() * inv_freq.len();
+    let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for &p in positions {
+        for &f in inv_freq {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    (cos, sin)
+}
+
+/// The RoPE table `[rows, hd/2]` of positions `0..rows` ([`rope_angles`]), cast to `dtype` on
+/// `device`.
 pub fn rope_table(
     rows: usize,
     hd: usize,
@@ -694,22 +718,10 @@ pub fn rope_table(
     device: &candle_core::Device,
     dtype: DType,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let inv_freq: Vec<f32> = (0..hd)
-        .step_by(2)
-        .map(|i| 1.0f32 / theta.powf(i as f32 / hd as f32))
-        .collect();
+    let inv_freq = rope_inv_freq(hd, theta);
+    let positions: Vec<usize> = (0..rows).collect();
+    let (cos, sin) = rope_angles(&inv_freq, &positions);
     let half = inv_freq.len();
-    let (mut cos, mut sin) = (
-        Vec::with_capacity(rows * half),
-        Vec::with_capacity(rows * half),
-    );
-    for p in 0..rows {
-        for &f in &inv_freq {
-            let a = p as f32 * f;
-            cos.push(a.cos());
-            sin.push(a.sin());
-        }
-    }
     Ok((
         Tensor::from_vec(cos, (rows, half), device)?.to_dtype(dtype)?,
         Tensor::from_vec(sin, (rows, half), device)?.to_dtype(dtype)?,
