@@ -57,10 +57,12 @@ __device__ __forceinline__ float warp_sum(float x) {
 // One block per row of [rows, ncols]; blockDim.x is 32 when ncols < 1024, else 1024 (candle's
 // choice, which fixes its summation order). Thread t handles columns t, t + blockDim.x, ...
 // sum = x + r in T; normed = T(rsqrt(mean(sum²) + eps) · sum · w) in f32.
+// out = [sum | normed], each [rows, ncols] (n = rows · ncols elements).
 template <typename T>
 __device__ __forceinline__ void add_rms_norm(const T *__restrict__ x, const T *__restrict__ r,
-                                             const T *__restrict__ w, T *sum,
-                                             T *__restrict__ normed, int ncols, float eps) {
+                                             const T *__restrict__ w, T *out,
+                                             unsigned long long n, int ncols, float eps) {
+    T *sum = out, *normed = out + n;
     const size_t base = (size_t)blockIdx.x * ncols;
     const int tid = threadIdx.x, bs = blockDim.x;
     float acc = 0.f;
@@ -118,8 +120,9 @@ __device__ __forceinline__ void rope_qk(const T *__restrict__ q, const T *__rest
 
 #define FUSED(TY, NAME)                                                                          \
     extern "C" __global__ void add_rms_norm_##NAME(const TY *x, const TY *r, const TY *w,       \
-                                                   TY *sum, TY *normed, int ncols, float eps) { \
-        add_rms_norm<TY>(x, r, w, sum, normed, ncols, eps);                                     \
+                                                   TY *out, unsigned long long n, int ncols,     \
+                                                   float eps) {                                  \
+        add_rms_norm<TY>(x, r, w, out, n, ncols, eps);                                          \
     }                                                                                            \
     extern "C" __global__ void rope_qk_##NAME(                                                   \
         const TY *q, const TY *k, const TY *cos, const TY *sin, const uint32_t *positions,       \

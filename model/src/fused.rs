@@ -486,7 +486,7 @@ mod cuda {
         CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
     };
     use candle_core::cuda_backend::{CudaDType, WrapErr};
-    use candle_core::{CudaStorage, Layout, Storage, Tensor};
+    use candle_core::{CudaStorage, Layout, Storage};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
     const MODULE: &str = "tga_fused";
@@ -540,15 +540,14 @@ mod cuda {
         }
         // SAFETY: the kernel writes every element of both halves.
         let out = unsafe { dev.alloc::<T>(2 * n)? };
-        let (sum, normed) = (out.slice(0..n), out.slice(n..2 * n));
         let func = dev.get_or_load_custom_func(&format!("add_rms_norm_{name}"), MODULE, PTX)?;
-        let ncols = op.hidden as i32;
+        let (n_u64, ncols) = (n as u64, op.hidden as i32);
         let mut b = func.builder();
         b.arg(&x);
         b.arg(&r);
         b.arg(&w);
-        b.arg(&sum);
-        b.arg(&normed);
+        b.arg(&out);
+        b.arg(&n_u64);
         b.arg(&ncols);
         b.arg(&op.eps);
         // candle's rmsnorm block size: it fixes the summation order, hence the bits.
@@ -563,7 +562,6 @@ mod cuda {
             // hidden elements, w hidden, out 2 × rows × hidden.
             unsafe { b.launch(cfg) }.w()?;
         }
-        drop((sum, normed));
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 
@@ -575,10 +573,9 @@ mod cuda {
         let dev = qs.device.clone();
         let q = view::<T>(qs, ql, "q")?;
         let k = view::<T>(ks, kl, "k")?;
-        let storage = |t: &Tensor| t.storage_and_layout();
-        let (cs, cl) = storage(&op.cos);
-        let (ss, sl) = storage(&op.sin);
-        let (ps, pl) = storage(&op.positions);
+        let (cs, cl) = op.cos.storage_and_layout();
+        let (ss, sl) = op.sin.storage_and_layout();
+        let (ps, pl) = op.positions.storage_and_layout();
         let cos = tensor_view::<T>(&cs, cl, "cos")?;
         let sin = tensor_view::<T>(&ss, sl, "sin")?;
         let positions = tensor_view::<u32>(&ps, pl, "positions")?;
