@@ -13,6 +13,8 @@
 //!   decoder's).
 //! - `paged`: paged decode attention over that storage, a CUDA kernel (one launch per layer) and
 //!   its Rust reference.
+//! - `fused`: residual add + RMSNorm and RoPE of q and k, one CUDA launch each (the decoder's
+//!   device path), with Rust references.
 //! - `sampling`: logits to tokens (greedy, temperature, top-k/top-p, seeds, logprobs, stops).
 //! - `diagnostics`: the DIAGNOSTICS.md math (logit lens, refusal sets, attention shares, cosines).
 //! - `clip_embed`: [`clip_embed::ClipEmbedder`], CLIP text and image embeddings of a full `CLIPModel`.
@@ -28,6 +30,7 @@ pub mod constraint;
 mod cpu;
 pub mod device;
 pub mod diagnostics;
+pub mod fused;
 pub mod image;
 pub mod kv;
 pub mod llava;

@@ -225,6 +225,11 @@ impl LlavaModel {
         self.decoder.set_device_ops(on)
     }
 
+    /// The decoder's fused kernels on or off (see [`Decoder::set_fused_kernels`]).
+    pub fn set_fused_kernels(&mut self, on: bool) {
+        self.decoder.set_fused_kernels(on)
+    }
+
     /// Sizes the decoder's paged KV pool (see [`Decoder::configure_kv_pool`]).
     pub fn configure_kv_pool(&mut self, config: crate::kv::KvPoolConfig) -> Result<()> {
         self.decoder.configure_kv_pool(config)

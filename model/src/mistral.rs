@@ -530,33 +530,35 @@ struct Rotary {
 
 impl Rotary {
     fn new(cfg: &TextConfig) -> Self {
-        let d = cfg.head_dim;
-        let base = cfg.rope_theta as f32;
-        let inv_freq = (0..d)
-            .step_by(2)
-            .map(|i| 1.0f32 / base.powf(i as f32 / d as f32))
-            .collect();
-        Self { inv_freq }
+        Self {
+            inv_freq: crate::fused::rope_inv_freq(cfg.head_dim, cfg.rope_theta as f32),
+        }
     }
 
     /// cos, sin [positions.len(), head_dim/2], computed in f32 and then cast to `dtype` (the
     /// compute dtype), as transformers' rotary embedding does.
     fn cos_sin(&self, positions: &[usize], dev: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(positions.len() * half);
-        let mut sin = Vec::with_capacity(positions.len() * half);
-        for &p in positions {
-            for &f in &self.inv_freq {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
+        let (cos, sin) = crate::fused::rope_angles(&self.inv_freq, positions);
         Ok((
             Tensor::from_vec(cos, (positions.len(), half), dev)?.to_dtype(dtype)?,
             Tensor::from_vec(sin, (positions.len(), half), dev)?.to_dtype(dtype)?,
         ))
     }
+}
+
+/// Where the RoPE angles of [`Attention::qkv_rope`]'s rows come from.
+#[derive(Clone, Copy)]
+enum Rope<'a> {
+    /// cos, sin [rows, hd/2]: row r's angles in row r (candle's rope op).
+    Rows { cos: &'a Tensor, sin: &'a Tensor },
+    /// A table [table_rows, hd/2] on the device and each row's position in it, u32 [rows], for
+    /// the fused kernel ([`crate::fused::rope_qk`]): one launch for q and k, no angles uploaded.
+    Table {
+        cos: &'a Tensor,
+        sin: &'a Tensor,
+        positions: &'a Tensor,
+    },
 }
 
 /// A bias-free linear layer; at decode-sized batches on the CPU it runs the weight-streaming
@@ -655,20 +657,28 @@ impl Attention {
         })
     }
 
-    /// Projects [rows, hidden] to rotated q [rows, heads, hd] and k, v [rows, kv_heads, hd].
+    /// Projects [rows, hidden] to rotated q [rows, heads, hd] and k, v [rows, kv_heads, hd]; row r
+    /// at the angles of row r of cos, sin [rows, hd/2].
     fn qkv(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        self.qkv_rope(xs, Rope::Rows { cos, sin })
+    }
+
+    /// [`Attention::qkv`] with the angles from `rope`.
+    fn qkv_rope(&self, xs: &Tensor, rope: Rope) -> Result<(Tensor, Tensor, Tensor)> {
         let rows = xs.dim(0)?;
         let [q, k, v] = Proj::forward_many([&self.q_proj, &self.k_proj, &self.v_proj], xs)?;
         let q = q.reshape((rows, self.heads, self.head_dim))?;
         let k = k.reshape((rows, self.kv_heads, self.head_dim))?;
         let v = v.reshape((rows, self.kv_heads, self.head_dim))?;
-        // rope() wants [b, h, t, d] with cos [b, t, d/2]: treat each row as its own batch entry
-        // so that rows may sit at unrelated positions (batched decode).
-        let rope = |t: Tensor| -> candle_core::Result<Tensor> {
-            let t = t.unsqueeze(2)?.contiguous()?;
-            candle_nn::rotary_emb::rope(&t, &cos.unsqueeze(1)?, &sin.unsqueeze(1)?)?.squeeze(2)
+        let (q, k) = match rope {
+            Rope::Rows { cos, sin } => crate::fused::rope_qk_candle(&q, &k, cos, sin)?,
+            Rope::Table {
+                cos,
+                sin,
+                positions,
+            } => crate::fused::rope_qk(&q, &k, cos, sin, positions)?,
         };
-        Ok((rope(q)?, rope(k)?, v))
+        Ok((q, k, v))
     }
 
     /// Attention of `n` new rows of one sequence starting at `start` over its cache (layer
@@ -931,13 +941,6 @@ impl DecoderLayer {
             mlp: Mlp::new(cfg, vb.pp("mlp"), wd)?,
         })
     }
-
-    fn mlp_residual(&self, xs: Tensor) -> candle_core::Result<Tensor> {
-        let h = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&xs)?)?;
-        xs + h
-    }
 }
 
 /// The Mistral decoder (`language_model`): embeddings, blocks, final norm, unembedding.
@@ -955,6 +958,13 @@ pub struct Decoder {
     device_ops: bool,
     /// The paged kernel's start-up check (`crate::paged::self_check`), run before its first use.
     paged_checked: std::sync::OnceLock<bool>,
+    /// See [`Decoder::set_fused_kernels`].
+    fused_kernels: bool,
+    /// The fused kernels' start-up check (`crate::fused::self_check`), run before their first use.
+    fused_checked: std::sync::OnceLock<bool>,
+    /// RoPE's cos, sin [max_position_embeddings, hd/2] on the device for the fused kernel, made
+    /// at its first use (None if that failed: candle's rope then serves).
+    rope_table: std::sync::OnceLock<Option<(Tensor, Tensor)>>,
 }
 
 /// Result of a prefill.
@@ -1001,6 +1011,12 @@ impl Decoder {
             dtype: vb.dtype(),
             device_ops: !vb.device().is_cpu(),
             paged_checked: std::sync::OnceLock::new(),
+            fused_kernels: !matches!(
+                std::env::var("TGA_FUSED_KERNELS").as_deref(),
+                Ok("0" | "off" | "false")
+            ),
+            fused_checked: std::sync::OnceLock::new(),
+            rope_table: std::sync::OnceLock::new(),
         })
     }
 
@@ -1010,6 +1026,14 @@ impl Decoder {
     /// that the GPU's path computes what the exact one does.
     pub fn set_device_ops(&mut self, on: bool) {
         self.device_ops = on;
+    }
+
+    /// Whether the device path runs the fused kernels of [`crate::fused`] (on by default, off
+    /// with `TGA_FUSED_KERNELS=0`): the residual adds with the RMSNorm after them, and RoPE of q
+    /// and k from a table on the device. On CUDA they must first pass their start-up check; on
+    /// the CPU (tests) their references run.
+    pub fn set_fused_kernels(&mut self, on: bool) {
+        self.fused_kernels = on;
     }
 
     pub fn config(&self) -> &TextConfig {
@@ -1225,6 +1249,8 @@ impl Decoder {
         let mut xs = embeds.to_dtype(self.dtype)?;
         record(&xs, &mut hidden_rec, &mut pooled_rec)?;
         let mut attention = Vec::new();
+        let fuse = self.fused_ops();
+        let mut next_h = None;
         for (i, layer) in self.layers.iter().enumerate() {
             let block = i + 1;
             let masked = mask_keys
@@ -1237,7 +1263,11 @@ impl Decoder {
                 device_ops: self.device_ops,
             };
             let mut rec = None;
-            let h = layer.input_layernorm.forward(&xs)?;
+            // The previous layer's residual add may have normed the input already (fused).
+            let h = match next_h.take() {
+                Some(h) => h,
+                None => layer.input_layernorm.forward(&xs)?,
+            };
             let a = layer.self_attn.forward_seq(
                 &h,
                 start,
@@ -1247,8 +1277,22 @@ impl Decoder {
                 &attn_taps,
                 &mut rec,
             )?;
-            xs = layer.mlp_residual((xs + a)?)?;
-            for edit in taps.state_edits.iter().filter(|e| e.after_layer == block) {
+            let (sum, normed) = self.add_norm(&xs, &a, &layer.post_attention_layernorm, fuse)?;
+            let m = layer.mlp.forward(&normed)?;
+            let edits: Vec<&StateEdit> = taps
+                .state_edits
+                .iter()
+                .filter(|e| e.after_layer == block)
+                .collect();
+            // The next layer's input norm joins this residual add unless an edit comes between.
+            match self.layers.get(i + 1).filter(|_| fuse && edits.is_empty()) {
+                Some(next) => {
+                    let (s, h) = crate::fused::add_rms_norm(&sum, &m, &next.input_layernorm)?;
+                    (xs, next_h) = (s, Some(h));
+                }
+                None => xs = (sum + m)?,
+            }
+            for edit in edits {
                 xs = apply_edit(&xs, start, edit)?;
             }
             if let Some(r) = rec {
@@ -1308,7 +1352,31 @@ impl Decoder {
         for (cache, &pos) in caches.iter_mut().zip(&positions) {
             self.pool.prepare(cache, pos..pos + 1)?;
         }
-        let (cos, sin) = self.rotary.cos_sin(&positions, &self.device, self.dtype)?;
+        let fuse = self.fused_ops();
+        // RoPE: the fused kernel reads the device's table at the uploaded positions; otherwise
+        // (or past the table) this step's angles are computed and uploaded.
+        let table = self
+            .rope_table(fuse)
+            .filter(|(cos, _)| positions.iter().all(|&p| p < cos.dims()[0]));
+        let (pos, angles);
+        let rope = match table {
+            Some((cos, sin)) => {
+                let p: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+                pos = Tensor::new(p.as_slice(), &self.device)?;
+                Rope::Table {
+                    cos,
+                    sin,
+                    positions: &pos,
+                }
+            }
+            None => {
+                angles = self.rotary.cos_sin(&positions, &self.device, self.dtype)?;
+                Rope::Rows {
+                    cos: &angles.0,
+                    sin: &angles.1,
+                }
+            }
+        };
         let mut xs = self.embed(tokens)?.to_dtype(self.dtype)?;
         let (hd, heads) = (self.cfg.head_dim, self.cfg.num_attention_heads);
         let plan = match self.device_ops {
@@ -1322,10 +1390,14 @@ impl Decoder {
             )?),
             false => None,
         };
+        // Each layer's normed input: the previous layer's last residual add made it.
+        let mut h = match self.layers.first() {
+            Some(first) => first.input_layernorm.forward(&xs)?,
+            None => self.norm.forward(&xs)?,
+        };
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_layernorm.forward(&xs)?;
             let attn = &layer.self_attn;
-            let (q, k, v) = attn.qkv(&h, &cos, &sin)?;
+            let (q, k, v) = attn.qkv_rope(&h, rope)?;
             match &plan {
                 Some(plan) => self.pool.scatter(i, &plan.write, &k, &v)?,
                 None => {
@@ -1376,15 +1448,19 @@ impl Decoder {
                 }
             };
             let o = attn.o_proj.forward(&o)?;
-            xs = layer.mlp_residual((xs + o)?)?;
+            let (sum, normed) = self.add_norm(&xs, &o, &layer.post_attention_layernorm, fuse)?;
+            let m = layer.mlp.forward(&normed)?;
+            let next = self
+                .layers
+                .get(i + 1)
+                .map_or(&self.norm, |l| &l.input_layernorm);
+            (xs, h) = self.add_norm(&sum, &m, next, fuse)?;
         }
         for c in caches.iter_mut() {
             c.len += 1;
         }
-        Ok(self
-            .lm_head
-            .forward(&self.norm.forward(&xs)?)?
-            .to_dtype(DType::F32)?)
+        // h: the final norm of the last layer's output.
+        Ok(self.lm_head.forward(&h)?.to_dtype(DType::F32)?)
     }
 }
 
@@ -1423,6 +1499,94 @@ impl Decoder {
                     }
                 }
             })
+    }
+
+    /// Whether this forward's device path takes the fused kernels of [`crate::fused`] (see
+    /// [`Decoder::set_fused_kernels`]): on CUDA once they passed their start-up check against
+    /// candle's ops (else an error is logged and candle's ops serve), on the CPU as references.
+    fn fused_ops(&self) -> bool {
+        self.device_ops
+            && self.fused_kernels
+            && crate::fused::kernel_supports(self.dtype)
+            && match &self.device {
+                Device::Cpu => true,
+                Device::Cuda(_) => *self.fused_checked.get_or_init(|| self.fused_self_check()),
+                _ => false,
+            }
+    }
+
+    fn fused_self_check(&self) -> bool {
+        let check = || -> candle_core::Result<crate::fused::SelfCheck> {
+            let Some((cos, sin)) = self.rope_table(true) else {
+                candle_core::bail!("no RoPE table on the device");
+            };
+            crate::fused::self_check(
+                &self.device,
+                self.dtype,
+                self.norm.weight(),
+                self.norm.eps(),
+                self.cfg.num_attention_heads,
+                self.cfg.num_key_value_heads,
+                (cos, sin),
+            )
+        };
+        match check() {
+            Ok(c) => {
+                tracing::info!(
+                    dtype = ?self.dtype,
+                    norm_max_diff = c.norm_max_diff,
+                    rope_max_diff = c.rope_max_diff,
+                    bit_equal = c.bit_equal(),
+                    "fused add+RMSNorm and RoPE kernels equal candle's ops"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::error!(
+                    dtype = ?self.dtype,
+                    error = %e,
+                    "fused kernels failed their start-up check: the decoder keeps candle's ops \
+                     for residual adds, norms and RoPE (slower, same results)"
+                );
+                false
+            }
+        }
+    }
+
+    /// RoPE's table on the device for the fused kernel (positions `0..max_position_embeddings`,
+    /// the very angles [`Rotary::cos_sin`] gives), made at the first call that wants it.
+    fn rope_table(&self, wanted: bool) -> Option<&(Tensor, Tensor)> {
+        if !wanted {
+            return None;
+        }
+        self.rope_table
+            .get_or_init(|| {
+                let rows = self.cfg.max_position_embeddings.max(1);
+                let positions: Vec<usize> = (0..rows).collect();
+                match self.rotary.cos_sin(&positions, &self.device, self.dtype) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        tracing::error!(error = %e, "RoPE table: candle's rope serves");
+                        None
+                    }
+                }
+            })
+            .as_ref()
+    }
+
+    /// `xs + residual` and `norm` of it: one launch on the fused path, else candle's add and
+    /// norm (the same numbers on CUDA, [`crate::fused::add_rms_norm`]).
+    fn add_norm(
+        &self,
+        xs: &Tensor,
+        residual: &Tensor,
+        norm: &RmsNorm,
+        fused: bool,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        match fused {
+            true => crate::fused::add_rms_norm(xs, residual, norm),
+            false => crate::fused::add_rms_norm_candle(xs, residual, norm),
+        }
     }
 
     /// Layer `i`'s attention of the B new tokens (already written) through the fused CPU

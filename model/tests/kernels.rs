@@ -1,5 +1,7 @@
 //! The paged decode attention kernel (`model::paged::paged_decode_attention` on the test device)
-//! against its Rust reference on the CPU.
+//! against its Rust reference on the CPU; the fused add + RMSNorm and RoPE kernels
+//! (`model::fused`) against the candle ops they replace (on the same device) and against their
+//! references.
 //!
 //! Environment: `TGA_TEST_DEVICE` = `cpu` (default: the op runs the reference itself, so this
 //! checks the plumbing in CI) or `cuda` (device 0; needs `--features cuda`: the CUDA kernel).
@@ -8,8 +10,21 @@
 //! (f32 summation order: online softmax and split partitions against one pass). bf16 (inputs
 //! rounded to bf16, the reference computed from the same rounded inputs in f32): the kernel's bf16
 //! output within one bf16 rounding of the reference's f32 output, `<= 2^-8 · |reference| + 1e-5`.
+//!
+//! Fused ops, bounds in units u = 2^-23 (f32) or 2^-7 (bf16) relative to each value:
+//! - sums of `add_rms_norm`: bit-equal to candle's add everywhere;
+//! - normed rows: on CUDA bit-equal to candle's `rms_norm` (the kernel repeats its reduction);
+//!   on the CPU within `NORM_CANDLE_CPU_ULPS` (f32) or 2 u (bf16: candle's CPU kernel rounds
+//!   three times) of it; against the reference (f64 scale) within `NORM_REFERENCE_ULPS` (f32)
+//!   or 1 u (bf16), 0 on the CPU;
+//! - RoPE: on CUDA bit-equal to candle's `rope` and to the reference; on the CPU (where the op
+//!   is the reference) within `rope_tolerance` (2 u of the inputs' scale) of candle's CPU rope.
 
 use candle_core::{DType, Device, Tensor};
+use model::fused::{
+    add_rms_norm, add_rms_norm_candle, max_diff, rope_qk, rope_table, rope_tolerance, uniform,
+    unit_roundoff, NORM_CANDLE_CPU_ULPS, NORM_REFERENCE_ULPS,
+};
 use model::paged::{check_against_reference, paged_decode_attention, PagedDecode, RandomCase};
 
 /// The device the kernel runs on, from `TGA_TEST_DEVICE` (`cpu` when unset).
@@ -416,4 +431,169 @@ fn image_prefill_stage_timing() {
         json[format!("decode_b{b}_step_ms")] = serde_json::json!(m);
     }
     println!("STAGES {json}");
+}
+
+/// `add_rms_norm` on the test device for `rows` × `hidden` in `dtype` (inputs uniform in
+/// [-2, 2), weight in [-1, 1)): (max |diff| from candle's ops on the device, from the reference).
+fn fused_norm_case(dev: &Device, dtype: DType, rows: usize, hidden: usize) -> (f64, f64) {
+    let seed = (rows * 7 + hidden) as u64;
+    let on = |t: Tensor| t.to_dtype(dtype).unwrap().to_device(dev).unwrap();
+    let x = on(uniform(seed, &[rows, hidden]).unwrap());
+    let r = on(uniform(seed + 1, &[rows, hidden]).unwrap());
+    let w = on((uniform(seed + 2, &[hidden]).unwrap() * 0.5).unwrap());
+    let norm = candle_nn::RmsNorm::new(w.clone(), 1e-5);
+    // Non-contiguous xs (a transposed copy transposed back), as a caller's may be.
+    let xt = x.t().unwrap().contiguous().unwrap().t().unwrap();
+    let (s, n) = add_rms_norm(&xt, &r, &norm).unwrap();
+    let (ws, wn) = add_rms_norm_candle(&x, &r, &norm).unwrap();
+    let what = format!("{dtype:?} {rows}×{hidden}");
+    max_diff(&s, &ws, &format!("{what} sum"), |_, _| 0.0).unwrap();
+    let u = unit_roundoff(dtype);
+    let ulps = match (dev.is_cuda(), dtype) {
+        (true, _) => 0.0,
+        (false, DType::F32) => NORM_CANDLE_CPU_ULPS,
+        (false, _) => 2.0,
+    };
+    let vs_candle = max_diff(&n, &wn, &format!("{what} normed vs candle"), |_, w| {
+        ulps * u * w.abs()
+    })
+    .unwrap();
+    let cpu = Device::Cpu;
+    let to_cpu = |t: &Tensor| t.to_device(&cpu).unwrap();
+    let cpu_norm = candle_nn::RmsNorm::new(to_cpu(&w), 1e-5);
+    let (rs, rn) = add_rms_norm(&to_cpu(&x), &to_cpu(&r), &cpu_norm).unwrap();
+    max_diff(&s, &rs, &format!("{what} sum vs reference"), |_, _| 0.0).unwrap();
+    let ulps = match (dev.is_cuda(), dtype) {
+        (false, _) => 0.0,
+        (true, DType::F32) => NORM_REFERENCE_ULPS,
+        (true, _) => 1.0,
+    };
+    let vs_ref = max_diff(&n, &rn, &format!("{what} normed vs reference"), |_, w| {
+        ulps * u * w.abs()
+    })
+    .unwrap();
+    (vs_candle, vs_ref)
+}
+
+fn fused_norm_sweep(dtype: DType) {
+    let dev = device();
+    for hidden in [4096, 32, 100, 1000, 1024, 5120] {
+        let (mut a, mut b) = (0f64, 0f64);
+        for rows in [1, 3, 17, 2943] {
+            let (x, y) = fused_norm_case(&dev, dtype, rows, hidden);
+            (a, b) = (a.max(x), b.max(y));
+        }
+        println!(
+            "device {dev:?} {dtype:?} add_rms_norm hidden {hidden:4}: max |diff| from candle \
+             {a:.3e}, from the reference {b:.3e}"
+        );
+    }
+}
+
+#[test]
+fn fused_add_rms_norm_f32() {
+    fused_norm_sweep(DType::F32);
+}
+
+#[test]
+fn fused_add_rms_norm_bf16() {
+    fused_norm_sweep(DType::BF16);
+}
+
+/// `rope_qk` on the test device at `rows` random positions below 32,768 of the 7B's table
+/// (θ = 10^6), against candle's rope on the device and against the reference on the CPU.
+fn fused_rope_case(
+    dev: &Device,
+    dtype: DType,
+    rows: usize,
+    (heads, kv_heads, hd): (usize, usize, usize),
+    table: &(Tensor, Tensor),
+) -> (f64, f64) {
+    let seed = (rows * 13 + heads + hd) as u64;
+    let on = |t: Tensor| t.to_dtype(dtype).unwrap().to_device(dev).unwrap();
+    let q = on(uniform(seed, &[rows, heads, hd]).unwrap());
+    let k = on(uniform(seed + 1, &[rows, kv_heads, hd]).unwrap());
+    let table_rows = table.0.dim(0).unwrap() as u64;
+    let mut x = seed;
+    let mut positions: Vec<u32> = (0..rows)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 33) % table_rows) as u32
+        })
+        .collect();
+    positions[0] = table_rows as u32 - 1;
+    if rows > 1 {
+        positions[1] = 0;
+    }
+    let vs_candle = model::fused::check_rope(&q, &k, (&table.0, &table.1), &positions)
+        .unwrap_or_else(|e| panic!("{dtype:?} rows {rows} hd {hd}: {e}"));
+    let pos = Tensor::new(positions.as_slice(), dev).unwrap();
+    let (gq, gk) = rope_qk(&q, &k, &table.0, &table.1, &pos).unwrap();
+    let cpu = Device::Cpu;
+    let c = |t: &Tensor| t.to_device(&cpu).unwrap();
+    let (rq, rk) = rope_qk(&c(&q), &c(&k), &c(&table.0), &c(&table.1), &c(&pos)).unwrap();
+    let what = format!("{dtype:?} rows {rows} hd {hd}");
+    let a = max_diff(&gq, &rq, &format!("{what} q vs reference"), |_, _| 0.0).unwrap();
+    let b = max_diff(&gk, &rk, &format!("{what} k vs reference"), |_, _| 0.0).unwrap();
+    (vs_candle, a.max(b))
+}
+
+fn fused_rope_sweep(dtype: DType) {
+    let dev = device();
+    for shape in [(32, 8, 128), (4, 2, 64), (4, 2, 8)] {
+        let table = rope_table(32_768, shape.2, 1e6, &dev, dtype).unwrap();
+        let (mut a, mut b) = (0f64, 0f64);
+        for rows in [1, 3, 17, 2943] {
+            let (x, y) = fused_rope_case(&dev, dtype, rows, shape, &table);
+            (a, b) = (a.max(x), b.max(y));
+        }
+        println!(
+            "device {dev:?} {dtype:?} rope_qk heads {}/{} hd {:3}: max |diff| from candle {a:.3e} \
+             (bound {:.1e}), from the reference {b:.3e}",
+            shape.0,
+            shape.1,
+            shape.2,
+            rope_tolerance(dtype, 2.0)
+        );
+        if dev.is_cuda() {
+            assert_eq!(
+                a, 0.0,
+                "{dtype:?} {shape:?}: candle's CUDA rope is the same arithmetic"
+            );
+        }
+    }
+}
+
+#[test]
+fn fused_rope_f32() {
+    fused_rope_sweep(DType::F32);
+}
+
+#[test]
+fn fused_rope_bf16() {
+    fused_rope_sweep(DType::BF16);
+}
+
+/// The decoder's start-up check of the fused ops at the 7B's shapes (hidden 4,096, 32/8 heads
+/// of 128, its whole RoPE table).
+#[test]
+fn fused_self_check_passes() {
+    let dev = device();
+    for dtype in [DType::F32, DType::BF16] {
+        let w = (uniform(5, &[4096]).unwrap() * 0.5)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+            .to_device(&dev)
+            .unwrap();
+        let table = rope_table(32_768, 128, 1e6, &dev, dtype).unwrap();
+        let c = model::fused::self_check(&dev, dtype, &w, 1e-5, 32, 8, (&table.0, &table.1))
+            .unwrap_or_else(|e| panic!("{dtype:?}: {e}"));
+        println!("device {dev:?} {dtype:?} fused self-check: {c:?}");
+        if dev.is_cuda() {
+            assert!(c.bit_equal(), "{dtype:?}: {c:?}");
+        }
+    }
 }
