@@ -11,6 +11,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
 /// Prefill attention of one sequence's chunk over its paged KV cache.
 #[derive(Debug, Clone, Copy)]
@@ -189,45 +190,63 @@ impl PrefillOp {
                 }
             })
             .collect::<candle_core::Result<Vec<usize>>>()?;
+        // Query rows in parallel (a test aid at the 7B's shape runs billions of multiply-adds).
         let mut out = vec![0f32; self.n * self.heads * hd];
-        let mut scores = Vec::new();
-        let mut acc = vec![0f32; hd];
-        for i in 0..self.n {
-            let keys = self.visible(self.start + i);
-            for h in 0..self.heads {
-                let kvh = h / groups;
-                let qrow = &q[(i * self.heads + h) * hd..][..hd];
-                let row = |slot: usize| (slot * self.kv_heads + kvh) * hd;
-                scores.clear();
-                for &slot in &slots[keys.clone()] {
-                    let krow = &k[row(slot)..][..hd];
-                    let dot: f32 = qrow.iter().zip(krow).map(|(a, b)| a * b.widen()).sum();
-                    scores.push(dot * self.scale);
-                }
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                acc.fill(0.0);
-                for (&slot, &p) in slots[keys.clone()].iter().zip(&scores) {
-                    for (a, x) in acc.iter_mut().zip(&v[row(slot)..][..hd]) {
-                        *a += p * x.widen();
+        out.par_chunks_mut(self.heads * hd)
+            .enumerate()
+            .for_each(|(i, out)| {
+                let keys = &slots[self.visible(self.start + i)];
+                let mut scores = Vec::with_capacity(keys.len());
+                let mut acc = vec![0f32; hd];
+                for h in 0..self.heads {
+                    let kvh = h / groups;
+                    let qrow = &q[(i * self.heads + h) * hd..][..hd];
+                    let row = |slot: usize| (slot * self.kv_heads + kvh) * hd;
+                    scores.clear();
+                    for &slot in keys {
+                        scores.push(dot(qrow, &k[row(slot)..][..hd]) * self.scale);
+                    }
+                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f32;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    acc.fill(0.0);
+                    for (&slot, &p) in keys.iter().zip(&scores) {
+                        for (a, x) in acc.iter_mut().zip(&v[row(slot)..][..hd]) {
+                            *a += p * x.widen();
+                        }
+                    }
+                    for (o, a) in out[h * hd..][..hd].iter_mut().zip(&acc) {
+                        *o = a / sum;
                     }
                 }
-                let o = &mut out[(i * self.heads + h) * hd..][..hd];
-                for (o, a) in o.iter_mut().zip(&acc) {
-                    *o = a / sum;
-                }
-            }
-        }
+            });
         Ok(out)
     }
 }
 
+/// `a · b` in f32 over 8 partial sums (so that it vectorises; any order is the reference's).
+fn dot<K: Widen>(a: &[f32], b: &[K]) -> f32 {
+    let mut part = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y.widen())
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            part[l] += x[l] * y[l].widen();
+        }
+    }
+    part.iter().sum::<f32>() + tail
+}
+
 /// A float element widened to f32.
-trait Widen: Copy {
+trait Widen: Copy + Send + Sync {
     fn widen(self) -> f32;
 }
 impl Widen for f32 {
@@ -551,8 +570,12 @@ pub fn check_against_reference(
         tensor_cores,
     };
     let want = paged_prefill_attention_reference(&qf, &args(&kf, &vf, &case.table))?;
+    // Σ p·|v| / Σ p, for the 16-bit tolerance only.
     let vabs = vf.abs()?;
-    let want_abs = paged_prefill_attention_reference(&qf, &args(&kf, &vabs, &case.table))?;
+    let want_abs = match dtype {
+        DType::F32 => want.clone(),
+        _ => paged_prefill_attention_reference(&qf, &args(&kf, &vabs, &case.table))?,
+    };
     let on = |t: &Tensor| t.to_dtype(dtype)?.to_device(device);
     let (k, v) = (on(&case.k)?, on(&case.v)?);
     let table = case.table.to_device(device)?;
@@ -733,7 +756,8 @@ mod tests {
         }
     }
 
-    /// A chunk's row i is the decode of position start + i: the two references agree exactly.
+    /// A chunk's row i is the decode of position start + i: the two references agree (to f32
+    /// rounding: their dot products sum in different orders).
     #[test]
     fn each_row_is_the_decode_of_its_position() {
         let (start, n, bs, kvh, groups, hd) = (13, 9, 5, 2, 2, 16);
@@ -772,7 +796,7 @@ mod tests {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            assert_eq!(d, 0.0, "window {window:?}");
+            assert!(d <= 1e-6, "window {window:?}: {d}");
         }
     }
 
