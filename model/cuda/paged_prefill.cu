@@ -251,6 +251,23 @@ template <> struct Mma<__half> {
     }
 };
 
+// ldmatrix.x4 (PTX ISA, "ldmatrix"): lanes 8i..8i+7 give the row addresses (16 bytes each) of
+// 8×8 matrix i, and every lane receives register i = its fragment of matrix i: elements (row
+// lane / 4, columns 2 (lane % 4) and + 1), or with .trans (rows 2 (lane % 4) and + 1, column
+// lane / 4). The first is a B fragment of K stored [key][d], the second of V stored [key][d].
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const uint16_t *p) {
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const uint16_t *p) {
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
 // Two 16-bit elements as one fragment register, the first in the low half.
 __device__ __forceinline__ uint32_t pair(uint16_t lo, uint16_t hi) {
     return (uint32_t)lo | ((uint32_t)hi << 16);
@@ -266,8 +283,8 @@ __device__ __forceinline__ void paged_prefill_mma(
     T *__restrict__ out,                  // [n, heads, HD]
     int n, int start, int kv_heads, int groups, int bq, int max_blocks, int block_size,
     unsigned long long n_slots, int window, float scale) {
-    // Row stride in elements: rows stay 16-byte aligned, and the fragment reads of a warp hit 32
-    // distinct banks (stride HD + 8 = 4 banks more per row).
+    // Row stride in elements: rows stay 16-byte aligned (ldmatrix, uint4 stores), and the 8 rows
+    // an ldmatrix phase reads hit 32 distinct banks (stride HD + 8 = 4 banks more per row).
     constexpr int LDS = HD + 8;
     constexpr int CH = HD / 8;  // 16-byte pieces per row
     __shared__ __align__(16) uint16_t s_k[M_BK][LDS];
@@ -354,18 +371,20 @@ __device__ __forceinline__ void paged_prefill_mma(
         }
         __syncthreads();
 
-        // S = Q·Kᵀ: n-tile nt covers keys kt + 8nt .. kt + 8nt + 7.
+        // S = Q·Kᵀ: n-tile nt covers keys kt + 8nt .. kt + 8nt + 7. One ldmatrix.x4 gives the B
+        // fragments (b0, b1) of two k-steps: matrices of keys 8nt.. at d = 32kp + 8 (lane / 8).
         float s[M_BK / 8][4];
 #pragma unroll
         for (int nt = 0; nt < M_BK / 8; ++nt) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
-            const uint16_t *kr = &s_k[nt * 8 + gq][2 * tq];
+            const uint16_t *kr = &s_k[nt * 8 + (lane & 7)][(lane >> 3) * 8];
 #pragma unroll
-            for (int ks = 0; ks < HD / 16; ++ks) {
-                uint32_t b0 = *reinterpret_cast<const uint32_t *>(kr + ks * 16);
-                uint32_t b1 = *reinterpret_cast<const uint32_t *>(kr + ks * 16 + 8);
-                Mma<T>::mma(s[nt], qa[ks], b0, b1);
+            for (int kp = 0; kp < HD / 32; ++kp) {
+                uint32_t b[4];
+                ldsm_x4(b, kr + kp * 32);
+                Mma<T>::mma(s[nt], qa[2 * kp], b[0], b[1]);
+                Mma<T>::mma(s[nt], qa[2 * kp + 1], b[2], b[3]);
             }
         }
         // Every row sees every key of the tile: no masks to apply.
@@ -427,13 +446,15 @@ __device__ __forceinline__ void paged_prefill_mma(
                 Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                 Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]),
             };
-            const uint16_t *vr = &s_v[kk * 16 + 2 * tq][gq];
+            // One ldmatrix.x4.trans gives the B fragments of two n-tiles: matrices of keys
+            // 16kk.. and 16kk + 8.. (b0, b1) at d = 16np and 16np + 8.
+            const uint16_t *vr = &s_v[kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8][(lane >> 4) * 8];
 #pragma unroll
-            for (int nt = 0; nt < HD / 8; ++nt) {
-                const uint16_t *v = vr + nt * 8;
-                uint32_t b0 = pair(v[0], v[LDS]);
-                uint32_t b1 = pair(v[8 * LDS], v[9 * LDS]);
-                Mma<T>::mma(o[nt], pa, b0, b1);
+            for (int np = 0; np < HD / 16; ++np) {
+                uint32_t b[4];
+                ldsm_x4_trans(b, vr + np * 16);
+                Mma<T>::mma(o[2 * np], pa, b[0], b[1]);
+                Mma<T>::mma(o[2 * np + 1], pa, b[2], b[3]);
             }
         }
     }
