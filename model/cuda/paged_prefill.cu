@@ -210,7 +210,9 @@ FMA_ALL(__nv_bfloat16, bf16)
 FMA_ALL(__half, f16)
 
 // ---------------------------------------------------------------------------------------------
-// Tensor-core kernel (bf16/f16): 4 warps × 16 rows = 64 rows per block; key tiles of 64 keys.
+// Tensor-core kernel (bf16/f16): 4 warps × 16 rows = 64 rows per block; key tiles of 32 keys,
+// double-buffered in shared memory (cp.async: tile t + 1 loads while tile t computes; 35 KB and
+// 163 registers at head_dim 128, so three blocks fit an SM).
 // mma.sync.m16n8k16 fragments (PTX ISA, "Matrix fragments for mma.m16n8k16"), with gq = lane / 4
 // and tq = lane % 4: A (16×16, row-major) a0 = (gq, 2tq..2tq+1), a1 = (gq+8, 2tq..), a2 = (gq,
 // 2tq+8..), a3 = (gq+8, 2tq+8..); B (16×8, column-major) b0 = (k 2tq..2tq+1, n gq), b1 = (k
@@ -221,7 +223,7 @@ FMA_ALL(__half, f16)
 
 #define M_WARPS 4
 #define M_R (M_WARPS * 16)
-#define M_BK 64
+#define M_BK 32
 
 template <typename T> struct Mma;
 template <> struct Mma<__nv_bfloat16> {
@@ -259,13 +261,29 @@ __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const uint16_t *p) {
     uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
+                 : "r"(a)
+                 : "memory");  // ordered with the tile's stores and barriers
 }
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const uint16_t *p) {
     uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
+                 : "r"(a)
+                 : "memory");  // ordered with the tile's stores and barriers
+}
+
+// 16 bytes global → shared without registers (sm_80+), the bytes past src_bytes zero-filled.
+__device__ __forceinline__ void cp_async16(uint16_t *smem, const uint16_t *gmem, int src_bytes) {
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem),
+                 "r"(src_bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // Two 16-bit elements as one fragment register, the first in the low half.
@@ -287,9 +305,9 @@ __device__ __forceinline__ void paged_prefill_mma(
     // an ldmatrix phase reads hit 32 distinct banks (stride HD + 8 = 4 banks more per row).
     constexpr int LDS = HD + 8;
     constexpr int CH = HD / 8;  // 16-byte pieces per row
-    __shared__ __align__(16) uint16_t s_k[M_BK][LDS];
-    __shared__ __align__(16) uint16_t s_v[M_BK][LDS];
-    __shared__ long long s_slot[M_BK];
+    __shared__ __align__(16) uint16_t s_k[2][M_BK][LDS];
+    __shared__ __align__(16) uint16_t s_v[2][M_BK][LDS];
+    __shared__ bool s_ok[2][M_BK];
 
     const int kvh = blockIdx.y;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * bq;
@@ -338,38 +356,57 @@ __device__ __forceinline__ void paged_prefill_mma(
     // 16-byte loads need 16-byte aligned pools (rows are: HD·2 bytes is a multiple of 16).
     const bool vec = (((uintptr_t)k_pool | (uintptr_t)v_pool) & 15) == 0;
 
-    for (int kt = kbeg; kt < kend; kt += M_BK) {
-        __syncthreads();  // the previous tile's reads are done
+    // Issues key tile t's K and V rows into buffer b (cp.async; zeros for keys past kend or
+    // at corrupt slots, whose V must be finite); returns whether this thread's keys were all
+    // readable. Unaligned pools take plain loads.
+    auto issue = [&](int t, int b) -> bool {
         bool ok = true;
-        if (threadIdx.x < M_BK) {
-            int j = kt + threadIdx.x;
-            long long s = j < kend ? slot_of(table, j, max_blocks, block_size, n_slots) : -1;
-            s_slot[threadIdx.x] = s;
-            ok = s >= 0;
-        }
-        // Every key of the tile readable (and before kend): the fast path below may skip masks.
-        const bool all_ok = __syncthreads_and(ok);
-        for (int idx = threadIdx.x; idx < M_BK * CH; idx += blockDim.x) {
-            int jj = idx / CH, c = idx % CH;
-            long long s = s_slot[jj];
-            uint4 kx = make_uint4(0, 0, 0, 0), vx = make_uint4(0, 0, 0, 0);  // V of a skipped
-            if (s >= 0) {                                                     // key must be finite
-                size_t off = ((size_t)s * kv_heads + kvh) * HD + c * 8;
-                if (vec) {
-                    kx = *reinterpret_cast<const uint4 *>(k_pool + off);
-                    vx = *reinterpret_cast<const uint4 *>(v_pool + off);
-                } else {
+        for (int idx = threadIdx.x; idx < M_BK * CH; idx += M_WARPS * 32) {
+            int jj = idx / CH, c = idx % CH, j = kbeg + t * M_BK + jj;
+            long long sl = j < kend ? slot_of(table, j, max_blocks, block_size, n_slots) : -1;
+            bool in = sl >= 0;
+            ok = ok && in;
+            if (c == 0) s_ok[b][jj] = in;
+            size_t off = in ? ((size_t)sl * kv_heads + kvh) * HD + c * 8 : 0;
+            if (vec) {
+                cp_async16(&s_k[b][jj][c * 8], k_pool + off, in ? 16 : 0);
+                cp_async16(&s_v[b][jj][c * 8], v_pool + off, in ? 16 : 0);
+            } else {
+                uint4 kx = make_uint4(0, 0, 0, 0), vx = make_uint4(0, 0, 0, 0);
+                if (in) {
                     const uint16_t *kp = k_pool + off, *vp = v_pool + off;
                     kx = make_uint4(pair(kp[0], kp[1]), pair(kp[2], kp[3]), pair(kp[4], kp[5]),
                                     pair(kp[6], kp[7]));
                     vx = make_uint4(pair(vp[0], vp[1]), pair(vp[2], vp[3]), pair(vp[4], vp[5]),
                                     pair(vp[6], vp[7]));
                 }
+                *reinterpret_cast<uint4 *>(&s_k[b][jj][c * 8]) = kx;
+                *reinterpret_cast<uint4 *>(&s_v[b][jj][c * 8]) = vx;
             }
-            *reinterpret_cast<uint4 *>(&s_k[jj][c * 8]) = kx;
-            *reinterpret_cast<uint4 *>(&s_v[jj][c * 8]) = vx;
         }
-        __syncthreads();
+        cp_async_commit();
+        return ok;
+    };
+
+    // Double buffering: tile t + 1 loads while tile t computes.
+    const int tiles = (kend - kbeg + M_BK - 1) / M_BK;
+    bool ok_cur = issue(0, 0);
+    for (int t = 0; t < tiles; ++t) {
+        const int b = t & 1, kt = kbeg + t * M_BK;
+        bool ok_next = true;
+        if (t + 1 < tiles) {
+            ok_next = issue(t + 1, b ^ 1);  // buffer b ^ 1's last reads ended at the barrier below
+            cp_async_wait<1>();             // this thread's copies of tile t have landed
+        } else {
+            cp_async_wait<0>();
+        }
+        // Everyone's copies visible; every key of the tile readable (and before kend): the fast
+        // path below may skip masks.
+        const bool all_ok = __syncthreads_and(ok_cur);
+        ok_cur = ok_next;
+        const uint16_t(*s_kb)[LDS] = s_k[b];
+        const uint16_t(*s_vb)[LDS] = s_v[b];
+        const bool *s_okb = s_ok[b];
 
         // S = Q·Kᵀ: n-tile nt covers keys kt + 8nt .. kt + 8nt + 7. One ldmatrix.x4 gives the B
         // fragments (b0, b1) of two k-steps: matrices of keys 8nt.. at d = 32kp + 8 (lane / 8).
@@ -378,13 +415,13 @@ __device__ __forceinline__ void paged_prefill_mma(
         for (int nt = 0; nt < M_BK / 8; ++nt) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
-            const uint16_t *kr = &s_k[nt * 8 + (lane & 7)][(lane >> 3) * 8];
+            const uint16_t *kr = &s_kb[nt * 8 + (lane & 7)][(lane >> 3) * 8];
 #pragma unroll
             for (int kp = 0; kp < HD / 32; ++kp) {
-                uint32_t b[4];
-                ldsm_x4(b, kr + kp * 32);
-                Mma<T>::mma(s[nt], qa[2 * kp], b[0], b[1]);
-                Mma<T>::mma(s[nt], qa[2 * kp + 1], b[2], b[3]);
+                uint32_t bk[4];
+                ldsm_x4(bk, kr + kp * 32);
+                Mma<T>::mma(s[nt], qa[2 * kp], bk[0], bk[1]);
+                Mma<T>::mma(s[nt], qa[2 * kp + 1], bk[2], bk[3]);
             }
         }
         // Every row sees every key of the tile: no masks to apply.
@@ -397,7 +434,7 @@ __device__ __forceinline__ void paged_prefill_mma(
                 float x = s[nt][e] * sl2;
                 if (!full) {
                     int jj = nt * 8 + 2 * tq + (e & 1), j = kt + jj, p = pos[e >> 1];
-                    bool vis = s_slot[jj] >= 0 && j <= p && (window <= 0 || p - j < window);
+                    bool vis = s_okb[jj] && j <= p && (window <= 0 || p - j < window);
                     x = vis ? x : -INFINITY;
                 }
                 s[nt][e] = x;
@@ -448,15 +485,16 @@ __device__ __forceinline__ void paged_prefill_mma(
             };
             // One ldmatrix.x4.trans gives the B fragments of two n-tiles: matrices of keys
             // 16kk.. and 16kk + 8.. (b0, b1) at d = 16np and 16np + 8.
-            const uint16_t *vr = &s_v[kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8][(lane >> 4) * 8];
+            const uint16_t *vr = &s_vb[kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8][(lane >> 4) * 8];
 #pragma unroll
             for (int np = 0; np < HD / 16; ++np) {
-                uint32_t b[4];
-                ldsm_x4_trans(b, vr + np * 16);
-                Mma<T>::mma(o[2 * np], pa, b[0], b[1]);
-                Mma<T>::mma(o[2 * np + 1], pa, b[2], b[3]);
+                uint32_t bv[4];
+                ldsm_x4_trans(bv, vr + np * 16);
+                Mma<T>::mma(o[2 * np], pa, bv[0], bv[1]);
+                Mma<T>::mma(o[2 * np + 1], pa, bv[2], bv[3]);
             }
         }
+        __syncthreads();  // buffer b's reads done before tile t + 2 is issued into it
     }
 
 #pragma unroll
@@ -478,13 +516,22 @@ __device__ __forceinline__ void paged_prefill_mma(
     }
 }
 
+// mma.sync with bf16, ldmatrix and cp.async need sm_80: built for an older GPU, the kernel does
+// nothing, fails the decoder's start-up check, and the CUDA-core kernel serves.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define MMA_BODY(...) __VA_ARGS__
+#else
+#define MMA_BODY(...)
+#endif
+
 #define MMA_KERNEL(TY, NAME, HD)                                                                 \
     extern "C" __global__ void __launch_bounds__(M_WARPS * 32) paged_prefill_mma_##NAME##_h##HD( \
         const uint16_t *q, const uint16_t *k_pool, const uint16_t *v_pool,                       \
         const uint32_t *table, TY *out, int n, int start, int kv_heads, int groups, int bq,      \
         int max_blocks, int block_size, unsigned long long n_slots, int window, float scale) {   \
-        paged_prefill_mma<TY, HD>(q, k_pool, v_pool, table, out, n, start, kv_heads, groups, bq, \
-                                  max_blocks, block_size, n_slots, window, scale);               \
+        MMA_BODY(paged_prefill_mma<TY, HD>(q, k_pool, v_pool, table, out, n, start, kv_heads,   \
+                                           groups, bq, max_blocks, block_size, n_slots, window, \
+                                           scale));                                             \
     }
 
 MMA_KERNEL(__nv_bfloat16, bf16, 64)
