@@ -18,7 +18,7 @@
 //   probabilities are rounded to the input dtype for P·V, as flash-attention does and as the
 //   candle-ops path (probabilities cast back to the compute dtype) does.
 // A pool slot outside the pool (a corrupt table entry) is skipped, never read, as in the decode
-// kernel.
+// kernel. tools/sim_paged_prefill.py emulates both kernels' index algebra and tiling on the CPU.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
