@@ -323,6 +323,61 @@ fn paged_prefill_edge_cases() {
     println!("device {dev:?} prefill edge cases: max |diff| {max_err:.3e}");
 }
 
+/// Pools that are views at an odd element offset (the tensor-core kernel's 16-byte copies need
+/// 16-byte alignment: it falls back to plain loads) and a q with an offset give the very numbers
+/// of fresh tensors, through both kernels.
+#[test]
+fn paged_prefill_offset_views() {
+    let dev = device();
+    let s = &SHAPES[0];
+    let case = PrefillCase::new(9, 21, 50, 16, s.kv_heads, s.groups, s.hd).unwrap();
+    let table = case.table.to_device(&dev).unwrap();
+    // The same values 3 elements into a larger buffer, viewed as [slots, kv_heads, hd].
+    let offset = |t: &Tensor| -> Tensor {
+        let t = t.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
+        let flat = t.flatten_all().unwrap();
+        let pad = Tensor::zeros(3, DType::BF16, &dev).unwrap();
+        Tensor::cat(&[&pad, &flat], 0)
+            .unwrap()
+            .narrow(0, 3, flat.dim(0).unwrap())
+            .unwrap()
+            .reshape(t.dims())
+            .unwrap()
+    };
+    let fresh = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
+    for tensor_cores in [true, false] {
+        for window in [None, Some(30)] {
+            let run = |q: &Tensor, k: &Tensor, v: &Tensor| {
+                let args = PagedPrefill {
+                    k_pool: k,
+                    v_pool: v,
+                    block_table: &table,
+                    start: case.start,
+                    block_size: case.block_size,
+                    window,
+                    scale: 1.0 / (s.hd as f32).sqrt(),
+                    tensor_cores,
+                };
+                paged_prefill_attention(q, &args)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+            };
+            let a = run(&fresh(&case.q), &fresh(&case.k), &fresh(&case.v));
+            let b = run(&offset(&case.q), &offset(&case.k), &offset(&case.v));
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(d, 0.0, "tensor cores {tensor_cores} window {window:?}");
+        }
+    }
+}
+
 /// Prefill kernel time at the 7B's shape in bf16 (one layer), tensor cores and CUDA cores:
 /// `--ignored` (on CUDA, for numbers). TFLOP/s counts the visible (causal) scores only, two
 /// matmuls of 2 flops per multiply-add.
