@@ -1,14 +1,18 @@
-//! Compiles model/cuda/paged_attention.cu and model/cuda/fused.cu to PTX (loaded by `paged.rs` and
-//! `fused.rs` at run time), only with the `cuda` feature: a CPU build needs no nvcc and does
-//! nothing here.
+//! Compiles the kernels in model/cuda/ to PTX (each loaded at run time by its module:
+//! paged_attention.cu by `paged.rs`, paged_prefill.cu by `paged_prefill.rs`, fused.cu by
+//! `fused.rs`), only with the `cuda` feature: a CPU build needs no nvcc and does nothing here.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// The kernel sources, each compiled to `$OUT_DIR/<name>.ptx`.
+const KERNELS: [&str; 3] = ["paged_attention", "paged_prefill", "fused"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=cuda/paged_attention.cu");
-    println!("cargo:rerun-if-changed=cuda/fused.cu");
+    for name in KERNELS {
+        println!("cargo:rerun-if-changed=cuda/{name}.cu");
+    }
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -23,30 +27,18 @@ fn main() {
         }
         _ => PathBuf::from("nvcc"),
     };
-    let ptx = out.join("paged_attention.ptx");
-    let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17"])
-        .arg(format!("-arch=sm_{cap}"))
-        .arg("cuda/paged_attention.cu")
-        .arg("-o")
-        .arg(&ptx)
-        .status();
-    match status {
-        Ok(s) if s.success() => {}
-        Ok(s) => panic!(
-            "{} --ptx cuda/paged_attention.cu failed: {s}",
-            nvcc.display()
-        ),
-        Err(e) => panic!(
-            "cannot run {} (set CUDA_HOME or put nvcc on PATH): {e}",
-            nvcc.display()
-        ),
+    for name in KERNELS {
+        compile_ptx(
+            &nvcc,
+            &cap,
+            &format!("cuda/{name}.cu"),
+            &out.join(format!("{name}.ptx")),
+        );
     }
-    compile_ptx(&nvcc, &cap, "cuda/fused.cu", &out.join("fused.ptx"));
 }
 
-/// `nvcc --ptx` of `src` into `ptx`, as paged_attention.cu is compiled above.
-fn compile_ptx(nvcc: &std::path::Path, cap: &str, src: &str, ptx: &std::path::Path) {
+/// `nvcc --ptx -O3` of `src` into `ptx` for `sm_<cap>`.
+fn compile_ptx(nvcc: &Path, cap: &str, src: &str, ptx: &Path) {
     let status = Command::new(nvcc)
         .args(["--ptx", "-O3", "-std=c++17"])
         .arg(format!("-arch=sm_{cap}"))

@@ -15,6 +15,8 @@
 //!   its Rust reference.
 //! - `fused`: residual add + RMSNorm and RoPE of q and k, one CUDA launch each (the decoder's
 //!   device path), with Rust references.
+//! - `paged_prefill`: paged prefill attention of a prompt chunk over that storage, a CUDA kernel
+//!   (flash-attention style, one launch per layer) and its Rust reference.
 //! - `sampling`: logits to tokens (greedy, temperature, top-k/top-p, seeds, logprobs, stops).
 //! - `diagnostics`: the DIAGNOSTICS.md math (logit lens, refusal sets, attention shares, cosines).
 //! - `clip_embed`: [`clip_embed::ClipEmbedder`], CLIP text and image embeddings of a full `CLIPModel`.
@@ -36,6 +38,7 @@ pub mod kv;
 pub mod llava;
 pub mod mistral;
 pub mod paged;
+pub mod paged_prefill;
 pub mod random;
 pub mod retrieval;
 pub mod sampling;

@@ -230,6 +230,11 @@ impl LlavaModel {
         self.decoder.set_fused_kernels(on)
     }
 
+    /// The paged prefill op forced on the device path (see [`Decoder::force_prefill_kernel`]).
+    pub fn force_prefill_kernel(&mut self, on: bool) {
+        self.decoder.force_prefill_kernel(on)
+    }
+
     /// Sizes the decoder's paged KV pool (see [`Decoder::configure_kv_pool`]).
     pub fn configure_kv_pool(&mut self, config: crate::kv::KvPoolConfig) -> Result<()> {
         self.decoder.configure_kv_pool(config)

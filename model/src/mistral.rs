@@ -522,6 +522,15 @@ fn slots_tensor(table: &BlockTable, len: usize, dev: &Device) -> Result<Tensor> 
     Ok(Tensor::from_vec(slots, len, dev)?)
 }
 
+/// A prefill chunk's use of the paged prefill kernel (`crate::paged_prefill`): its sequence's
+/// block table on the device (the blocks of positions `0..start+n`), shared by every layer, and
+/// the kernel that passed the start-up check.
+struct PrefillKernel {
+    table: Tensor,
+    block_size: usize,
+    tensor_cores: bool,
+}
+
 /// RoPE angles computed as transformers does (f32 inv_freq, f32 position × inv_freq), so that
 /// long prompts match it to f32 rounding.
 struct Rotary {
@@ -684,7 +693,8 @@ impl Attention {
     /// Attention of `n` new rows of one sequence starting at `start` over its cache (layer
     /// `layer` of `pool`, through `table`; `slots` are the pool slots of positions
     /// `0..start+n` when a cached prefix must be read). xs [n, hidden] → [n, hidden]; records
-    /// probability rows for `taps.queries`.
+    /// probability rows for `taps.queries`. With `kernel`, a layer without a key mask takes the
+    /// paged prefill kernel over the pool instead (see [`Attention::attend_paged`]).
     #[allow(clippy::too_many_arguments)]
     fn forward_seq(
         &self,
@@ -693,6 +703,7 @@ impl Attention {
         (cos, sin): (&Tensor, &Tensor),
         (pool, layer, table, slots): (&KvPool, usize, &BlockTable, Option<&Tensor>),
         write_index: Option<&Tensor>,
+        kernel: Option<&PrefillKernel>,
         taps: &AttnTaps,
         recorded: &mut Option<Tensor>,
     ) -> Result<Tensor> {
@@ -701,6 +712,12 @@ impl Attention {
         match write_index {
             Some(index) => pool.scatter(layer, index, &k, &v)?,
             None => pool.write(layer, table, start, &k, &v)?,
+        }
+        // Key-span masks (interventions) keep the general path.
+        if let Some(kernel) = kernel.filter(|_| taps.masked.is_none()) {
+            let out = self.attend_paged(&q, start, (pool, layer, table), kernel, taps, recorded)?;
+            let out = out.reshape((n, self.heads * self.head_dim))?;
+            return Ok(self.o_proj.forward(&out)?);
         }
         let (keys, values) = match slots {
             Some(slots) => pool.gather(layer, slots)?,
@@ -723,6 +740,85 @@ impl Attention {
             .transpose(0, 1)?
             .reshape((n, self.heads * self.head_dim))?;
         Ok(self.o_proj.forward(&out)?)
+    }
+
+    /// Attention of q [n, heads, hd] at positions start..start+n through the paged prefill
+    /// kernel, every key read from the pool (this chunk's already written): no gather, no score
+    /// matrix. The probability rows of `taps.queries` are computed apart, explicitly
+    /// ([`Attention::probability_rows`]). → [n, heads, hd].
+    fn attend_paged(
+        &self,
+        q: &Tensor,
+        start: usize,
+        (pool, layer, table): (&KvPool, usize, &BlockTable),
+        kernel: &PrefillKernel,
+        taps: &AttnTaps,
+        recorded: &mut Option<Tensor>,
+    ) -> Result<Tensor> {
+        let args = crate::paged_prefill::PagedPrefill {
+            k_pool: &pool.k[layer],
+            v_pool: &pool.v[layer],
+            block_table: &kernel.table,
+            start,
+            block_size: kernel.block_size,
+            window: self.window,
+            // The scale `attend` applies (f64, rounded to f32 by the f32 multiply).
+            scale: (1.0 / (self.head_dim as f64).sqrt()) as f32,
+            tensor_cores: kernel.tensor_cores,
+        };
+        let out = crate::paged_prefill::paged_prefill_attention(q, &args)?;
+        if !taps.queries.is_empty() {
+            let total = start + q.dim(0)?;
+            *recorded = Some(self.probability_rows(q, start, total, pool, layer, table, taps)?);
+        }
+        Ok(out)
+    }
+
+    /// The attention probabilities of `taps.queries` (positions in this chunk; q [n, heads, hd]
+    /// from `start`) over keys `0..total` read from the pool, as [`Attention::attend`] records
+    /// them: per query, scores q·kᵀ over its visible keys, scaled and softmaxed in f32, back in
+    /// the compute dtype, zero outside the visible range; [heads, queries, total] in the order
+    /// of `taps.queries`. DIAGNOSTICS.md §2 wants these rows exact, from an explicit softmax.
+    #[allow(clippy::too_many_arguments)]
+    fn probability_rows(
+        &self,
+        q: &Tensor,
+        start: usize,
+        total: usize,
+        pool: &KvPool,
+        layer: usize,
+        table: &BlockTable,
+        taps: &AttnTaps,
+    ) -> Result<Tensor> {
+        let groups = self.heads / self.kv_heads;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut rows = Vec::with_capacity(taps.queries.len());
+        for &qpos in taps.queries {
+            if qpos < start || qpos >= total {
+                return Err(ModelError::InvalidInput(format!(
+                    "attention tap at position {qpos} is outside this forward ({start}..{total})"
+                )));
+            }
+            let lo = self.window.map_or(0, |w| (qpos + 1).saturating_sub(w));
+            let slots: Vec<u32> = (lo..=qpos).map(|p| table.slot(p) as u32).collect();
+            let slots = Tensor::from_vec(slots, qpos + 1 - lo, q.device())?;
+            // [kv_heads, keys, hd]
+            let keys = pool.k[layer]
+                .index_select(&slots, 0)?
+                .transpose(0, 1)?
+                .contiguous()?;
+            let qr =
+                q.narrow(0, qpos - start, 1)?
+                    .reshape((self.kv_heads, groups, self.head_dim))?;
+            let scores = qr
+                .matmul(&keys.t()?)?
+                .reshape((self.heads, 1, qpos + 1 - lo))?;
+            let dtype = scores.dtype();
+            let scores = (scores.to_dtype(DType::F32)? * scale)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+            rows.push(probs.pad_with_zeros(D::Minus1, lo, total - qpos - 1)?);
+        }
+        Ok(Tensor::cat(&rows, 1)?)
     }
 
     /// q [heads, n, hd] at positions start..start+n; keys/values [kv_heads, start+n, hd].
@@ -965,6 +1061,11 @@ pub struct Decoder {
     /// RoPE's cos, sin [max_position_embeddings, hd/2] on the device for the fused kernel, made
     /// at its first use (None if that failed: candle's rope then serves).
     rope_table: std::sync::OnceLock<Option<(Tensor, Tensor)>>,
+    /// The paged prefill kernel's start-up check (`crate::paged_prefill::self_check`): the
+    /// kernel that passed it (`Some(tensor_cores)`), or `None` (candle ops).
+    prefill_checked: std::sync::OnceLock<Option<bool>>,
+    /// See [`Decoder::force_prefill_kernel`].
+    prefill_forced: bool,
 }
 
 /// Result of a prefill.
@@ -1017,6 +1118,8 @@ impl Decoder {
             ),
             fused_checked: std::sync::OnceLock::new(),
             rope_table: std::sync::OnceLock::new(),
+            prefill_checked: std::sync::OnceLock::new(),
+            prefill_forced: false,
         })
     }
 
@@ -1034,6 +1137,14 @@ impl Decoder {
     /// the CPU (tests) their references run.
     pub fn set_fused_kernels(&mut self, on: bool) {
         self.fused_kernels = on;
+    }
+
+    /// On the device path, prefill attention through the paged prefill op
+    /// (`crate::paged_prefill`) whatever the device, without its start-up check: on the CPU the
+    /// op is its Rust reference. A test aid, which checks the decoder's side of the CUDA kernel
+    /// (reads from the pool, probability taps, masked layers' fallback) on the CPU.
+    pub fn force_prefill_kernel(&mut self, on: bool) {
+        self.prefill_forced = on;
     }
 
     pub fn config(&self) -> &TextConfig {
@@ -1174,8 +1285,24 @@ impl Decoder {
         let total = start + n;
         let here = |p: usize| p >= start && p < total;
         self.pool.prepare(cache, start..total)?;
+        // A key mask given with the prompt holds for all its chunks and what follows.
+        let mask_keys = taps.mask_keys.clone().or_else(|| cache.mask.clone());
+        let kernel = match self.prefill_kernel(self.dtype) {
+            Some(tensor_cores) => {
+                let bs = cache.table.block_size();
+                let blocks = &cache.table.blocks()[..total.div_ceil(bs)];
+                Some(PrefillKernel {
+                    table: Tensor::new(blocks, &self.device)?,
+                    block_size: bs,
+                    tensor_cores,
+                })
+            }
+            None => None,
+        };
+        // The general path gathers a cached prefix (the kernel reads the pool itself).
         let slots = match start {
             0 => None,
+            _ if kernel.is_some() && mask_keys.is_none() => None,
             _ => Some(slots_tensor(&cache.table, total, &self.device)?),
         };
         let write_index = match self.device_ops {
@@ -1186,8 +1313,6 @@ impl Decoder {
             }
             false => None,
         };
-        // A key mask given with the prompt holds for all its chunks and what follows.
-        let mask_keys = taps.mask_keys.clone().or_else(|| cache.mask.clone());
         let positions: Vec<usize> = (start..total).collect();
         let (cos, sin) = self.rotary.cos_sin(&positions, &self.device, self.dtype)?;
         // This chunk's hidden-state taps: (index in taps.hidden_positions, row in the chunk).
@@ -1274,6 +1399,7 @@ impl Decoder {
                 (&cos, &sin),
                 (&self.pool, i, &cache.table, slots.as_ref()),
                 write_index.as_ref(),
+                kernel.as_ref(),
                 &attn_taps,
                 &mut rec,
             )?;
@@ -1589,6 +1715,74 @@ impl Decoder {
         }
     }
 
+    /// Whether prefill attention takes the paged prefill kernel (crate::paged_prefill), and
+    /// which (`Some(tensor_cores)`): on the device path on CUDA where it supports the shapes
+    /// and passed its start-up check against the reference (the tensor-core kernel first, then
+    /// the CUDA-core one; else an error is logged and the candle-ops path serves), unless
+    /// `TGA_PREFILL_KERNEL=0` asks for the candle-ops path; or where forced
+    /// ([`Decoder::force_prefill_kernel`]).
+    fn prefill_kernel(&self, dtype: DType) -> Option<bool> {
+        static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if !self.device_ops {
+            return None;
+        }
+        if self.prefill_forced {
+            return Some(true);
+        }
+        let enabled = *ENABLED.get_or_init(|| {
+            !matches!(
+                std::env::var("TGA_PREFILL_KERNEL").as_deref(),
+                Ok("0" | "off" | "false")
+            )
+        });
+        let (kvh, hd) = (self.cfg.num_key_value_heads, self.cfg.head_dim);
+        let groups = self.cfg.num_attention_heads / kvh.max(1);
+        if !enabled
+            || !self.device.is_cuda()
+            || !crate::paged_prefill::kernel_supports(dtype, hd, groups)
+        {
+            return None;
+        }
+        *self.prefill_checked.get_or_init(|| {
+            let mut kernels = vec![false];
+            if crate::paged_prefill::uses_tensor_cores(dtype, hd, true) {
+                kernels.insert(0, true);
+            }
+            for tensor_cores in kernels {
+                let check = crate::paged_prefill::self_check(
+                    &self.device,
+                    dtype,
+                    kvh,
+                    groups,
+                    hd,
+                    tensor_cores,
+                );
+                match check {
+                    Ok(max_err) => {
+                        tracing::info!(
+                            ?dtype,
+                            tensor_cores,
+                            max_err,
+                            "paged prefill kernel equals its reference"
+                        );
+                        return Some(tensor_cores);
+                    }
+                    Err(e) => tracing::error!(
+                        ?dtype,
+                        tensor_cores,
+                        error = %e,
+                        "paged prefill kernel failed its start-up check"
+                    ),
+                }
+            }
+            tracing::error!(
+                ?dtype,
+                "prefill attention falls back to candle ops (slower, same results)"
+            );
+            None
+        })
+    }
+
     /// Layer `i`'s attention of the B new tokens (already written) through the fused CPU
     /// kernel, reading the pool through each block table; `None` where it does not apply (not
     /// f32 on the CPU).
@@ -1749,5 +1943,116 @@ mod tests {
             unpadded.tables.to_vec2::<u32>().unwrap(),
             plan.tables.to_vec2::<u32>().unwrap()
         );
+    }
+
+    /// The tiny preset's decoder (4 heads over 2 KV heads, head_dim 8) with random weights and
+    /// the given sliding window, f32 on the CPU, on the device path.
+    fn random_decoder(window: Option<usize>) -> Decoder {
+        let mut cfg = crate::random::RandomModelSpec::parse("tiny")
+            .unwrap()
+            .config
+            .text;
+        cfg.sliding_window = window;
+        let vb = crate::random::RandomWeights::new(11).var_builder(DType::F32, &Device::Cpu);
+        let mut dec = Decoder::new(&cfg, vb, DType::F32).unwrap();
+        dec.set_device_ops(true);
+        // Unit-variance weights make scores of ~±10 and softmax rows nearly one-hot; with q
+        // and k shrunk the rows spread over many keys, so that every key read counts.
+        for layer in &mut dec.layers {
+            let attn = &mut layer.self_attn;
+            for proj in [&mut attn.q_proj, &mut attn.k_proj] {
+                let w = (proj.weight() * 0.4).unwrap();
+                *proj = Proj(Linear::new(w, None));
+            }
+        }
+        dec
+    }
+
+    /// A prompt prefilled in chunks of `chunk` rows: the last position's logits and the taps.
+    fn prefill_in_chunks(
+        dec: &Decoder,
+        ids: &[u32],
+        chunk: usize,
+        taps: &LayerTaps,
+    ) -> (Tensor, TapOutput) {
+        let n = ids.len();
+        let embeds = dec.embed(ids).unwrap();
+        let mut cache = dec.new_cache();
+        let mut acc = TapAccumulator::new(taps);
+        let mut logits = None;
+        for a in (0..n).step_by(chunk) {
+            let part = embeds.narrow(0, a, chunk.min(n - a)).unwrap();
+            let last = a + chunk >= n;
+            logits = dec
+                .prefill_chunk(&part, &mut cache, taps, &mut acc, last)
+                .unwrap();
+        }
+        (logits.unwrap(), acc.finish(taps, n).unwrap())
+    }
+
+    /// max |a - b| / (1 + max |b|).
+    fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let m = b.abs().unwrap().max_all().unwrap();
+        d.to_scalar::<f32>().unwrap() / (1.0 + m.to_scalar::<f32>().unwrap())
+    }
+
+    /// The device path's prefill through the paged prefill op (forced on the CPU, where the op
+    /// is its Rust reference, as the CUDA kernel is checked to be) against its candle ops:
+    /// logits, hidden states and attention rows within f32 rounding, whole and in chunks (the
+    /// earlier chunks' keys read from the pool), with and without a sliding window, and with a
+    /// key mask at one block (which keeps the candle ops there).
+    #[test]
+    fn prefill_kernel_path_equals_candle_ops() {
+        const TOL: f32 = 1e-5;
+        let n = 150;
+        let ids: Vec<u32> = (0..n as u32).map(|i| (i * 37 + 11) % 1000).collect();
+        let mut worst = 0f32;
+        for window in [None, Some(24)] {
+            let base = random_decoder(window);
+            let mut kern = random_decoder(window);
+            kern.force_prefill_kernel(true);
+            assert_eq!(base.prefill_kernel(DType::F32), None);
+            assert_eq!(kern.prefill_kernel(DType::F32), Some(true));
+            for masked in [false, true] {
+                let taps = LayerTaps {
+                    hidden_positions: vec![0, 77, 149],
+                    attention_queries: vec![149, 30, 100, 0, 63, 64],
+                    mask_keys: masked.then(|| KeyMask {
+                        layers: vec![2],
+                        spans: vec![10..20, 40..41],
+                    }),
+                    ..Default::default()
+                };
+                for chunk in [n, 64, 37, 1] {
+                    let what = format!("window {window:?} masked {masked} chunk {chunk}");
+                    let (want_l, want_t) = prefill_in_chunks(&base, &ids, chunk, &taps);
+                    let (got_l, got_t) = prefill_in_chunks(&kern, &ids, chunk, &taps);
+                    let mut diffs = vec![
+                        rel_diff(&got_l, &want_l),
+                        rel_diff(
+                            got_t.hidden.as_ref().unwrap(),
+                            want_t.hidden.as_ref().unwrap(),
+                        ),
+                    ];
+                    assert_eq!(got_t.attention.len(), want_t.attention.len(), "{what}");
+                    for (g, w) in got_t.attention.iter().zip(&want_t.attention) {
+                        assert_eq!(g.dims(), [4, taps.attention_queries.len(), n], "{what}");
+                        diffs.push(rel_diff(g, w));
+                        // Zero exactly where the mask (causal, window, key spans) hides a key.
+                        let (g, w) = (g.flatten_all().unwrap(), w.flatten_all().unwrap());
+                        let (g, w) = (g.to_vec1::<f32>().unwrap(), w.to_vec1::<f32>().unwrap());
+                        for (x, y) in g.iter().zip(&w) {
+                            assert_eq!(*x == 0.0, *y == 0.0, "{what}: {x} vs {y}");
+                        }
+                    }
+                    let d = diffs.iter().copied().fold(0f32, f32::max);
+                    assert!(d <= TOL, "{what}: relative differences {diffs:?}");
+                    worst = worst.max(d);
+                }
+            }
+        }
+        eprintln!("prefill kernel path vs candle ops: max relative |diff| {worst:.2e} (tolerance {TOL:e})");
     }
 }

@@ -615,6 +615,7 @@ pub fn check_against_reference(
     for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
         let (g, w) = (g as f64, w as f64);
         let err = (g - w).abs();
+        // NaN fails too (err is NaN when either side is).
         if err.is_nan() || err > tolerance(dtype, w) {
             candle_core::bail!(
                 "paged decode on {device:?}, {dtype:?}: element {i} is {g}, the reference {w} \

@@ -451,6 +451,20 @@ fn device_ops_match_transformers() {
     }
 }
 
+/// The device path with prefill attention through the paged prefill op, forced (on the CPU:
+/// its Rust reference, which the CUDA kernel is checked against; on CUDA: the tensor-core
+/// kernel where it applies, without its start-up check), against transformers: every variant's
+/// logits, hidden states, attention rows (computed apart from the kernel) and greedy tokens.
+#[test]
+fn prefill_kernel_path_matches_transformers() {
+    for variant in ["llava_next", "llava", "orig_anyres", "orig_pad"] {
+        let mut model = load_variant(variant);
+        model.set_device_ops(true);
+        model.force_prefill_kernel(true);
+        check_model(variant, &model);
+    }
+}
+
 /// 20 greedy tokens of every llava_next case, decoded together in one batch (different
 /// lengths), equal transformers' own.
 fn batched_decode_gives_transformers_greedy_tokens(model: &LlavaModel) {
