@@ -196,6 +196,11 @@ if [ -n "${KERNELS:-}" ]; then
       image_prefill_stage_timing --nocapture --test-threads 1 > "$W/stages_$name.log" 2>&1
     grep -E '^ +[a-z_]+: |^prefill chunks' "$W/stages_$name.log"
   done
+  # the attention kernels alone at the 7B's shape (µs, GB/s, TFLOP/s per layer)
+  part kernel_timing 40 env TGA_TEST_DEVICE="$DEVICE" "$KERNELS" --ignored --exact \
+    paged_decode_timing paged_prefill_timing --nocapture --test-threads 1 \
+    > "$W/kernel_timing.log" 2>&1
+  grep -vE '^(running|test |$)' "$W/kernel_timing.log" | head -30
 else
   echo "== stages: no kernels test binary (.cudabin/kernels.gz or KERNELS=): not measured"
 fi

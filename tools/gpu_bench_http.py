@@ -368,6 +368,9 @@ def cmd_report(a) -> int:
     t6plan = load(w / "t6plan.json") or {}
     t6m = load(w / "t6_metrics.json") or {}
     check_summary = (w / "check/summary.txt").read_text() if (w / "check/summary.txt").exists() else ""
+    kernel_timing = "\n".join(
+        l for l in ((w / "kernel_timing.log").read_text().splitlines() if (w / "kernel_timing.log").exists() else [])
+        if l.strip() and not l.startswith(("running", "test ")))
     # model-level stage timings (kernels test image_prefill_stage_timing), one file per variant
     stages = {}
     for f in sorted(w.glob("stages_*.log")):
@@ -566,6 +569,8 @@ def cmd_report(a) -> int:
              f"{fmt(v.get('first_token_ms'), 1)} | {fmt(v.get('ttft_ms'), 1)} | {fmt(v.get('decode_step_ms'), 2)}; "
              f"{'/'.join(fmt(v.get(f'decode_b{b}_step_ms'), 2) for b in (1, 32, 64))} |"
              if v else f"| {k} | (no STAGES line: see its log) | | | | | | |" for k, v in stages.items()],
+           "", "Attention kernels alone (kernels tests `paged_decode_timing`, `paged_prefill_timing`):", "",
+           "```", kernel_timing.strip() or "(not run)", "```",
            "", "## tools/gpu_check.sh summary (T5a)", "", "```", check_summary.strip() or "(none)", "```",
            "", "## Parts (timeouts are per part, clamped by the run's budget)", "",
            "| part | status | rc | seconds | limit s |", "| --- | --- | --- | --- | --- |"]
