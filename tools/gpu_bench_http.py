@@ -373,7 +373,7 @@ def cmd_report(a) -> int:
         if l.strip() and not l.startswith(("running", "test ")))
     # model-level stage timings (kernels test image_prefill_stage_timing), one file per variant
     stages = {}
-    for f in sorted(w.glob("stages_*.log")):
+    for f in sorted(w.glob("stages_*.log"), key=lambda f: f.stat().st_mtime):  # run order
         line = next((l for l in f.read_text().splitlines() if l.startswith("STAGES ")), None)
         stages[f.stem[len("stages_"):]] = json.loads(line[len("STAGES "):]) if line else None
     prompt_stats = {p.name.split(".")[0]: load(p) for p in sorted(w.glob("prompts_*.jsonl.stats.json"))}
