@@ -1485,6 +1485,14 @@ mod tests {
                 assert_eq!(f64s(&gv), f64s(&v), "{dtype:?} {rows} qkv v");
                 assert!(gq.is_contiguous() && gk.is_contiguous() && gv.is_contiguous());
                 check_rope_qkv(&q, &k, &v, (&cos, &sin), &positions).unwrap();
+                // candle's path over the same strided views (decode past the table).
+                let rows_of = |t: &Tensor| t.index_select(&pos, 0).unwrap();
+                let (wq, wk, wv) =
+                    rope_qkv_candle(&qkv, heads, kv, &rows_of(&cos), &rows_of(&sin)).unwrap();
+                let tol = rope_tolerance(dtype, 2.0);
+                max_diff(&gq, &wq, "candle q", |_, _| tol).unwrap();
+                max_diff(&gk, &wk, "candle k", |_, _| tol).unwrap();
+                max_diff(&gv, &wv, "candle v", |_, _| 0.0).unwrap();
             }
         }
         // Rows that are not each contiguous are copied first.
