@@ -12,7 +12,9 @@
 //! model the kernels (their RMSNorm scale from an f64 sum, their RoPE exactly: see each).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Module, Shape, Tensor,
+};
 use candle_nn::RmsNorm;
 use half::{bf16, f16};
 
@@ -76,8 +78,10 @@ pub fn add_rms_norm_candle(
 /// device: transformers' f32 angles cast to the dtype). One launch on CUDA; on the CPU the
 /// reference. For a pair `(x1, x2) = (x[i], x[i + hd/2])`: `x1·c − x2·s` and `x1·s + x2·c`, each
 /// one fused multiply-add over the other product rounded to the dtype, in the dtype's arithmetic
-/// (what candle's `rope` kernel compiles to on sm_90). Returns (q', k'), contiguous views of one
-/// buffer. Positions past the table are an error on the CPU and read the last row on CUDA.
+/// (what candle's `rope` kernel compiles to on sm_90). q and k are read in place when each row
+/// is contiguous (rows may lie any stride apart: views of a stacked projection), else copied
+/// first. Returns (q', k'), contiguous views of one buffer. Positions past the table are an error
+/// on the CPU and read the last row on CUDA.
 pub fn rope_qk(
     q: &Tensor,
     k: &Tensor,
@@ -87,58 +91,109 @@ pub fn rope_qk(
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let (rows, heads, hd) = q.dims3()?;
     let (krows, kv_heads, khd) = k.dims3()?;
-    let (table_rows, half) = cos.dims2()?;
-    if krows != rows || khd != hd || hd % 2 != 0 || half * 2 != hd || sin.dims() != cos.dims() {
+    if krows != rows || khd != hd {
+        candle_core::bail!("rope_qk: q {:?}, k {:?}", q.dims(), k.dims());
+    }
+    let op = RopeQk::new(q, cos, sin, positions, heads, kv_heads, false)?;
+    if k.dtype() != q.dtype() || !k.device().same_device(q.device()) {
         candle_core::bail!(
-            "rope_qk: q {:?}, k {:?}, cos {:?}, sin {:?}",
-            q.dims(),
-            k.dims(),
-            cos.dims(),
-            sin.dims()
+            "rope_qk: k {:?} on another device or of another dtype",
+            k.dtype()
         );
     }
-    if positions.dims() != [rows] || positions.dtype() != DType::U32 {
-        candle_core::bail!(
-            "rope_qk: positions must be u32 [{rows}], got {:?} {:?}",
-            positions.dtype(),
-            positions.dims()
-        );
-    }
-    let dtype = q.dtype();
-    if k.dtype() != dtype || cos.dtype() != dtype || sin.dtype() != dtype {
-        candle_core::bail!(
-            "rope_qk: q {dtype:?}, k {:?}, cos {:?}, sin {:?}",
-            k.dtype(),
-            cos.dtype(),
-            sin.dtype()
-        );
-    }
-    let dev = q.device();
-    for t in [k, cos, sin, positions] {
-        if !t.device().same_device(dev) {
-            candle_core::bail!("rope_qk: every operand must be on q's device");
+    let rows_in_place = |t: &Tensor| -> candle_core::Result<Tensor> {
+        match row_strided(t.layout()) {
+            Some(_) => Ok(t.clone()),
+            None => t.contiguous(),
         }
-    }
-    if table_rows == 0 || table_rows > u32::MAX as usize {
-        candle_core::bail!("rope_qk: table of {table_rows} rows");
-    }
-    let op = RopeQk {
-        cos: cos.contiguous()?,
-        sin: sin.contiguous()?,
-        positions: positions.contiguous()?,
-        rows,
-        heads,
-        kv_heads,
-        hd,
-        table_rows,
     };
-    let out = q.contiguous()?.apply_op2_no_bwd(&k.contiguous()?, &op)?;
+    let out = rows_in_place(q)?.apply_op2_no_bwd(&rows_in_place(k)?, &op)?;
     let nq = rows * heads * hd;
     Ok((
         out.narrow(0, 0, nq)?.reshape((rows, heads, hd))?,
         out.narrow(0, nq, rows * kv_heads * hd)?
             .reshape((rows, kv_heads, hd))?,
     ))
+}
+
+/// [`rope_qk`] of the q and k of a stacked projection `qkv` `[rows, heads + 2·kv_heads, hd]`
+/// (per row: q's heads, then k's, then v's), with v copied along unrotated in the same launch:
+/// returns (q' `[rows, heads, hd]`, k' and v `[rows, kv_heads, hd]`), contiguous views of one
+/// buffer, ready for attention and the KV pool's writes without further copies. `qkv` is read
+/// in place when each row is contiguous.
+pub fn rope_qkv(
+    qkv: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+    positions: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (rows, all, hd) = qkv.dims3()?;
+    if all != heads + 2 * kv_heads {
+        candle_core::bail!(
+            "rope_qkv: qkv {:?} for {heads} + 2·{kv_heads} heads",
+            qkv.dims()
+        );
+    }
+    let op = RopeQk::new(qkv, cos, sin, positions, heads, kv_heads, true)?;
+    let qkv = match row_strided(qkv.layout()) {
+        Some(_) => qkv.clone(),
+        None => qkv.contiguous()?,
+    };
+    let out = qkv.apply_op1_no_bwd(&op)?;
+    let (nq, nk) = (rows * heads * hd, rows * kv_heads * hd);
+    Ok((
+        out.narrow(0, 0, nq)?.reshape((rows, heads, hd))?,
+        out.narrow(0, nq, nk)?.reshape((rows, kv_heads, hd))?,
+        out.narrow(0, nq + nk, nk)?.reshape((rows, kv_heads, hd))?,
+    ))
+}
+
+/// The candle-op path [`rope_qkv`] replaces: q, k, v narrowed out of `qkv`, [`rope_qk_candle`]
+/// of q and k (`cos`, `sin` `[rows, hd/2]`, each row's angles), v as it is.
+pub fn rope_qkv_candle(
+    qkv: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let q = qkv.narrow(1, 0, heads)?;
+    let k = qkv.narrow(1, heads, kv_heads)?;
+    let v = qkv.narrow(1, heads + kv_heads, kv_heads)?;
+    let (q, k) = rope_qk_candle(&q, &k, cos, sin)?;
+    Ok((q, k, v))
+}
+
+/// `silu(gate) · up` of a stacked projection `gate_up` `[rows, 2·inter]` (per row: gate, then
+/// up) → `[rows, inter]`, in one launch on CUDA where candle takes two (`silu`, then `mul`): as
+/// those ops compute it, candle's CUDA silu (f32 `g / (1 + exp(−g))`, in bf16 computed in f32
+/// and rounded once, in f16 in half arithmetic) rounded to the dtype, then the dtype's product
+/// with up rounded once; so bit-equal to candle's CUDA ops. On the CPU the reference
+/// ([`SiluMul`]), with Rust's `exp` (candle's CPU silu in f32 and f16; in bf16 candle's CPU op
+/// rounds each step to bf16 instead, [`SILU_MUL_CANDLE_CPU_ULPS`]).
+pub fn silu_mul(gate_up: &Tensor) -> candle_core::Result<Tensor> {
+    let (rows, two_inter) = gate_up.dims2()?;
+    if two_inter % 2 != 0 {
+        candle_core::bail!("silu_mul: gate_up {:?} has an odd width", gate_up.dims());
+    }
+    if !kernel_supports(gate_up.dtype()) {
+        candle_core::bail!("silu_mul: {:?}", gate_up.dtype());
+    }
+    let op = SiluMul {
+        rows,
+        inter: two_inter / 2,
+    };
+    gate_up.contiguous()?.apply_op1_no_bwd(&op)
+}
+
+/// The candle-op path [`silu_mul`] replaces: `gate.silu() * up` over the two halves.
+pub fn silu_mul_candle(gate_up: &Tensor) -> candle_core::Result<Tensor> {
+    let inter = gate_up.dim(1)? / 2;
+    let gate = gate_up.narrow(1, 0, inter)?;
+    let up = gate_up.narrow(1, inter, inter)?;
+    gate.silu()? * up
 }
 
 /// The candle-op path [`rope_qk`] replaces, as the decoder ran it: `candle_nn::rotary_emb::rope`
@@ -358,8 +413,29 @@ impl CustomOp3 for AddRmsNorm {
     }
 }
 
-/// The op behind [`rope_qk`]: operands q, k; the table and positions travel in the struct.
-/// Output: `[rows·heads·hd + rows·kv_heads·hd]`, q' then k'.
+/// `(start, row stride)` of a layout `[rows, ..]` whose rows are each contiguous (a row's
+/// elements adjacent, rows any stride ≥ a row's size apart: a narrowed slice of wider rows).
+fn row_strided(l: &Layout) -> Option<(usize, usize)> {
+    let (dims, strides) = (l.dims(), l.stride());
+    let (&rows, inner) = dims.split_first()?;
+    let width: usize = inner.iter().product();
+    let mut expected = 1;
+    for (&d, &st) in inner.iter().zip(&strides[1..]).rev() {
+        if d > 1 && st != expected {
+            return None;
+        }
+        expected *= d;
+    }
+    let stride = match rows {
+        0 | 1 => width,
+        _ => strides[0],
+    };
+    (stride >= width).then_some((l.start_offset(), stride))
+}
+
+/// The op behind [`rope_qk`] (operands q, k: `CustomOp2`) and [`rope_qkv`] (operand qkv:
+/// `CustomOp1`, `with_v`); the table and positions travel in the struct. Output:
+/// `[rows·heads·hd + rows·kv_heads·hd (+ rows·kv_heads·hd)]`, q' then k' (then v).
 pub struct RopeQk {
     cos: Tensor,
     sin: Tensor,
@@ -369,27 +445,108 @@ pub struct RopeQk {
     kv_heads: usize,
     hd: usize,
     table_rows: usize,
+    with_v: bool,
+}
+
+/// One operand of the RoPE reference: a row's `heads · hd` elements start at `start + row ·
+/// stride` of `data`.
+struct Rows<'a, T> {
+    data: &'a [T],
+    start: usize,
+    stride: usize,
+    heads: usize,
 }
 
 impl RopeQk {
+    /// Checks the table, positions and dtypes against `x` ([rows, .., hd]: q or qkv).
+    fn new(
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        positions: &Tensor,
+        heads: usize,
+        kv_heads: usize,
+        with_v: bool,
+    ) -> candle_core::Result<Self> {
+        let (rows, _, hd) = x.dims3()?;
+        let (table_rows, half) = cos.dims2()?;
+        if hd % 2 != 0 || half * 2 != hd || sin.dims() != cos.dims() {
+            candle_core::bail!(
+                "rope: x {:?}, cos {:?}, sin {:?}",
+                x.dims(),
+                cos.dims(),
+                sin.dims()
+            );
+        }
+        if positions.dims() != [rows] || positions.dtype() != DType::U32 {
+            candle_core::bail!(
+                "rope: positions must be u32 [{rows}], got {:?} {:?}",
+                positions.dtype(),
+                positions.dims()
+            );
+        }
+        let dtype = x.dtype();
+        if cos.dtype() != dtype || sin.dtype() != dtype {
+            candle_core::bail!(
+                "rope: x {dtype:?}, cos {:?}, sin {:?}",
+                cos.dtype(),
+                sin.dtype()
+            );
+        }
+        let dev = x.device();
+        for t in [cos, sin, positions] {
+            if !t.device().same_device(dev) {
+                candle_core::bail!("rope: every operand must be on q's device");
+            }
+        }
+        if table_rows == 0 || table_rows > u32::MAX as usize {
+            candle_core::bail!("rope: table of {table_rows} rows");
+        }
+        Ok(Self {
+            cos: cos.contiguous()?,
+            sin: sin.contiguous()?,
+            positions: positions.contiguous()?,
+            rows,
+            heads,
+            kv_heads,
+            hd,
+            table_rows,
+            with_v,
+        })
+    }
+
+    fn out_len(&self) -> usize {
+        let kv = match self.with_v {
+            true => 2 * self.kv_heads,
+            false => self.kv_heads,
+        };
+        self.rows * (self.heads + kv) * self.hd
+    }
+
     /// The reference: what the kernel computes, operation for operation (so equal to it bit for
-    /// bit): `x1·c − x2·s` as `fma(x1, c, −(x2·s))` and `x1·s + x2·c` as `fma(x1, s, x2·c)`.
+    /// bit): `x1·c − x2·s` as `fma(x1, c, −(x2·s))` and `x1·s + x2·c` as `fma(x1, s, x2·c)`; v
+    /// (when given) copied.
     fn reference<T: Elem + candle_core::WithDType>(
         &self,
-        q: &[T],
-        k: &[T],
+        q: Rows<T>,
+        k: Rows<T>,
+        v: Option<Rows<T>>,
         cos: &[T],
         sin: &[T],
     ) -> candle_core::Result<Vec<T>> {
         let positions = self.positions.to_vec1::<u32>()?;
         let (hd, half) = (self.hd, self.hd / 2);
-        let mut out = Vec::with_capacity(q.len() + k.len());
-        for (src, heads) in [(q, self.heads), (k, self.kv_heads)] {
-            let start = out.len();
-            out.extend_from_slice(src);
-            let dst = &mut out[start..];
-            for row in 0..self.rows {
-                let p = positions[row] as usize;
+        let mut out = Vec::with_capacity(self.out_len());
+        for (src, rotate) in [(Some(q), true), (Some(k), true), (v, false)] {
+            let Some(src) = src else { continue };
+            let width = src.heads * hd;
+            for (row, &p) in positions.iter().enumerate().take(self.rows) {
+                let at = out.len();
+                out.extend_from_slice(&src.data[src.start + row * src.stride..][..width]);
+                if !rotate {
+                    continue;
+                }
+                let p = p as usize;
                 if p >= self.table_rows {
                     candle_core::bail!(
                         "rope_qk: position {p} (row {row}) past the table's {} rows",
@@ -397,8 +554,7 @@ impl RopeQk {
                     );
                 }
                 let (c, s) = (&cos[p * half..][..half], &sin[p * half..][..half]);
-                for h in 0..heads {
-                    let x = &mut dst[(row * heads + h) * hd..][..hd];
+                for x in out[at..].chunks_exact_mut(hd) {
                     for i in 0..half {
                         let (x1, x2) = (x[i], x[i + half]);
                         x[i] = x1.fma_rn(c[i], x2.mul_rn(s[i]).negated());
@@ -410,17 +566,51 @@ impl RopeQk {
         Ok(out)
     }
 
+    /// An operand's rows under its layout (each row contiguous, else an error).
+    fn rows_of<'a, T>(
+        data: &'a [T],
+        l: &Layout,
+        heads: usize,
+        what: &str,
+    ) -> candle_core::Result<Rows<'a, T>> {
+        match row_strided(l) {
+            Some((start, stride)) => Ok(Rows {
+                data,
+                start,
+                stride,
+                heads,
+            }),
+            None => candle_core::bail!("rope: {what}'s rows must each be contiguous"),
+        }
+    }
+
     fn cpu_reference<T: Elem + candle_core::WithDType>(
         &self,
-        q: &[T],
-        ql: &Layout,
-        k: &[T],
-        kl: &Layout,
+        q: Rows<T>,
+        k: Rows<T>,
+        v: Option<Rows<T>>,
     ) -> candle_core::Result<Vec<T>> {
         let cpu = candle_core::Device::Cpu;
         let cos = self.cos.to_device(&cpu)?.flatten_all()?.to_vec1::<T>()?;
         let sin = self.sin.to_device(&cpu)?.flatten_all()?.to_vec1::<T>()?;
-        self.reference(contiguous(q, ql, "q")?, contiguous(k, kl, "k")?, &cos, &sin)
+        self.reference(q, k, v, &cos, &sin)
+    }
+
+    /// q, k, v of a stacked `qkv` under `l`: the same rows, at head offsets 0, heads, heads +
+    /// kv_heads.
+    fn stacked<'a, T>(&self, data: &'a [T], l: &Layout) -> candle_core::Result<[Rows<'a, T>; 3]> {
+        let whole = Self::rows_of(data, l, self.heads + 2 * self.kv_heads, "qkv")?;
+        let part = |offset: usize, heads: usize| Rows {
+            data,
+            start: whole.start + offset * self.hd,
+            stride: whole.stride,
+            heads,
+        };
+        Ok([
+            part(0, self.heads),
+            part(self.heads, self.kv_heads),
+            part(self.heads + self.kv_heads, self.kv_heads),
+        ])
     }
 }
 
@@ -436,24 +626,30 @@ impl CustomOp2 for RopeQk {
         ks: &CpuStorage,
         kl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (h, kvh) = (self.heads, self.kv_heads);
         let storage = match (qs, ks) {
-            (CpuStorage::F32(q), CpuStorage::F32(k)) => {
-                CpuStorage::F32(self.cpu_reference(q, ql, k, kl)?)
-            }
-            (CpuStorage::BF16(q), CpuStorage::BF16(k)) => {
-                CpuStorage::BF16(self.cpu_reference(q, ql, k, kl)?)
-            }
-            (CpuStorage::F16(q), CpuStorage::F16(k)) => {
-                CpuStorage::F16(self.cpu_reference(q, ql, k, kl)?)
-            }
+            (CpuStorage::F32(q), CpuStorage::F32(k)) => CpuStorage::F32(self.cpu_reference(
+                Self::rows_of(q, ql, h, "q")?,
+                Self::rows_of(k, kl, kvh, "k")?,
+                None,
+            )?),
+            (CpuStorage::BF16(q), CpuStorage::BF16(k)) => CpuStorage::BF16(self.cpu_reference(
+                Self::rows_of(q, ql, h, "q")?,
+                Self::rows_of(k, kl, kvh, "k")?,
+                None,
+            )?),
+            (CpuStorage::F16(q), CpuStorage::F16(k)) => CpuStorage::F16(self.cpu_reference(
+                Self::rows_of(q, ql, h, "q")?,
+                Self::rows_of(k, kl, kvh, "k")?,
+                None,
+            )?),
             _ => candle_core::bail!(
                 "rope_qk: q {:?}, k {:?} (f32, bf16 or f16, alike)",
                 qs.dtype(),
                 ks.dtype()
             ),
         };
-        let n = self.rows * (self.heads + self.kv_heads) * self.hd;
-        Ok((storage, Shape::from(n)))
+        Ok((storage, Shape::from(self.out_len())))
     }
 
     #[cfg(feature = "cuda")]
@@ -468,20 +664,143 @@ impl CustomOp2 for RopeQk {
         if !kernel_supports(dtype) || ks.dtype() != dtype {
             candle_core::bail!("rope_qk kernel: q {dtype:?}, k {:?}", ks.dtype());
         }
-        let args = (qs, ql, ks, kl);
+        let parts = [(qs, ql, 0), (ks, kl, 0)];
         let storage = match dtype {
-            DType::F32 => cuda::rope_qk::<f32>(self, args, "f32")?,
-            DType::BF16 => cuda::rope_qk::<bf16>(self, args, "bf16")?,
-            _ => cuda::rope_qk::<f16>(self, args, "f16")?,
+            DType::F32 => cuda::rope_qkv::<f32>(self, &parts, "f32")?,
+            DType::BF16 => cuda::rope_qkv::<bf16>(self, &parts, "bf16")?,
+            _ => cuda::rope_qkv::<f16>(self, &parts, "f16")?,
         };
-        let n = self.rows * (self.heads + self.kv_heads) * self.hd;
-        Ok((storage, Shape::from(n)))
+        Ok((storage, Shape::from(self.out_len())))
+    }
+}
+
+impl CustomOp1 for RopeQk {
+    fn name(&self) -> &'static str {
+        "rope-qkv"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let storage = match s {
+            CpuStorage::F32(x) => {
+                let [q, k, v] = self.stacked(x, l)?;
+                CpuStorage::F32(self.cpu_reference(q, k, Some(v))?)
+            }
+            CpuStorage::BF16(x) => {
+                let [q, k, v] = self.stacked(x, l)?;
+                CpuStorage::BF16(self.cpu_reference(q, k, Some(v))?)
+            }
+            CpuStorage::F16(x) => {
+                let [q, k, v] = self.stacked(x, l)?;
+                CpuStorage::F16(self.cpu_reference(q, k, Some(v))?)
+            }
+            _ => candle_core::bail!("rope_qkv: {:?} (f32, bf16 or f16)", s.dtype()),
+        };
+        Ok((storage, Shape::from(self.out_len())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let dtype = s.dtype();
+        if !kernel_supports(dtype) {
+            candle_core::bail!("rope_qkv kernel: {dtype:?}");
+        }
+        let (h, kvh) = (self.heads, self.kv_heads);
+        let parts = [(s, l, 0), (s, l, h), (s, l, h + kvh)];
+        let storage = match dtype {
+            DType::F32 => cuda::rope_qkv::<f32>(self, &parts, "f32")?,
+            DType::BF16 => cuda::rope_qkv::<bf16>(self, &parts, "bf16")?,
+            _ => cuda::rope_qkv::<f16>(self, &parts, "f16")?,
+        };
+        Ok((storage, Shape::from(self.out_len())))
+    }
+}
+
+/// The op behind [`silu_mul`]: operand gate_up `[rows, 2·inter]` (contiguous), output
+/// `[rows, inter]`.
+pub struct SiluMul {
+    rows: usize,
+    inter: usize,
+}
+
+/// candle's silu in a dtype as [`silu_mul`] computes it (candle's CUDA kernels).
+trait Silu: Elem {
+    fn silu(self) -> Self;
+}
+
+impl Silu for f32 {
+    fn silu(self) -> Self {
+        self / (1.0 + (-self).exp())
+    }
+}
+
+impl Silu for bf16 {
+    /// In f32, rounded once (candle's CUDA `usilu_bf16`; its CPU op rounds every step).
+    fn silu(self) -> Self {
+        let x = self.to_f32();
+        bf16::from_f32(x / (1.0 + (-x).exp()))
+    }
+}
+
+impl Silu for f16 {
+    /// In half arithmetic, every step rounded (candle's `silu_fwd<__half>` with `hexp`, and its
+    /// CPU op).
+    fn silu(self) -> Self {
+        let e = f16::from_f32((-self.to_f32()).exp());
+        let d = f16::ONE.add_rn(e);
+        f16::from_f32(self.to_f32() / d.to_f32())
+    }
+}
+
+impl SiluMul {
+    /// The reference: per output, [`Silu::silu`] of the gate, times up in the dtype's arithmetic.
+    fn reference<T: Silu>(&self, gu: &[T]) -> Vec<T> {
+        let mut out = Vec::with_capacity(self.rows * self.inter);
+        for row in gu.chunks_exact(2 * self.inter).take(self.rows) {
+            let (gate, up) = row.split_at(self.inter);
+            out.extend(gate.iter().zip(up).map(|(&g, &u)| g.silu().mul_rn(u)));
+        }
+        out
+    }
+}
+
+impl CustomOp1 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let storage = match s {
+            CpuStorage::F32(x) => CpuStorage::F32(self.reference(contiguous(x, l, "gate_up")?)),
+            CpuStorage::BF16(x) => CpuStorage::BF16(self.reference(contiguous(x, l, "gate_up")?)),
+            CpuStorage::F16(x) => CpuStorage::F16(self.reference(contiguous(x, l, "gate_up")?)),
+            _ => candle_core::bail!("silu_mul: {:?} (f32, bf16 or f16)", s.dtype()),
+        };
+        Ok((storage, Shape::from((self.rows, self.inter))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let storage = match s.dtype() {
+            DType::F32 => cuda::silu_mul::<f32>(self, s, l, "f32")?,
+            DType::BF16 => cuda::silu_mul::<bf16>(self, s, l, "bf16")?,
+            DType::F16 => cuda::silu_mul::<f16>(self, s, l, "f16")?,
+            d => candle_core::bail!("silu_mul kernel: {d:?}"),
+        };
+        Ok((storage, Shape::from((self.rows, self.inter))))
     }
 }
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::{AddRmsNorm, RopeQk};
+    use super::{AddRmsNorm, RopeQk, SiluMul};
     use candle_core::cuda_backend::cudarc::driver::{
         CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
     };
@@ -492,6 +811,8 @@ mod cuda {
     const MODULE: &str = "tga_fused";
     /// Threads per RoPE block (one per rotated pair).
     const ROPE_THREADS: u32 = 256;
+    /// Threads per silu·mul block (one per output).
+    const SILU_THREADS: u32 = 256;
 
     fn view<'a, T: CudaDType>(
         s: &'a CudaStorage,
@@ -565,35 +886,69 @@ mod cuda {
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 
-    pub(super) fn rope_qk<T: CudaDType + DeviceRepr>(
+    /// One operand of the RoPE kernel: its storage, layout (rows each contiguous) and the head
+    /// its rows start at (q, k, v of a stacked qkv share a storage and layout).
+    pub(super) type RopePart<'a> = (&'a CudaStorage, &'a Layout, usize);
+
+    /// The rows of `heads` heads starting at head `offset` of each row of `(s, l)` as a device
+    /// view, and the row stride.
+    fn rows_view<'a, T: CudaDType>(
+        (s, l, offset): RopePart<'a>,
+        rows: usize,
+        width: usize,
+        hd: usize,
+        what: &str,
+    ) -> candle_core::Result<(CudaView<'a, T>, u64)> {
+        let Some((start, stride)) = super::row_strided(l) else {
+            candle_core::bail!("rope kernel: {what}'s rows are not each contiguous");
+        };
+        let start = start + offset * hd;
+        let end = start + (rows.max(1) - 1) * stride + width;
+        Ok((s.as_cuda_slice::<T>()?.slice(start..end), stride as u64))
+    }
+
+    /// RoPE of q and k (and v copied along when three parts are given) into one contiguous
+    /// output `[q' | k' (| v)]`, one launch.
+    pub(super) fn rope_qkv<T: CudaDType + DeviceRepr>(
         op: &RopeQk,
-        (qs, ql, ks, kl): (&CudaStorage, &Layout, &CudaStorage, &Layout),
+        parts: &[RopePart],
         name: &str,
     ) -> candle_core::Result<CudaStorage> {
-        let dev = qs.device.clone();
-        let q = view::<T>(qs, ql, "q")?;
-        let k = view::<T>(ks, kl, "k")?;
+        let dev = parts[0].0.device.clone();
+        let (rows, hd) = (op.rows, op.hd);
+        let (q, q_stride) = rows_view::<T>(parts[0], rows, op.heads * hd, hd, "q")?;
+        let (k, k_stride) = rows_view::<T>(parts[1], rows, op.kv_heads * hd, hd, "k")?;
+        let v = match parts.get(2) {
+            Some(&p) => Some(rows_view::<T>(p, rows, op.kv_heads * hd, hd, "v")?),
+            None => None,
+        };
         let (cs, cl) = op.cos.storage_and_layout();
         let (ss, sl) = op.sin.storage_and_layout();
         let (ps, pl) = op.positions.storage_and_layout();
         let cos = tensor_view::<T>(&cs, cl, "cos")?;
         let sin = tensor_view::<T>(&ss, sl, "sin")?;
         let positions = tensor_view::<u32>(&ps, pl, "positions")?;
-        let n = op.rows * (op.heads + op.kv_heads) * op.hd;
-        // SAFETY: the kernel writes every element (one thread per rotated pair).
+        let n = op.out_len();
+        // SAFETY: the kernel writes every element (one thread per pair of q', k' and v).
         let out = unsafe { dev.alloc::<T>(n)? };
         let pairs = (n / 2) as u64;
         let blocks = pairs.div_ceil(ROPE_THREADS as u64);
         if blocks > i32::MAX as u64 {
-            candle_core::bail!("rope_qk kernel: {pairs} pairs");
+            candle_core::bail!("rope kernel: {pairs} pairs");
         }
-        let func = dev.get_or_load_custom_func(&format!("rope_qk_{name}"), MODULE, PTX)?;
-        let rows = op.rows as u64;
-        let (heads, kv_heads, hd) = (op.heads as i32, op.kv_heads as i32, op.hd as i32);
+        let func = dev.get_or_load_custom_func(&format!("rope_qkv_{name}"), MODULE, PTX)?;
+        let rows = rows as u64;
+        let (heads, kv_heads, hd) = (op.heads as i32, op.kv_heads as i32, hd as i32);
         let table_rows = op.table_rows as u32;
+        // No v: a null pointer (the kernel then has no v pairs).
+        let null = 0u64;
         let mut b = func.builder();
         b.arg(&q);
         b.arg(&k);
+        match &v {
+            Some((v, _)) => b.arg(v),
+            None => b.arg(&null),
+        };
         b.arg(&cos);
         b.arg(&sin);
         b.arg(&positions);
@@ -603,15 +958,61 @@ mod cuda {
         b.arg(&kv_heads);
         b.arg(&hd);
         b.arg(&table_rows);
+        let v_stride = v.as_ref().map_or(0, |(_, s)| *s);
+        b.arg(&q_stride);
+        b.arg(&k_stride);
+        b.arg(&v_stride);
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (ROPE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         if pairs > 0 {
-            // SAFETY: the arguments match rope_qk_* in fused.cu; q, k cover rows × heads × hd
-            // and rows × kv_heads × hd, positions rows, the table table_rows × hd/2 (positions
-            // are clamped to it), out n elements.
+            // SAFETY: the arguments match rope_qkv_* in fused.cu; the views of q, k (and v)
+            // cover rows rows of heads × hd (kv_heads × hd) elements their strides apart,
+            // positions rows, the table table_rows × hd/2 (positions are clamped to it), out n
+            // elements.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
+
+    pub(super) fn silu_mul<T: CudaDType + DeviceRepr>(
+        op: &SiluMul,
+        s: &CudaStorage,
+        l: &Layout,
+        name: &str,
+    ) -> candle_core::Result<CudaStorage> {
+        let dev = s.device.clone();
+        let gate_up = view::<T>(s, l, "gate_up")?;
+        let n = op.rows * op.inter;
+        if gate_up.len() != 2 * n {
+            candle_core::bail!(
+                "silu_mul kernel: {} elements for {n} outputs",
+                gate_up.len()
+            );
+        }
+        // SAFETY: the kernel writes every element (one thread per output).
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let blocks = (n as u64).div_ceil(SILU_THREADS as u64);
+        if blocks > i32::MAX as u64 {
+            candle_core::bail!("silu_mul kernel: {n} outputs");
+        }
+        let func = dev.get_or_load_custom_func(&format!("silu_mul_{name}"), MODULE, PTX)?;
+        let (n_u64, inter) = (n as u64, op.inter as u64);
+        let mut b = func.builder();
+        b.arg(&gate_up);
+        b.arg(&out);
+        b.arg(&n_u64);
+        b.arg(&inter);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (SILU_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        if n > 0 {
+            // SAFETY: the arguments match silu_mul_* in fused.cu; gate_up covers rows × 2·inter
+            // elements, out rows × inter.
             unsafe { b.launch(cfg) }.w()?;
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
@@ -784,10 +1185,81 @@ pub fn self_check(
     let q = on(uniform(3, &[rows, heads, hd])?)?;
     let k = on(uniform(4, &[rows, kv_heads, hd])?)?;
     let rope_max = check_rope(&q, &k, (cos, sin), &positions)?;
+    let v = on(uniform(5, &[rows, kv_heads, hd])?)?;
+    check_rope_qkv(&q, &k, &v, (cos, sin), &positions)?;
     Ok(SelfCheck {
         norm_max_diff: norm_max,
         rope_max_diff: rope_max,
     })
+}
+
+/// [`rope_qkv`] of `[q | k | v]` stacked per row (rows strided, as a projection's output is
+/// narrowed) against [`rope_qk`] of q and k: the same kernel, so bit-equal, and v unchanged.
+pub fn check_rope_qkv(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    positions: &[u32],
+) -> candle_core::Result<()> {
+    let (heads, kv_heads) = (q.dim(1)?, k.dim(1)?);
+    // Wider rows than q|k|v (a narrowed stack), to exercise the row stride.
+    let pad = k.narrow(1, 0, 1)?;
+    let qkv = Tensor::cat(&[q, k, v, &pad], 1)?.narrow(1, 0, heads + 2 * kv_heads)?;
+    let pos = Tensor::new(positions, q.device())?;
+    let (gq, gk, gv) = rope_qkv(&qkv, heads, kv_heads, cos, sin, &pos)?;
+    let (wq, wk) = rope_qk(q, k, cos, sin, &pos)?;
+    max_diff(&gq, &wq, "rope_qkv q", |_, _| 0.0)?;
+    max_diff(&gk, &wk, "rope_qkv k", |_, _| 0.0)?;
+    max_diff(&gv, v, "rope_qkv v", |_, _| 0.0)?;
+    Ok(())
+}
+
+/// How many ulps of the dtype (of each output) [`silu_mul`] may be from candle's `silu` then
+/// `mul` on the CPU. f32 and f16: 0 (the same arithmetic). bf16: candle's CPU op rounds `exp`,
+/// `1 + e` and the quotient to bf16 (relative error ≤ 3·2^-8 against the kernel's one rounding
+/// of the f32 value, ≤ 2^-8), and both round the product: 2^-8 · 6 = 3 ulps, plus one for the
+/// ulp's step between binades.
+pub const SILU_MUL_CANDLE_CPU_ULPS: f64 = 4.0;
+
+/// How many ulps of the dtype (of each output) the CUDA kernel of [`silu_mul`] may be from its
+/// CPU reference: CUDA's `expf` (≤ 2 ulps) against Rust's (≤ 1), through `1 + e` and the quotient
+/// (≤ 3 ulps more in f32); in 16-bit types the f32 silu may then round to the neighbouring value
+/// (1 ulp) before the product's rounding (1 more).
+pub fn silu_mul_reference_ulps(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 8.0,
+        _ => 2.0,
+    }
+}
+
+/// [`silu_mul`] on `device` against candle's `silu` and `mul` on `device` at `inter` columns
+/// (1 and 17 rows; gates in [-8, 8) so that both tails of the sigmoid are exercised): the largest
+/// difference, within [`SILU_MUL_CANDLE_CPU_ULPS`] in 16-bit types and 0 in f32 (else an error).
+/// On CUDA the two are the same arithmetic (bit-equal). Run by the decoder with
+/// [`self_check`] before its first fused op.
+pub fn self_check_silu_mul(
+    device: &candle_core::Device,
+    dtype: DType,
+    inter: usize,
+) -> candle_core::Result<f64> {
+    let mut max = 0f64;
+    for (seed, rows) in [(6u64, 1usize), (7, 17)] {
+        let gu = (uniform(seed, &[rows, 2 * inter])? * 4.0)?
+            .to_dtype(dtype)?
+            .to_device(device)?;
+        let got = silu_mul(&gu)?;
+        let want = silu_mul_candle(&gu)?;
+        let ulps = match dtype {
+            DType::F32 => 0.0,
+            _ => SILU_MUL_CANDLE_CPU_ULPS,
+        };
+        let u = unit_roundoff(dtype);
+        max = max.max(max_diff(&got, &want, "silu_mul", |_, w| {
+            ulps * u * w.abs()
+        })?);
+    }
+    Ok(max)
 }
 
 /// How many f32 ulps of each output candle's CPU `rms_norm` (a sequential f32 sum of squares,
@@ -975,6 +1447,97 @@ mod tests {
             std::cmp::Ordering::Less => keep,
         };
         bf16::from_f64(f64::from_bits(keep << 45))
+    }
+
+    /// q and k read in place from a stacked projection's rows (strided views) give what their
+    /// contiguous copies give, and rope_qkv's q', k' are rope_qk's with v carried unchanged.
+    #[test]
+    fn rope_reads_strided_rows_in_place() {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for (rows, heads, kv, hd) in [(1, 32, 8, 128), (3, 4, 2, 64), (17, 4, 1, 8)] {
+                let (cos, sin) = rope_table(100, hd, 1e4, &Device::Cpu, dtype).unwrap();
+                let qkv = uniform(rows as u64, &[rows, heads + 2 * kv + 3, hd])
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .narrow(1, 1, heads + 2 * kv)
+                    .unwrap();
+                let q = qkv.narrow(1, 0, heads).unwrap();
+                let k = qkv.narrow(1, heads, kv).unwrap();
+                let v = qkv.narrow(1, heads + kv, kv).unwrap();
+                assert!(row_strided(q.layout()).is_some() && (rows == 1 || !q.is_contiguous()));
+                let positions: Vec<u32> = (0..rows as u32).map(|i| (i * 37) % 100).collect();
+                let pos = Tensor::new(positions.as_slice(), &Device::Cpu).unwrap();
+                let (sq, sk) = rope_qk(&q, &k, &cos, &sin, &pos).unwrap();
+                let (cq, ck) = rope_qk(
+                    &q.contiguous().unwrap(),
+                    &k.contiguous().unwrap(),
+                    &cos,
+                    &sin,
+                    &pos,
+                )
+                .unwrap();
+                assert_eq!(f64s(&sq), f64s(&cq), "{dtype:?} {rows} q");
+                assert_eq!(f64s(&sk), f64s(&ck), "{dtype:?} {rows} k");
+                let (gq, gk, gv) = rope_qkv(&qkv, heads, kv, &cos, &sin, &pos).unwrap();
+                assert_eq!(f64s(&gq), f64s(&cq), "{dtype:?} {rows} qkv q");
+                assert_eq!(f64s(&gk), f64s(&ck), "{dtype:?} {rows} qkv k");
+                assert_eq!(f64s(&gv), f64s(&v), "{dtype:?} {rows} qkv v");
+                assert!(gq.is_contiguous() && gk.is_contiguous() && gv.is_contiguous());
+                check_rope_qkv(&q, &k, &v, (&cos, &sin), &positions).unwrap();
+                // candle's path over the same strided views (decode past the table).
+                let rows_of = |t: &Tensor| t.index_select(&pos, 0).unwrap();
+                let (wq, wk, wv) =
+                    rope_qkv_candle(&qkv, heads, kv, &rows_of(&cos), &rows_of(&sin)).unwrap();
+                let tol = rope_tolerance(dtype, 2.0);
+                max_diff(&gq, &wq, "candle q", |_, _| tol).unwrap();
+                max_diff(&gk, &wk, "candle k", |_, _| tol).unwrap();
+                max_diff(&gv, &wv, "candle v", |_, _| 0.0).unwrap();
+            }
+        }
+        // Rows that are not each contiguous are copied first.
+        let t = uniform(3, &[4, 2, 8]).unwrap();
+        assert!(row_strided(t.transpose(0, 1).unwrap().layout()).is_none());
+        assert!(row_strided(t.narrow(2, 0, 4).unwrap().layout()).is_none());
+    }
+
+    /// The silu·mul reference against f64 math on the same inputs: f32 within a few ulps; bf16
+    /// the f64 silu rounded once (give or take the f32 exp: one ulp), then the product rounded.
+    #[test]
+    fn silu_mul_reference_matches_f64_math() {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for (rows, inter) in [(1, 14336), (3, 7), (17, 100)] {
+                let gu = (uniform((rows + inter) as u64, &[rows, 2 * inter]).unwrap() * 4.0)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let got = f64s(&silu_mul(&gu).unwrap());
+                let x = f64s(&gu);
+                let u = unit_roundoff(dtype);
+                for (i, g) in got.iter().enumerate() {
+                    let (row, col) = (i / inter, i % inter);
+                    let gate = x[row * 2 * inter + col];
+                    let up = x[row * 2 * inter + inter + col];
+                    let want = gate / (1.0 + (-gate).exp()) * up;
+                    let ulps = match dtype {
+                        DType::F32 => 4.0,
+                        DType::BF16 => 2.0,
+                        // Half arithmetic: exp, 1 + e, the quotient and the product rounded.
+                        _ => 4.0,
+                    };
+                    assert!(
+                        (g - want).abs() <= ulps * u * want.abs(),
+                        "{dtype:?} {rows}×{inter} [{i}] {g} vs {want}"
+                    );
+                }
+                // On the CPU the op is the reference, and equals candle's ops in f32 and f16.
+                if dtype != DType::BF16 {
+                    let candle = f64s(&silu_mul_candle(&gu).unwrap());
+                    assert_eq!(got, candle, "{dtype:?} {rows}×{inter}");
+                }
+            }
+        }
+        assert!(silu_mul(&uniform(1, &[2, 7]).unwrap()).is_err());
     }
 
     #[test]

@@ -235,6 +235,11 @@ impl LlavaModel {
         self.decoder.force_prefill_kernel(on)
     }
 
+    /// The decoder's stacked projections on or off (see [`Decoder::set_stacked_projections`]).
+    pub fn set_stacked_projections(&mut self, on: bool) {
+        self.decoder.set_stacked_projections(on)
+    }
+
     /// Sizes the decoder's paged KV pool (see [`Decoder::configure_kv_pool`]).
     pub fn configure_kv_pool(&mut self, config: crate::kv::KvPoolConfig) -> Result<()> {
         self.decoder.configure_kv_pool(config)

@@ -611,6 +611,22 @@ impl Proj {
         Linear::new(w.to_dtype(xs.dtype())?, None).forward(xs)
     }
 
+    /// One projection whose weight is `projs`' weights stacked (`[Σ out, in]`): their outputs
+    /// side by side from one product.
+    fn stack(projs: &[&Proj]) -> candle_core::Result<Proj> {
+        let ws: Vec<&Tensor> = projs.iter().map(|p| p.weight()).collect();
+        Ok(Proj(Linear::new(Tensor::cat(&ws, 0)?, None)))
+    }
+
+    /// Output features `start..start + len` of `stacked` as a projection of their own (a view of
+    /// its weight: no copy).
+    fn rows_of(stacked: &Proj, start: usize, len: usize) -> candle_core::Result<Proj> {
+        Ok(Proj(Linear::new(
+            stacked.weight().narrow(0, start, len)?,
+            None,
+        )))
+    }
+
     /// Several projections of the same input (one pass over the thread pool on the CPU path).
     fn forward_many<const N: usize>(
         projs: [&Proj; N],
@@ -630,11 +646,41 @@ impl Proj {
     }
 }
 
+/// A projection stacked from several of one input (`[q; k; v]`, `[gate; up]`) for the device
+/// path, made at construction off the CPU (where the separate projections are then views of it:
+/// one copy of the weights) and at first use on the CPU (tests of the device path).
+type Stacked = std::sync::OnceLock<Proj>;
+
+/// `cell`'s stacked projection, stacking `projs` now if it has none yet.
+fn stacked_proj<'a>(cell: &'a Stacked, projs: &[&Proj]) -> candle_core::Result<&'a Proj> {
+    if let Some(p) = cell.get() {
+        return Ok(p);
+    }
+    let p = Proj::stack(projs)?;
+    Ok(cell.get_or_init(|| p))
+}
+
+/// Off the CPU: `projs` stacked into `cell`, each replaced by its rows of the stack (so that the
+/// device holds the weights once).
+fn stack_in_place(cell: &Stacked, projs: &mut [&mut Proj]) -> candle_core::Result<()> {
+    let all = Proj::stack(&projs.iter().map(|p| &**p).collect::<Vec<_>>())?;
+    let mut start = 0;
+    for p in projs.iter_mut() {
+        let len = p.weight().dim(0)?;
+        **p = Proj::rows_of(&all, start, len)?;
+        start += len;
+    }
+    let _ = cell.set(all);
+    Ok(())
+}
+
 struct Attention {
     q_proj: Proj,
     k_proj: Proj,
     v_proj: Proj,
     o_proj: Proj,
+    /// `[q_proj; k_proj; v_proj]` for the device path's one product (see [`Stacked`]).
+    qkv_proj: Stacked,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -654,27 +700,52 @@ impl Attention {
     fn new(cfg: &TextConfig, vb: VarBuilder, wd: DType) -> candle_core::Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (q, kv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
-        Ok(Self {
+        let mut attn = Self {
             q_proj: Proj::new(h, q, vb.pp("q_proj"), wd)?,
             k_proj: Proj::new(h, kv, vb.pp("k_proj"), wd)?,
             v_proj: Proj::new(h, kv, vb.pp("v_proj"), wd)?,
             o_proj: Proj::new(q, h, vb.pp("o_proj"), wd)?,
+            qkv_proj: Stacked::new(),
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
             head_dim: hd,
             window: cfg.sliding_window,
-        })
+        };
+        if !vb.device().is_cpu() {
+            stack_in_place(
+                &attn.qkv_proj,
+                &mut [&mut attn.q_proj, &mut attn.k_proj, &mut attn.v_proj],
+            )?;
+        }
+        Ok(attn)
     }
 
     /// Projects [rows, hidden] to rotated q [rows, heads, hd] and k, v [rows, kv_heads, hd]; row r
     /// at the angles of row r of cos, sin [rows, hd/2].
     fn qkv(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        self.qkv_rope(xs, Rope::Rows { cos, sin })
+        self.qkv_rope(xs, Rope::Rows { cos, sin }, false)
     }
 
-    /// [`Attention::qkv`] with the angles from `rope`.
-    fn qkv_rope(&self, xs: &Tensor, rope: Rope) -> Result<(Tensor, Tensor, Tensor)> {
+    /// [`Attention::qkv`] with the angles from `rope`; `stacked`: q, k and v from one product
+    /// with the stacked weight (the device path), and with a RoPE table q', k' and v from one
+    /// launch ([`crate::fused::rope_qkv`]), contiguous.
+    fn qkv_rope(&self, xs: &Tensor, rope: Rope, stacked: bool) -> Result<(Tensor, Tensor, Tensor)> {
         let rows = xs.dim(0)?;
+        if stacked {
+            let (h, kvh) = (self.heads, self.kv_heads);
+            let projs = [&self.q_proj, &self.k_proj, &self.v_proj];
+            let qkv = stacked_proj(&self.qkv_proj, &projs)?
+                .forward(xs)?
+                .reshape((rows, h + 2 * kvh, self.head_dim))?;
+            return Ok(match rope {
+                Rope::Rows { cos, sin } => crate::fused::rope_qkv_candle(&qkv, h, kvh, cos, sin)?,
+                Rope::Table {
+                    cos,
+                    sin,
+                    positions,
+                } => crate::fused::rope_qkv(&qkv, h, kvh, cos, sin, positions)?,
+            });
+        }
         let [q, k, v] = Proj::forward_many([&self.q_proj, &self.k_proj, &self.v_proj], xs)?;
         let q = q.reshape((rows, self.heads, self.head_dim))?;
         let k = k.reshape((rows, self.kv_heads, self.head_dim))?;
@@ -998,19 +1069,36 @@ struct Mlp {
     gate_proj: Proj,
     up_proj: Proj,
     down_proj: Proj,
+    /// `[gate_proj; up_proj]` for the device path's one product (see [`Stacked`]).
+    gate_up_proj: Stacked,
 }
 
 impl Mlp {
     fn new(cfg: &TextConfig, vb: VarBuilder, wd: DType) -> candle_core::Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        Ok(Self {
+        let mut mlp = Self {
             gate_proj: Proj::new(h, i, vb.pp("gate_proj"), wd)?,
             up_proj: Proj::new(h, i, vb.pp("up_proj"), wd)?,
             down_proj: Proj::new(i, h, vb.pp("down_proj"), wd)?,
-        })
+            gate_up_proj: Stacked::new(),
+        };
+        if !vb.device().is_cpu() {
+            stack_in_place(
+                &mlp.gate_up_proj,
+                &mut [&mut mlp.gate_proj, &mut mlp.up_proj],
+            )?;
+        }
+        Ok(mlp)
     }
 
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+    /// `stacked`: gate and up from one product with the stacked weight and `silu(gate) · up` in
+    /// one launch ([`crate::fused::silu_mul`]), the device path's fused MLP.
+    fn forward(&self, xs: &Tensor, stacked: bool) -> candle_core::Result<Tensor> {
+        if stacked {
+            let gate_up =
+                stacked_proj(&self.gate_up_proj, &[&self.gate_proj, &self.up_proj])?.forward(xs)?;
+            return self.down_proj.forward(&crate::fused::silu_mul(&gate_up)?);
+        }
         let [gate, up] = Proj::forward_many([&self.gate_proj, &self.up_proj], xs)?;
         let act = match cpu::silu_mul(&gate, &up)? {
             Some(a) => a,
@@ -1058,6 +1146,8 @@ pub struct Decoder {
     fused_kernels: bool,
     /// The fused kernels' start-up check (`crate::fused::self_check`), run before their first use.
     fused_checked: std::sync::OnceLock<bool>,
+    /// See [`Decoder::set_stacked_projections`].
+    stacked_projections: bool,
     /// RoPE's cos, sin [max_position_embeddings, hd/2] on the device for the fused kernel, made
     /// at its first use (None if that failed: candle's rope then serves).
     rope_table: std::sync::OnceLock<Option<(Tensor, Tensor)>>,
@@ -1117,6 +1207,7 @@ impl Decoder {
                 Ok("0" | "off" | "false")
             ),
             fused_checked: std::sync::OnceLock::new(),
+            stacked_projections: true,
             rope_table: std::sync::OnceLock::new(),
             prefill_checked: std::sync::OnceLock::new(),
             prefill_forced: false,
@@ -1145,6 +1236,16 @@ impl Decoder {
     /// (reads from the pool, probability taps, masked layers' fallback) on the CPU.
     pub fn force_prefill_kernel(&mut self, on: bool) {
         self.prefill_forced = on;
+    }
+
+    /// Whether the fused device path (see [`Decoder::set_fused_kernels`], which this needs) also
+    /// computes q, k, v with one product over the stacked `[q_proj; k_proj; v_proj]` weight (q', k'
+    /// and v then from one RoPE launch in decode) and gate, up with one over `[gate_proj;
+    /// up_proj]`, followed by one `silu(gate) · up` launch (on by default). Off the CPU the
+    /// decoder holds the stacked weights only (the separate projections are views of them); on
+    /// the CPU they are stacked at the device path's first use.
+    pub fn set_stacked_projections(&mut self, on: bool) {
+        self.stacked_projections = on;
     }
 
     pub fn config(&self) -> &TextConfig {
@@ -1375,6 +1476,7 @@ impl Decoder {
         record(&xs, &mut hidden_rec, &mut pooled_rec)?;
         let mut attention = Vec::new();
         let fuse = self.fused_ops();
+        let stacked = fuse && self.stacked_projections;
         let mut next_h = None;
         for (i, layer) in self.layers.iter().enumerate() {
             let block = i + 1;
@@ -1404,7 +1506,7 @@ impl Decoder {
                 &mut rec,
             )?;
             let (sum, normed) = self.add_norm(&xs, &a, &layer.post_attention_layernorm, fuse)?;
-            let m = layer.mlp.forward(&normed)?;
+            let m = layer.mlp.forward(&normed, stacked)?;
             let edits: Vec<&StateEdit> = taps
                 .state_edits
                 .iter()
@@ -1479,6 +1581,7 @@ impl Decoder {
             self.pool.prepare(cache, pos..pos + 1)?;
         }
         let fuse = self.fused_ops();
+        let stacked = fuse && self.stacked_projections;
         // RoPE: the fused kernel reads the device's table at the uploaded positions; otherwise
         // (or past the table) this step's angles are computed and uploaded.
         let table = self
@@ -1523,7 +1626,7 @@ impl Decoder {
         };
         for (i, layer) in self.layers.iter().enumerate() {
             let attn = &layer.self_attn;
-            let (q, k, v) = attn.qkv_rope(&h, rope)?;
+            let (q, k, v) = attn.qkv_rope(&h, rope, stacked)?;
             match &plan {
                 Some(plan) => self.pool.scatter(i, &plan.write, &k, &v)?,
                 None => {
@@ -1575,7 +1678,7 @@ impl Decoder {
             };
             let o = attn.o_proj.forward(&o)?;
             let (sum, normed) = self.add_norm(&xs, &o, &layer.post_attention_layernorm, fuse)?;
-            let m = layer.mlp.forward(&normed)?;
+            let m = layer.mlp.forward(&normed, stacked)?;
             let next = self
                 .layers
                 .get(i + 1)
@@ -1642,7 +1745,7 @@ impl Decoder {
     }
 
     fn fused_self_check(&self) -> bool {
-        let check = || -> candle_core::Result<crate::fused::SelfCheck> {
+        let check = || -> candle_core::Result<(crate::fused::SelfCheck, f64)> {
             let Some((cos, sin)) = self.rope_table(true) else {
                 candle_core::bail!("no RoPE table on the device");
             };
@@ -1655,15 +1758,24 @@ impl Decoder {
                 self.cfg.num_key_value_heads,
                 (cos, sin),
             )
+            .and_then(|c| {
+                let silu = crate::fused::self_check_silu_mul(
+                    &self.device,
+                    self.dtype,
+                    self.cfg.intermediate_size,
+                )?;
+                Ok((c, silu))
+            })
         };
         match check() {
-            Ok(c) => {
+            Ok((c, silu)) => {
                 tracing::info!(
                     dtype = ?self.dtype,
                     norm_max_diff = c.norm_max_diff,
                     rope_max_diff = c.rope_max_diff,
-                    bit_equal = c.bit_equal(),
-                    "fused add+RMSNorm and RoPE kernels equal candle's ops"
+                    silu_mul_max_diff = silu,
+                    bit_equal = c.bit_equal() && silu == 0.0,
+                    "fused add+RMSNorm, RoPE and silu·mul kernels equal candle's ops"
                 );
                 true
             }
@@ -1672,7 +1784,8 @@ impl Decoder {
                     dtype = ?self.dtype,
                     error = %e,
                     "fused kernels failed their start-up check: the decoder keeps candle's ops \
-                     for residual adds, norms and RoPE (slower, same results)"
+                     for residual adds, norms, RoPE and the MLP's activation, and separate \
+                     projections (slower, same results)"
                 );
                 false
             }
@@ -1868,6 +1981,52 @@ mod tests {
 
     fn rows(t: &Tensor) -> Vec<Vec<f32>> {
         t.to_dtype(DType::F32).unwrap().to_vec2().unwrap()
+    }
+
+    /// A stacked projection's product is its parts' products side by side, bit for bit (the
+    /// CPU kernel's dot product per output feature up to 256 rows, gemm beyond); stacked in place
+    /// (as off the CPU), the parts are views of the one stacked weight and still compute the same.
+    #[test]
+    fn stacked_projections_are_the_separate_ones_side_by_side() {
+        let w = |seed: u64, n: usize| crate::fused::uniform(seed, &[n, 64]).unwrap();
+        let parts = || {
+            [48, 16, 16]
+                .into_iter()
+                .enumerate()
+                .map(|(i, n)| Proj(Linear::new(w(i as u64, n), None)))
+                .collect::<Vec<_>>()
+        };
+        let (separate, cell) = (parts(), Stacked::new());
+        let refs: Vec<&Proj> = separate.iter().collect();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.into_iter().map(f32::to_bits).collect()
+        };
+        for rows in [1, 3, 17, 300] {
+            let x = crate::fused::uniform(9 + rows as u64, &[rows, 64]).unwrap();
+            let all = stacked_proj(&cell, &refs).unwrap().forward(&x).unwrap();
+            let [q, k, v] = Proj::forward_many([refs[0], refs[1], refs[2]], &x).unwrap();
+            let want = Tensor::cat(&[q, k, v], 1).unwrap();
+            assert_eq!(bits(&all), bits(&want), "{rows} rows");
+        }
+        let mut in_place = parts();
+        let in_place_cell = Stacked::new();
+        let [a, b, c] = &mut in_place[..] else {
+            unreachable!()
+        };
+        stack_in_place(&in_place_cell, &mut [a, b, c]).unwrap();
+        let all = in_place_cell.get().unwrap();
+        let (stack, _) = all.weight().storage_and_layout();
+        let x = crate::fused::uniform(5, &[3, 64]).unwrap();
+        for (p, s) in in_place.iter().zip(&separate) {
+            let (storage, _) = p.weight().storage_and_layout();
+            assert!(
+                std::ptr::eq(&*storage, &*stack),
+                "a view of the stacked weight"
+            );
+            drop(storage);
+            assert_eq!(bits(&p.forward(&x).unwrap()), bits(&s.forward(&x).unwrap()));
+        }
     }
 
     /// The device's mask hides what the rule says: later keys, and keys `w` or more behind.

@@ -20,12 +20,18 @@
 //!   three times) of it; against the reference (f64 scale) within `NORM_REFERENCE_ULPS` (f32)
 //!   or 1 u (bf16), 0 on the CPU;
 //! - RoPE: on CUDA bit-equal to candle's `rope` and to the reference; on the CPU (where the op
-//!   is the reference) within `rope_tolerance` (2 u of the inputs' scale) of candle's CPU rope.
+//!   is the reference) within `rope_tolerance` (2 u of the inputs' scale) of candle's CPU rope;
+//!   `rope_qkv` of a stacked q|k|v (strided rows) bit-equal to `rope_qk`, v unchanged;
+//! - silu·mul: on CUDA bit-equal to candle's `silu` then `mul` (the same arithmetic), within
+//!   `silu_mul_reference_ulps` (8 u in f32, 2 u in bf16: CUDA's expf) of the reference; on the
+//!   CPU (the op is the reference) bit-equal to candle's ops in f32, within
+//!   `SILU_MUL_CANDLE_CPU_ULPS` (4 u) in bf16 (candle's CPU op rounds every step to bf16).
 
 use candle_core::{DType, Device, Tensor};
 use model::fused::{
-    add_rms_norm, add_rms_norm_candle, max_diff, rope_qk, rope_table, rope_tolerance, uniform,
-    unit_roundoff, NORM_CANDLE_CPU_ULPS, NORM_REFERENCE_ULPS,
+    add_rms_norm, add_rms_norm_candle, max_diff, rope_qk, rope_table, rope_tolerance, silu_mul,
+    silu_mul_candle, silu_mul_reference_ulps, uniform, unit_roundoff, NORM_CANDLE_CPU_ULPS,
+    NORM_REFERENCE_ULPS, SILU_MUL_CANDLE_CPU_ULPS,
 };
 use model::paged::{check_against_reference, paged_decode_attention, PagedDecode, RandomCase};
 use model::paged_prefill::{paged_prefill_attention, PagedPrefill, PrefillCase};
@@ -532,6 +538,10 @@ fn fused_rope_case(
     }
     let vs_candle = model::fused::check_rope(&q, &k, (&table.0, &table.1), &positions)
         .unwrap_or_else(|e| panic!("{dtype:?} rows {rows} hd {hd}: {e}"));
+    // q, k, v stacked per row (strided views): rope_qkv equals rope_qk, v carried unchanged.
+    let v = on(uniform(seed + 2, &[rows, kv_heads, hd]).unwrap());
+    model::fused::check_rope_qkv(&q, &k, &v, (&table.0, &table.1), &positions)
+        .unwrap_or_else(|e| panic!("{dtype:?} rows {rows} hd {hd}: {e}"));
     let pos = Tensor::new(positions.as_slice(), dev).unwrap();
     let (gq, gk) = rope_qk(&q, &k, &table.0, &table.1, &pos).unwrap();
     let cpu = Device::Cpu;
@@ -853,6 +863,85 @@ fn paged_prefill_timing() {
                 flops / ms / 1e9,
                 32.0 * ms
             );
+        }
+    }
+}
+
+/// `silu_mul` on the test device for `rows` × `inter` in `dtype` (gates and ups uniform in
+/// [-8, 8)): (max |diff| from candle's `silu` then `mul` on the device, from the reference on
+/// the CPU).
+fn fused_silu_mul_case(dev: &Device, dtype: DType, rows: usize, inter: usize) -> (f64, f64) {
+    let seed = (rows * 11 + inter) as u64;
+    let gu = (uniform(seed, &[rows, 2 * inter]).unwrap() * 4.0)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+        .to_device(dev)
+        .unwrap();
+    let got = silu_mul(&gu).unwrap();
+    let want = silu_mul_candle(&gu).unwrap();
+    let what = format!("{dtype:?} {rows}×{inter}");
+    let u = unit_roundoff(dtype);
+    let ulps = match (dev.is_cuda(), dtype) {
+        (true, _) | (false, DType::F32) => 0.0,
+        (false, _) => SILU_MUL_CANDLE_CPU_ULPS,
+    };
+    let vs_candle = max_diff(&got, &want, &format!("{what} vs candle"), |_, w| {
+        ulps * u * w.abs()
+    })
+    .unwrap();
+    let reference = silu_mul(&gu.to_device(&Device::Cpu).unwrap()).unwrap();
+    let ulps = match dev.is_cuda() {
+        true => silu_mul_reference_ulps(dtype),
+        false => 0.0,
+    };
+    let vs_ref = max_diff(&got, &reference, &format!("{what} vs reference"), |_, w| {
+        ulps * u * w.abs()
+    })
+    .unwrap();
+    (vs_candle, vs_ref)
+}
+
+fn fused_silu_mul_sweep(dtype: DType) {
+    let dev = device();
+    for inter in [14336, 1, 7, 100, 1000] {
+        let (mut a, mut b) = (0f64, 0f64);
+        for rows in [1, 3, 17, 2943] {
+            // The 7B's widest case once (2,943 × 14,336: an image prompt's MLP).
+            if rows == 2943 && inter != 14336 && inter != 7 {
+                continue;
+            }
+            let (x, y) = fused_silu_mul_case(&dev, dtype, rows, inter);
+            (a, b) = (a.max(x), b.max(y));
+        }
+        println!(
+            "device {dev:?} {dtype:?} silu_mul inter {inter:5}: max |diff| from candle {a:.3e}, \
+             from the reference {b:.3e}"
+        );
+    }
+}
+
+#[test]
+fn fused_silu_mul_f32() {
+    fused_silu_mul_sweep(DType::F32);
+}
+
+#[test]
+fn fused_silu_mul_bf16() {
+    fused_silu_mul_sweep(DType::BF16);
+}
+
+/// The decoder's start-up check of silu·mul at the 7B's intermediate size (on CUDA: bit-equal
+/// to candle's ops).
+#[test]
+fn fused_silu_mul_self_check_passes() {
+    let dev = device();
+    for dtype in [DType::F32, DType::BF16] {
+        let d = model::fused::self_check_silu_mul(&dev, dtype, 14336)
+            .unwrap_or_else(|e| panic!("{dtype:?}: {e}"));
+        println!("device {dev:?} {dtype:?} silu_mul self-check: max |diff| {d:.3e}");
+        if dev.is_cuda() {
+            assert_eq!(d, 0.0, "{dtype:?}");
         }
     }
 }
