@@ -4,7 +4,8 @@
 //! - `weights`: sharded, memory-mapped safetensors with name mapping and shape validation.
 //! - `image`: decoding with limits, PIL-exact resizing, pad / anyres preprocessing, token counts.
 //! - `tokenizer`, `sentencepiece`, `template`: tokenizers, SentencePiece `.model` files, chat templates.
-//! - `device`: CUDA set-up candle leaves at the driver's defaults (the memory pool's threshold).
+//! - `device`: CUDA set-up candle leaves at the driver's defaults: one stream for all work, no
+//!   per-allocation events, the memory pool's threshold.
 //! - `cpu`: f32 CPU kernels (small-batch linear, decode attention, fused softmax/activations).
 //! - `clip`, `mistral`, `llava`: vision tower, decoder with [`mistral::LayerTaps`], the assembled model.
 //! - `random`: random-weight models of any LLaVA-NeXT shape (presets: the 7B, a tiny one), built
@@ -13,10 +14,11 @@
 //!   decoder's).
 //! - `paged`: paged decode attention over that storage, a CUDA kernel (one launch per layer) and
 //!   its Rust reference.
-//! - `fused`: residual add + RMSNorm and RoPE of q and k, one CUDA launch each (the decoder's
-//!   device path), with Rust references.
+//! - `fused`: residual add + RMSNorm, RoPE of q and k (v carried along) and silu·mul, one CUDA
+//!   launch each (the decoder's device path), with Rust references.
 //! - `paged_prefill`: paged prefill attention of a prompt chunk over that storage, a CUDA kernel
-//!   (flash-attention style, one launch per layer) and its Rust reference.
+//!   (flash-attention style, one launch per layer) and its Rust reference; `kernel_io`: what the
+//!   two attention references share.
 //! - `sampling`: logits to tokens (greedy, temperature, top-k/top-p, seeds, logprobs, stops).
 //! - `diagnostics`: the DIAGNOSTICS.md math (logit lens, refusal sets, attention shares, cosines).
 //! - `clip_embed`: [`clip_embed::ClipEmbedder`], CLIP text and image embeddings of a full `CLIPModel`.
@@ -34,6 +36,7 @@ pub mod device;
 pub mod diagnostics;
 pub mod fused;
 pub mod image;
+mod kernel_io;
 pub mod kv;
 pub mod llava;
 pub mod mistral;

@@ -9,6 +9,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
+use crate::kernel_io::{storage_of, widen_storage, with_pools, PoolReference, Widen};
+
 /// Decode attention of one new query row per sequence over its paged KV cache.
 #[derive(Debug, Clone, Copy)]
 pub struct PagedDecode<'a> {
@@ -237,41 +239,14 @@ impl PagedOp {
     }
 }
 
-/// A float element widened to f32.
-trait Widen: Copy {
-    fn widen(self) -> f32;
-}
-impl Widen for f32 {
-    fn widen(self) -> f32 {
-        self
+impl PoolReference for PagedOp {
+    fn op_name(&self) -> &'static str {
+        "paged decode"
     }
-}
-impl Widen for f64 {
-    fn widen(self) -> f32 {
-        self as f32
-    }
-}
-impl Widen for half::bf16 {
-    fn widen(self) -> f32 {
-        self.to_f32()
-    }
-}
-impl Widen for half::f16 {
-    fn widen(self) -> f32 {
-        self.to_f32()
-    }
-}
 
-/// The contiguous elements a layout covers (its start offset applied).
-fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("paged decode: {what} must be contiguous"),
+    fn run<K: Widen>(&self, q: &[f32], k: &[K], v: &[K]) -> candle_core::Result<Vec<f32>> {
+        self.reference(q, k, v)
     }
-}
-
-fn widen_all<T: Widen>(s: &[T], l: &Layout, what: &str) -> candle_core::Result<Vec<f32>> {
-    Ok(contiguous(s, l, what)?.iter().map(|x| x.widen()).collect())
 }
 
 impl CustomOp3 for PagedOp {
@@ -288,47 +263,12 @@ impl CustomOp3 for PagedOp {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let q = match qs {
-            CpuStorage::F32(s) => widen_all(s, ql, "q")?,
-            CpuStorage::F64(s) => widen_all(s, ql, "q")?,
-            CpuStorage::BF16(s) => widen_all(s, ql, "q")?,
-            CpuStorage::F16(s) => widen_all(s, ql, "q")?,
-            other => candle_core::bail!("paged decode: q of dtype {:?}", other.dtype()),
-        };
-        let out = match (ks, vs) {
-            (CpuStorage::F32(k), CpuStorage::F32(v)) => self.reference(
-                &q,
-                contiguous(k, kl, "k_pool")?,
-                contiguous(v, vl, "v_pool")?,
-            )?,
-            (CpuStorage::F64(k), CpuStorage::F64(v)) => self.reference(
-                &q,
-                contiguous(k, kl, "k_pool")?,
-                contiguous(v, vl, "v_pool")?,
-            )?,
-            (CpuStorage::BF16(k), CpuStorage::BF16(v)) => self.reference(
-                &q,
-                contiguous(k, kl, "k_pool")?,
-                contiguous(v, vl, "v_pool")?,
-            )?,
-            (CpuStorage::F16(k), CpuStorage::F16(v)) => self.reference(
-                &q,
-                contiguous(k, kl, "k_pool")?,
-                contiguous(v, vl, "v_pool")?,
-            )?,
-            _ => candle_core::bail!(
-                "paged decode: pools of dtype {:?} / {:?}",
-                ks.dtype(),
-                vs.dtype()
-            ),
-        };
-        let storage = match qs.dtype() {
-            DType::F64 => CpuStorage::F64(out.into_iter().map(f64::from).collect()),
-            DType::BF16 => CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect()),
-            DType::F16 => CpuStorage::F16(out.into_iter().map(half::f16::from_f32).collect()),
-            _ => CpuStorage::F32(out),
-        };
-        Ok((storage, Shape::from((self.batch, self.heads, self.hd))))
+        let q = widen_storage(qs, ql, "paged decode", "q")?;
+        let out = with_pools(self, &q, (ks, kl), (vs, vl))?;
+        Ok((
+            storage_of(qs.dtype(), out),
+            Shape::from((self.batch, self.heads, self.hd)),
+        ))
     }
 
     #[cfg(feature = "cuda")]
@@ -363,6 +303,7 @@ impl CustomOp3 for PagedOp {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::PagedOp;
+    use crate::kernel_io::device_range;
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaStorage, Layout, Storage};
@@ -389,11 +330,6 @@ mod cuda {
         }
     }
 
-    fn range(l: &Layout, what: &str) -> candle_core::Result<(usize, usize)> {
-        l.contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg(format!("paged decode: {what} not contiguous")))
-    }
-
     #[allow(clippy::too_many_arguments)]
     pub(super) fn launch<T: CudaDType + DeviceRepr>(
         op: &PagedOp,
@@ -406,9 +342,9 @@ mod cuda {
         name: &str,
     ) -> candle_core::Result<CudaStorage> {
         let dev = qs.device.clone();
-        let (q0, q1) = range(ql, "q")?;
-        let (k0, k1) = range(kl, "k_pool")?;
-        let (v0, v1) = range(vl, "v_pool")?;
+        let (q0, q1) = device_range(ql, "paged decode", "q")?;
+        let (k0, k1) = device_range(kl, "paged decode", "k_pool")?;
+        let (v0, v1) = device_range(vl, "paged decode", "v_pool")?;
         let q = qs.as_cuda_slice::<T>()?.slice(q0..q1);
         let k = ks.as_cuda_slice::<T>()?.slice(k0..k1);
         let v = vs.as_cuda_slice::<T>()?.slice(v0..v1);

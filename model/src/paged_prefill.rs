@@ -11,6 +11,8 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+
+use crate::kernel_io::{storage_of, widen_storage, with_pools, PoolReference, Widen};
 use rayon::prelude::*;
 
 /// Prefill attention of one sequence's chunk over its paged KV cache.
@@ -245,41 +247,14 @@ fn dot<K: Widen>(a: &[f32], b: &[K]) -> f32 {
     part.iter().sum::<f32>() + tail
 }
 
-/// A float element widened to f32.
-trait Widen: Copy + Send + Sync {
-    fn widen(self) -> f32;
-}
-impl Widen for f32 {
-    fn widen(self) -> f32 {
-        self
+impl PoolReference for PrefillOp {
+    fn op_name(&self) -> &'static str {
+        "paged prefill"
     }
-}
-impl Widen for f64 {
-    fn widen(self) -> f32 {
-        self as f32
-    }
-}
-impl Widen for half::bf16 {
-    fn widen(self) -> f32 {
-        self.to_f32()
-    }
-}
-impl Widen for half::f16 {
-    fn widen(self) -> f32 {
-        self.to_f32()
-    }
-}
 
-/// The contiguous elements a layout covers (its start offset applied).
-fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("paged prefill: {what} must be contiguous"),
+    fn run<K: Widen>(&self, q: &[f32], k: &[K], v: &[K]) -> candle_core::Result<Vec<f32>> {
+        self.reference(q, k, v)
     }
-}
-
-fn widen_all<T: Widen>(s: &[T], l: &Layout, what: &str) -> candle_core::Result<Vec<f32>> {
-    Ok(contiguous(s, l, what)?.iter().map(|x| x.widen()).collect())
 }
 
 impl CustomOp3 for PrefillOp {
@@ -296,47 +271,12 @@ impl CustomOp3 for PrefillOp {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let q = match qs {
-            CpuStorage::F32(s) => widen_all(s, ql, "q")?,
-            CpuStorage::F64(s) => widen_all(s, ql, "q")?,
-            CpuStorage::BF16(s) => widen_all(s, ql, "q")?,
-            CpuStorage::F16(s) => widen_all(s, ql, "q")?,
-            other => candle_core::bail!("paged prefill: q of dtype {:?}", other.dtype()),
-        };
-        let out = match (ks, vs) {
-            (CpuStorage::F32(k), CpuStorage::F32(v)) => self.reference(
-                &q,
-                contiguous(k, kl, "k_pool")?,
-                contiguous(v, vl, "v_pool")?,
-            )?,
-            (CpuStorage::F64(k), CpuStorage::F64(v)) => self.reference(
-                &q,
-                contiguous(k, kl, "k_pool")?,
-                contiguous(v, vl, "v_pool")?,
-            )?,
-            (CpuStorage::BF16(k), CpuStorage::BF16(v)) => self.reference(
-                &q,
-                contiguous(k, kl, "k_pool")?,
-                contiguous(v, vl, "v_pool")?,
-            )?,
-            (CpuStorage::F16(k), CpuStorage::F16(v)) => self.reference(
-                &q,
-                contiguous(k, kl, "k_pool")?,
-                contiguous(v, vl, "v_pool")?,
-            )?,
-            _ => candle_core::bail!(
-                "paged prefill: pools of dtype {:?} / {:?}",
-                ks.dtype(),
-                vs.dtype()
-            ),
-        };
-        let storage = match qs.dtype() {
-            DType::F64 => CpuStorage::F64(out.into_iter().map(f64::from).collect()),
-            DType::BF16 => CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect()),
-            DType::F16 => CpuStorage::F16(out.into_iter().map(half::f16::from_f32).collect()),
-            _ => CpuStorage::F32(out),
-        };
-        Ok((storage, Shape::from((self.n, self.heads, self.hd))))
+        let q = widen_storage(qs, ql, "paged prefill", "q")?;
+        let out = with_pools(self, &q, (ks, kl), (vs, vl))?;
+        Ok((
+            storage_of(qs.dtype(), out),
+            Shape::from((self.n, self.heads, self.hd)),
+        ))
     }
 
     #[cfg(feature = "cuda")]
@@ -371,6 +311,7 @@ impl CustomOp3 for PrefillOp {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::{uses_tensor_cores, PrefillOp};
+    use crate::kernel_io::device_range;
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
@@ -384,11 +325,6 @@ mod cuda {
     const FMA_ROWS: usize = 32;
     const MMA_ROWS: usize = 64;
 
-    fn range(l: &Layout, what: &str) -> candle_core::Result<(usize, usize)> {
-        l.contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg(format!("paged prefill: {what} not contiguous")))
-    }
-
     #[allow(clippy::too_many_arguments)]
     pub(super) fn launch<T: CudaDType + DeviceRepr>(
         op: &PrefillOp,
@@ -401,9 +337,9 @@ mod cuda {
         name: &str,
     ) -> candle_core::Result<CudaStorage> {
         let dev = qs.device.clone();
-        let (q0, q1) = range(ql, "q")?;
-        let (k0, k1) = range(kl, "k_pool")?;
-        let (v0, v1) = range(vl, "v_pool")?;
+        let (q0, q1) = device_range(ql, "paged prefill", "q")?;
+        let (k0, k1) = device_range(kl, "paged prefill", "k_pool")?;
+        let (v0, v1) = device_range(vl, "paged prefill", "v_pool")?;
         let q = qs.as_cuda_slice::<T>()?.slice(q0..q1);
         let k = ks.as_cuda_slice::<T>()?.slice(k0..k1);
         let v = vs.as_cuda_slice::<T>()?.slice(v0..v1);
