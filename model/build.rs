@@ -13,6 +13,7 @@ fn main() {
     for name in KERNELS {
         println!("cargo:rerun-if-changed=cuda/{name}.cu");
     }
+    println!("cargo:rerun-if-changed=cuda/common.cuh");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {

@@ -12,20 +12,8 @@
 // rounded to the dtype, in the dtype's own arithmetic (bf16 HFMA2 too). The intrinsics below pin
 // those roundings, so that no contraction decision of the compiler can change them.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "common.cuh"
 
-__device__ __forceinline__ float widen(float x) { return x; }
-__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
-
-template <typename T> __device__ __forceinline__ T narrow(float x);
-template <> __device__ __forceinline__ float narrow<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float x) {
-    return __float2bfloat16_rn(x);
-}
-template <> __device__ __forceinline__ __half narrow<__half>(float x) { return __float2half_rn(x); }
 
 // The dtype's own arithmetic, each operation rounded once (as candle's ops in that dtype).
 __device__ __forceinline__ float add_t(float a, float b) { return __fadd_rn(a, b); }

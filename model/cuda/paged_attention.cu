@@ -10,23 +10,11 @@
 // otherwise it writes (m, l, acc[hd]) partials and paged_merge_* combines them.
 // All arithmetic is f32 on inputs widened to f32; the output is cast once.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "common.cuh"
 
 #define WARPS 4
 #define UNROLL 4
 
-__device__ __forceinline__ float widen(float x) { return x; }
-__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
-
-template <typename T> __device__ __forceinline__ T narrow(float x);
-template <> __device__ __forceinline__ float narrow<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float x) {
-    return __float2bfloat16_rn(x);
-}
-template <> __device__ __forceinline__ __half narrow<__half>(float x) { return __float2half_rn(x); }
 
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll

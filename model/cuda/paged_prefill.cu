@@ -20,20 +20,8 @@
 // A pool slot outside the pool (a corrupt table entry) is skipped, never read, as in the decode
 // kernel. tools/sim_paged_prefill.py emulates both kernels' index algebra and tiling on the CPU.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "common.cuh"
 
-__device__ __forceinline__ float widen(float x) { return x; }
-__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
-
-template <typename T> __device__ __forceinline__ T narrow(float x);
-template <> __device__ __forceinline__ float narrow<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float x) {
-    return __float2bfloat16_rn(x);
-}
-template <> __device__ __forceinline__ __half narrow<__half>(float x) { return __float2half_rn(x); }
 
 // The pool slot of position j, or -1 when the table maps it outside the pool.
 __device__ __forceinline__ long long slot_of(const uint32_t *__restrict__ table, int j,
