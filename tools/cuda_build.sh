@@ -214,4 +214,4 @@ ls -l .cudabin/tga-serve.gz .cudabin/parity.gz .cudabin/kernels.gz .cudabin/tga-
 total=$(du -cb .cudabin | tail -1 | cut -f1)
 [ "$total" -lt $(( 60 * 1024 * 1024 )) ] || log "WARNING: .cudabin/ is $total bytes; the device tool carries 64 MiB in all"
 log "done; on a lent GPU: run(command=\"bash tools/gpu_check.sh\", carry=[\".cudabin\"], timeout_s=420)"
-log "      or run(command=\"bash tools/gpu_bench.sh\", carry=[\".cudabin\"], timeout_s=480)"
+log "      or run(command=\"bash tools/gpu_bench.sh\", carry=[\".cudabin\"], timeout_s=500)"
