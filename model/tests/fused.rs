@@ -100,13 +100,13 @@ fn run(model: &LlavaModel, prompts: &[Vec<u32>]) -> Vec<(Tensor, Tensor, Vec<Ten
     out
 }
 
-#[test]
-fn fused_path_equals_candle_ops_on_the_device_path() {
-    let (fused, plain) = (load(true, true), load(false, true));
-    let vocab = plain.decoder().config().vocab_size as u64;
+/// `got` against `want` on prompts of 1, 17, 40 and 300 tokens: prefill logits, hidden taps
+/// and decode logits within `TOL`, greedy tokens equal; prints the largest differences.
+fn assert_same_answers(got: &LlavaModel, want: &LlavaModel, what: &str) {
+    let vocab = want.decoder().config().vocab_size as u64;
     let lengths = [1, 17, 40, 300];
     let ps = prompts(&lengths, vocab);
-    let (got, want) = (run(&fused, &ps), run(&plain, &ps));
+    let (got, want) = (run(got, &ps), run(want, &ps));
     let mut worst = [0f32; 3];
     for (i, ((gl, gh, gd), (wl, wh, wd))) in got.iter().zip(&want).enumerate() {
         let n = lengths[i];
@@ -131,9 +131,18 @@ fn fused_path_equals_candle_ops_on_the_device_path() {
         }
     }
     eprintln!(
-        "fused vs candle ops (device path, CPU, f32): max |Δ| prefill logits {:.2e}, hidden \
-         taps {:.2e}, decode logits {:.2e} (tolerance {TOL:e})",
+        "{what}: max |Δ| prefill logits {:.2e}, hidden taps {:.2e}, decode logits {:.2e} \
+         (tolerance {TOL:e})",
         worst[0], worst[1], worst[2]
+    );
+}
+
+#[test]
+fn fused_path_equals_candle_ops_on_the_device_path() {
+    assert_same_answers(
+        &load(true, true),
+        &load(false, true),
+        "fused vs candle ops (device path, CPU, f32)",
     );
 }
 
@@ -144,37 +153,9 @@ fn fused_path_equals_candle_ops_on_the_device_path() {
 /// Rust's): within f32 rounding, held to the same tolerance.
 #[test]
 fn stacked_projections_equal_separate_ones_on_the_device_path() {
-    let (stacked, separate) = (load(true, true), load(true, false));
-    let vocab = separate.decoder().config().vocab_size as u64;
-    let lengths = [1, 17, 40, 300];
-    let ps = prompts(&lengths, vocab);
-    let (got, want) = (run(&stacked, &ps), run(&separate, &ps));
-    let mut worst = [0f32; 3];
-    for (i, ((gl, gh, gd), (wl, wh, wd))) in got.iter().zip(&want).enumerate() {
-        let n = lengths[i];
-        let d = [
-            max_abs_diff(gl, wl),
-            max_abs_diff(gh, wh),
-            gd.iter()
-                .zip(wd)
-                .map(|(a, b)| max_abs_diff(a, b))
-                .fold(0f32, f32::max),
-        ];
-        for (j, &d) in d.iter().enumerate() {
-            assert!(d <= TOL, "prompt of {n}: value {j} differs by {d}");
-            worst[j] = worst[j].max(d);
-        }
-        for (s, (a, b)) in gd.iter().zip(wd).enumerate() {
-            assert_eq!(
-                a.argmax(0).unwrap().to_scalar::<u32>().unwrap(),
-                b.argmax(0).unwrap().to_scalar::<u32>().unwrap(),
-                "prompt of {n}: greedy token of step {s}"
-            );
-        }
-    }
-    eprintln!(
-        "stacked vs separate projections (fused device path, CPU, f32): max |Δ| prefill logits \
-         {:.2e}, hidden taps {:.2e}, decode logits {:.2e} (tolerance {TOL:e})",
-        worst[0], worst[1], worst[2]
+    assert_same_answers(
+        &load(true, true),
+        &load(true, false),
+        "stacked vs separate projections (fused device path, CPU, f32)",
     );
 }
