@@ -1202,10 +1202,7 @@ impl Decoder {
             dtype: vb.dtype(),
             device_ops: !vb.device().is_cpu(),
             paged_checked: std::sync::OnceLock::new(),
-            fused_kernels: !matches!(
-                std::env::var("TGA_FUSED_KERNELS").as_deref(),
-                Ok("0" | "off" | "false")
-            ),
+            fused_kernels: !switched_off("TGA_FUSED_KERNELS"),
             fused_checked: std::sync::OnceLock::new(),
             stacked_projections: true,
             rope_table: std::sync::OnceLock::new(),
@@ -1700,12 +1697,7 @@ impl Decoder {
     /// candle-ops path (the kernel's side-by-side benchmark, and a way around a kernel fault).
     fn paged_kernel(&self, dtype: DType) -> bool {
         static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let enabled = *ENABLED.get_or_init(|| {
-            !matches!(
-                std::env::var("TGA_PAGED_ATTENTION").as_deref(),
-                Ok("0" | "off" | "false")
-            )
-        });
+        let enabled = *ENABLED.get_or_init(|| !switched_off("TGA_PAGED_ATTENTION"));
         let groups = self.cfg.num_attention_heads / self.cfg.num_key_value_heads.max(1);
         enabled
             && self.device.is_cuda()
@@ -1842,12 +1834,7 @@ impl Decoder {
         if self.prefill_forced {
             return Some(true);
         }
-        let enabled = *ENABLED.get_or_init(|| {
-            !matches!(
-                std::env::var("TGA_PREFILL_KERNEL").as_deref(),
-                Ok("0" | "off" | "false")
-            )
-        });
+        let enabled = *ENABLED.get_or_init(|| !switched_off("TGA_PREFILL_KERNEL"));
         let (kvh, hd) = (self.cfg.num_key_value_heads, self.cfg.head_dim);
         let groups = self.cfg.num_attention_heads / kvh.max(1);
         if !enabled
@@ -1925,6 +1912,11 @@ impl Decoder {
             attn.window,
         )?)
     }
+}
+
+/// Whether the environment variable `var` turns a kernel off (`0`, `off` or `false`).
+fn switched_off(var: &str) -> bool {
+    matches!(std::env::var(var).as_deref(), Ok("0" | "off" | "false"))
 }
 
 fn apply_edit(xs: &Tensor, start: usize, edit: &StateEdit) -> Result<Tensor> {
