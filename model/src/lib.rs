@@ -19,7 +19,9 @@
 //! - `paged_prefill`: paged prefill attention of a prompt chunk over that storage, a CUDA kernel
 //!   (flash-attention style, one launch per layer) and its Rust reference; `kernel_io`: what the
 //!   two attention references share.
-//! - `sampling`: logits to tokens (greedy, temperature, top-k/top-p, seeds, logprobs, stops).
+//! - `sampling`: logits to tokens (greedy, temperature, top-k/top-p, seeds, logprobs, stops);
+//!   `device_sampling`: the same draws on the device for a decode step's rows (a CUDA kernel and
+//!   its Rust reference), so only ids and logprobs cross to the host.
 //! - `diagnostics`: the DIAGNOSTICS.md math (logit lens, refusal sets, attention shares, cosines).
 //! - `clip_embed`: [`clip_embed::ClipEmbedder`], CLIP text and image embeddings of a full `CLIPModel`.
 //! - `retrieval`: the TGA caption corpus, its memory-mapped f16 embedding index, exact cosine search.
@@ -33,6 +35,7 @@ pub mod config;
 pub mod constraint;
 mod cpu;
 pub mod device;
+pub mod device_sampling;
 pub mod diagnostics;
 pub mod fused;
 pub mod image;

@@ -14,8 +14,10 @@
 //! - `temperature` 0 (vLLM: below 1e-5) is greedy: the argmax of the processed logits, lowest id
 //!   on ties (`torch.argmax`).
 //! - Otherwise the processed logits go through transformers' `LogitsWarper` order:
-//!   **temperature, then top-k, then top-p, then min-p**, then one draw from what is left. The
-//!   order matters for top-p: the nucleus is taken from the temperature-scaled distribution.
+//!   **temperature, then top-k, then top-p, then min-p**, then one draw from what is left
+//!   ([`choose`]: one uniform number against the kept weights' running sum in id order, which a
+//!   device can compute with one prefix sum). The order matters for top-p: the nucleus is taken
+//!   from the temperature-scaled distribution.
 //!   (vLLM's V1 sampler applies min-p before top-k/top-p; the two orders only differ when both
 //!   `top_p` < 1 and `min_p` > 0 are set.)
 //! - top-k keeps every token whose logit is at least the k-th largest (ties at the boundary kept,
@@ -144,7 +146,8 @@ impl SamplingParams {
         }
     }
 
-    /// Whether a draw is the argmax: temperature below vLLM's epsilon, or top-k of 1.
+    /// Whether a draw is the argmax: temperature below vLLM's epsilon, or top-k of 1 (as
+    /// [`DrawSpec::is_greedy`]).
     pub fn is_greedy(&self) -> bool {
         self.temperature < GREEDY_TEMPERATURE_EPS || self.top_k == 1
     }
@@ -347,6 +350,28 @@ impl Sampler {
 
     /// Samples the next token of the sequence from one row of logits, and counts it.
     pub fn sample_logits(&mut self, logits: &[f32]) -> Result<SampledToken> {
+        let spec = self.next_draw();
+        self.sample_logits_with(logits, &spec)
+    }
+
+    /// The draw a device can make for this sequence ([`crate::device_sampling`]): `None` when a
+    /// logit processor (bias, penalties, `min_tokens`) is active, which needs the host. The
+    /// uniform number is taken from the sequence's stream now, so the token then equals
+    /// [`Self::sample_logits`]'s from the same logits and seed; the device's token goes back
+    /// through [`Self::accept`], or the logits through [`Self::sample_logits_with`].
+    pub fn device_draw(&mut self) -> Option<DrawSpec> {
+        (!self.params.processes_logits()).then(|| self.next_draw())
+    }
+
+    /// Counts a token drawn elsewhere with a spec from [`Self::device_draw`].
+    pub fn accept(&mut self, token: &SampledToken) {
+        *self.counts.entry(token.id).or_insert(0) += 1;
+        self.generated += 1;
+    }
+
+    /// [`Self::sample_logits`] with a spec already taken from the stream (a device that handed
+    /// the row back to the host).
+    pub fn sample_logits_with(&mut self, logits: &[f32], spec: &DrawSpec) -> Result<SampledToken> {
         let log_z = log_normalizer(logits)?;
         let processed;
         let row = if self.params.processes_logits() {
@@ -357,23 +382,36 @@ impl Sampler {
         } else {
             logits
         };
-        let id = if self.params.is_greedy() {
-            argmax(row)
-        } else {
-            self.draw(row)
-        };
+        let id = choose(row, spec);
         let logprob = (f64::from(logits[id]) - log_z) as f32;
-        let top_logprobs = top_n(logits, self.params.top_logprobs)
+        let top_logprobs = top_n(logits, spec.top_logprobs)
             .into_iter()
             .map(|i| (i as u32, (f64::from(logits[i]) - log_z) as f32))
             .collect();
-        *self.counts.entry(id as u32).or_insert(0) += 1;
-        self.generated += 1;
-        Ok(SampledToken {
+        let token = SampledToken {
             id: id as u32,
             logprob,
             top_logprobs,
-        })
+        };
+        self.accept(&token);
+        Ok(token)
+    }
+
+    /// The next draw's settings; a non-greedy draw takes one number from the stream.
+    fn next_draw(&mut self) -> DrawSpec {
+        let p = &self.params;
+        let mut spec = DrawSpec {
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            top_logprobs: p.top_logprobs,
+            u: 0.0,
+        };
+        if !spec.is_greedy() {
+            spec.u = self.rng.random::<f64>();
+        }
+        spec
     }
 
     /// The logit processors before the draw, in vLLM's order (module docs): bias, the
@@ -410,71 +448,99 @@ impl Sampler {
             }
         }
     }
+}
 
-    /// Temperature, top-k, top-p, min-p, then one draw (module docs). Logits are finite or −inf
-    /// here.
-    fn draw(&mut self, logits: &[f32]) -> usize {
-        let temperature = f64::from(self.params.temperature);
-        let max = f64::from(logits[argmax(logits)]);
-        let k = self.params.top_k;
-        let threshold = if k > 0 && k < logits.len() {
-            kth_largest(logits, k)
-        } else {
-            f32::NEG_INFINITY
-        };
-        // Weights exp((x - max) / T): the temperature-scaled softmax, unnormalised.
-        let mut candidates: Vec<(usize, f64)> = logits
-            .iter()
-            .enumerate()
-            .filter(|&(_, &x)| x >= threshold && x > f32::NEG_INFINITY)
-            .map(|(i, &x)| (i, ((f64::from(x) - max) / temperature).exp()))
-            .collect();
-        let mut total: f64 = candidates.iter().map(|c| c.1).sum();
-        let top_p = f64::from(self.params.top_p);
-        if top_p < 1.0 {
-            let order =
-                |a: &(usize, f64), b: &(usize, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-            let target = top_p * total;
-            // Sort only as long a head of the order as the nucleus needs (usually a few dozen
-            // of the 32k): the same prefix, in the same order, as sorting everything.
-            let mut head = 64.min(candidates.len());
-            let keep = loop {
-                if head < candidates.len() {
-                    candidates.select_nth_unstable_by(head - 1, order);
-                }
-                candidates[..head].sort_by(order);
-                let mut before = 0.0;
-                let found = candidates[..head].iter().position(|c| {
-                    before += c.1;
-                    before >= target
-                });
-                match found {
-                    Some(last) => break last + 1,
-                    None if head == candidates.len() => break head,
-                    None => head = (head * 8).min(candidates.len()),
-                }
-            };
-            candidates.truncate(keep.max(1));
-            total = candidates.iter().map(|c| c.1).sum();
-        }
-        let min_p = f64::from(self.params.min_p);
-        if min_p > 0.0 {
-            // The most likely token has weight exp(0) = 1: min-p keeps weights of at least
-            // min_p × 1, relative probabilities being unchanged by top-k and top-p's truncation.
-            candidates.retain(|c| c.1 >= min_p);
-            total = candidates.iter().map(|c| c.1).sum();
-        }
-        let u = self.rng.random::<f64>() * total;
-        let mut cumulative = 0.0;
-        for &(id, w) in &candidates {
-            cumulative += w;
-            if u < cumulative {
-                return id;
-            }
-        }
-        // Rounding can leave u at the very top of the range: the last candidate owns it.
-        candidates.last().map_or(0, |c| c.0)
+/// The settings of one draw, as a device sampler takes them ([`Sampler::device_draw`]): what is
+/// left of [`SamplingParams`] when no logit processor is active, and the draw's uniform number.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DrawSpec {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub min_p: f32,
+    /// How many most likely tokens to report with their logprobs.
+    pub top_logprobs: usize,
+    /// In [0, 1): where the draw falls in the kept mass; unused (0) by a greedy draw.
+    pub u: f64,
+}
+
+impl DrawSpec {
+    /// The argmax: temperature below vLLM's epsilon, or top-k of 1.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature < GREEDY_TEMPERATURE_EPS || self.top_k == 1
     }
+}
+
+/// The token `spec` draws from processed `logits` (finite or −inf): the argmax when greedy;
+/// otherwise temperature, top-k, top-p and min-p (module docs) choose the kept tokens, and the
+/// token is the first, in id order, at which the kept weights' running sum passes `u` × their
+/// total. The draw walks the kept tokens in id order (not by probability) so that a device can
+/// make it with one prefix sum; the distribution is the same. This is the definition the device
+/// sampler (`device_sampling`) is tested against.
+pub fn choose(logits: &[f32], spec: &DrawSpec) -> usize {
+    if spec.is_greedy() {
+        return argmax(logits);
+    }
+    let temperature = f64::from(spec.temperature);
+    let max = f64::from(logits[argmax(logits)]);
+    let k = spec.top_k;
+    let threshold = if k > 0 && k < logits.len() {
+        kth_largest(logits, k)
+    } else {
+        f32::NEG_INFINITY
+    };
+    // Weights exp((x - max) / T): the temperature-scaled softmax, unnormalised.
+    let mut candidates: Vec<(usize, f64)> = logits
+        .iter()
+        .enumerate()
+        .filter(|&(_, &x)| x >= threshold && x > f32::NEG_INFINITY)
+        .map(|(i, &x)| (i, ((f64::from(x) - max) / temperature).exp()))
+        .collect();
+    let mut total: f64 = candidates.iter().map(|c| c.1).sum();
+    let top_p = f64::from(spec.top_p);
+    if top_p < 1.0 {
+        let order = |a: &(usize, f64), b: &(usize, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let target = top_p * total;
+        // Sort only as long a head of the order as the nucleus needs (usually a few dozen of
+        // the 32k): the same prefix, in the same order, as sorting everything.
+        let mut head = 64.min(candidates.len());
+        let keep = loop {
+            if head < candidates.len() {
+                candidates.select_nth_unstable_by(head - 1, order);
+            }
+            candidates[..head].sort_by(order);
+            let mut before = 0.0;
+            let found = candidates[..head].iter().position(|c| {
+                before += c.1;
+                before >= target
+            });
+            match found {
+                Some(last) => break last + 1,
+                None if head == candidates.len() => break head,
+                None => head = (head * 8).min(candidates.len()),
+            }
+        };
+        candidates.truncate(keep.max(1));
+        candidates.sort_unstable_by_key(|c| c.0);
+        total = candidates.iter().map(|c| c.1).sum();
+    }
+    let min_p = f64::from(spec.min_p);
+    if min_p > 0.0 {
+        // The most likely token has weight exp(0) = 1: min-p keeps weights of at least
+        // min_p × 1, relative probabilities being unchanged by top-k and top-p's truncation.
+        candidates.retain(|c| c.1 >= min_p);
+        total = candidates.iter().map(|c| c.1).sum();
+    }
+    let u = spec.u * total;
+    let mut cumulative = 0.0;
+    for &(id, w) in &candidates {
+        cumulative += w;
+        if u < cumulative {
+            return id;
+        }
+    }
+    // Rounding can leave u at the very top of the range: the last candidate owns it.
+    candidates.last().map_or(0, |c| c.0)
 }
 
 /// Samples row b of `logits [B, V]` with the b-th sampler (one device-to-host copy per batch).
