@@ -1,12 +1,13 @@
 //! Compiles the kernels in model/cuda/ to PTX (each loaded at run time by its module:
 //! paged_attention.cu by `paged.rs`, paged_prefill.cu by `paged_prefill.rs`, fused.cu by
-//! `fused.rs`), only with the `cuda` feature: a CPU build needs no nvcc and does nothing here.
+//! `fused.rs`, sample.cu by `device_sampling.rs`), only with the `cuda` feature: a CPU build
+//! needs no nvcc and does nothing here.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The kernel sources, each compiled to `$OUT_DIR/<name>.ptx`.
-const KERNELS: [&str; 3] = ["paged_attention", "paged_prefill", "fused"];
+const KERNELS: [&str; 4] = ["paged_attention", "paged_prefill", "fused", "sample"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

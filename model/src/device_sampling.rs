@@ -42,8 +42,13 @@ const NO_FINITE_LOGIT: f32 = -2.0;
 
 /// Samples row `b` of `logits [B, V]` (f32, bf16 or f16, on any device) with `specs[b]`, among
 /// the ids below `limit` (the rest of each row is never drawn and not in the logprobs'
-/// normaliser). One launch and one copy of `B × OUT_COLS` floats on CUDA.
-pub fn sample_rows(logits: &Tensor, specs: &[DrawSpec], limit: usize) -> Result<Vec<SampledToken>> {
+/// normaliser). One launch and one copy of `B × OUT_COLS` floats on CUDA. A row whose logits
+/// cannot be sampled (NaN, +inf, none finite) is that row's error, as on the host.
+pub fn sample_rows(
+    logits: &Tensor,
+    specs: &[DrawSpec],
+    limit: usize,
+) -> Result<Vec<Result<SampledToken>>> {
     let (rows, vocab) = logits.dims2()?;
     if rows != specs.len() {
         return Err(ModelError::Sampling(format!(
@@ -79,10 +84,87 @@ pub fn sample_rows(logits: &Tensor, specs: &[DrawSpec], limit: usize) -> Result<
         .contiguous()?
         .apply_op2_no_bwd(&params, &SampleRows { rows, vocab, limit })?
         .to_vec2::<f32>()?;
-    out.iter()
+    Ok(out
+        .iter()
         .zip(specs)
         .map(|(row, spec)| token(row, spec, limit))
-        .collect()
+        .collect())
+}
+
+/// The op on `device` against [`reference_row`] on the host, at `vocab` columns in `dtype`: 48
+/// rows of random logits (bf16-rounded, so with ties; a few −inf) under greedy, temperature,
+/// top-k, top-p and min-p draws with top logprobs. Ids must be equal, except where the host's
+/// draw with `u` moved by 1e-4 gives the device's id (a rounding at a boundary of the kept
+/// mass, which the device sums in f32); logprobs within 1e-4. Returns the number of draws
+/// compared. The backend runs it once before sampling on a device, and samples on the host when
+/// it fails, so a kernel fault costs speed, not answers.
+pub fn self_check(
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+    vocab: usize,
+) -> Result<usize> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    let combos = [
+        (0.0f32, 0usize, 1.0f32, 0.0f32),
+        (1.0, 0, 1.0, 0.0),
+        (0.7, 50, 1.0, 0.0),
+        (1.3, 0, 0.9, 0.0),
+        (1.0, 40, 0.5, 0.05),
+        (0.8, 0, 0.0, 0.0),
+    ];
+    let specs: Vec<DrawSpec> = (0..48)
+        .map(|i| {
+            let (temperature, top_k, top_p, min_p) = combos[i % combos.len()];
+            DrawSpec {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                top_logprobs: [0, 5, 20][i % 3],
+                u: rng.random(),
+            }
+        })
+        .collect();
+    let rows: Vec<f32> = (0..specs.len() * vocab)
+        .map(|_| {
+            if rng.random::<f32>() < 0.01 {
+                f32::NEG_INFINITY
+            } else {
+                half::bf16::from_f32(rng.random_range(-8.0f32..8.0)).to_f32()
+            }
+        })
+        .collect();
+    let host =
+        Tensor::from_vec(rows, (specs.len(), vocab), &candle_core::Device::Cpu)?.to_dtype(dtype)?;
+    let widened = host.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+    let got = sample_rows(&host.to_device(device)?, &specs, vocab)?;
+    for (b, (got, spec)) in got.into_iter().zip(&specs).enumerate() {
+        let got = got?;
+        let want = token(&reference_row(&widened[b], spec), spec, vocab)?;
+        let nudged = |du: f64| {
+            let spec = DrawSpec {
+                u: (spec.u + du).clamp(0.0, 1.0 - f64::EPSILON),
+                ..*spec
+            };
+            reference_row(&widened[b], &spec)[0] as u32
+        };
+        let same_id = got.id == want.id || got.id == nudged(1e-4) || got.id == nudged(-1e-4);
+        let close = |a: f32, b: f32| a == b || (a - b).abs() <= 1e-4;
+        let same_top = got.top_logprobs.len() == want.top_logprobs.len()
+            && got
+                .top_logprobs
+                .iter()
+                .zip(&want.top_logprobs)
+                .all(|(g, w)| g.0 == w.0 && close(g.1, w.1));
+        let logprob_ok = got.id != want.id || close(got.logprob, want.logprob);
+        if !(same_id && same_top && logprob_ok) {
+            return Err(ModelError::Sampling(format!(
+                "device sampler row {b} ({spec:?}): got {got:?}, the reference {want:?}"
+            )));
+        }
+    }
+    Ok(specs.len())
 }
 
 /// One row of the op's result as a token, or the host sampler's error for that row.
@@ -428,6 +510,7 @@ mod tests {
                     .unwrap();
                 let got = sample_rows(&logits, &specs, n);
                 for ((row, spec), got) in rows.iter().zip(&specs).zip(got.unwrap()) {
+                    let got = got.unwrap();
                     let mut host = Sampler::new(SamplingParams::default());
                     let want = host.sample_logits_with(row, spec).unwrap();
                     let what = format!("n {n} {dtype:?} {spec:?}");
@@ -467,7 +550,10 @@ mod tests {
             let want = host.sample_logits(&x).unwrap();
             let spec = device.device_draw().expect("no logit processors");
             let logits = Tensor::from_slice(&x, (1, x.len()), &Device::Cpu).unwrap();
-            let got = sample_rows(&logits, &[spec], x.len()).unwrap().remove(0);
+            let got = sample_rows(&logits, &[spec], x.len())
+                .unwrap()
+                .remove(0)
+                .unwrap();
             device.accept(&got);
             assert_eq!(got.id, want.id);
             differ += usize::from(got.id as usize != argmax(&x));
@@ -499,7 +585,7 @@ mod tests {
                 top_logprobs: 5,
                 u,
             };
-            let t = sample_rows(&logits, &[spec], 3).unwrap().remove(0);
+            let t = sample_rows(&logits, &[spec], 3).unwrap().remove(0).unwrap();
             assert!(t.id < 3);
             let ids: Vec<u32> = t.top_logprobs.iter().map(|p| p.0).collect();
             assert_eq!(ids, [1, 2, 0]);
@@ -530,9 +616,17 @@ mod tests {
             top_logprobs: 0,
             u: 0.0,
         };
-        assert!(sample_rows(&logits, &[spec; 3], 2).is_err());
-        let ok = Tensor::from_slice(&x[2..4], (1, 2), &Device::Cpu).unwrap();
-        assert_eq!(sample_rows(&ok, &[spec], 2).unwrap()[0].id, 1);
+        let rows = sample_rows(&logits, &[spec; 3], 2).unwrap();
+        assert!(rows[0].is_err(), "NaN");
+        assert_eq!(rows[1].as_ref().unwrap().id, 1);
+        assert!(rows[2].is_err(), "no finite logit");
+    }
+
+    #[test]
+    fn self_check_runs_on_the_cpu() {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            assert_eq!(self_check(&Device::Cpu, dtype, 1001).unwrap(), 48);
+        }
     }
 
     #[test]

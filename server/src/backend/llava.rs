@@ -25,12 +25,12 @@ use model::template::{
 use model::tokenizer::Tokenizer;
 use model::ModelError;
 
-use model::sampling::{argmax, SampledToken, Sampler, SamplingParams};
+use model::sampling::{argmax, DrawSpec, SampledToken, Sampler, SamplingParams};
 
 use super::retrieval::{Retrieved, Retriever};
 use super::{
     BackendError, DiagnosticsProcessor, ModelBackend, PrefillInput, ProcessError, PromptProcessor,
-    SequenceCache, TokenSampler,
+    SequenceCache, StepRow, TokenSampler,
 };
 use crate::engine::plan::{
     CaptionPass, CaptionPlan, CaptionPooling, CaptionPrompt, DiagnosePlan, Diagnosis,
@@ -561,6 +561,33 @@ pub struct LlavaBackend {
     byte_tokens: Vec<Option<u8>>,
     /// [`LoadedModel::sampled_vocab`].
     sampled_vocab: Option<usize>,
+    /// Whether decode steps sample on the model's device.
+    device_sampling: DeviceSampling,
+}
+
+/// Where a decode step's draws are made ([`LlavaBackend::decode_batch_sampled`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSampling {
+    /// On the host, from the logits copied back.
+    Off,
+    /// On the device, once its start-up check passes ([`model::device_sampling::self_check`]).
+    Unchecked,
+    /// On the device (the check passed).
+    On,
+}
+
+impl DeviceSampling {
+    /// The default for a model on `device`: on CUDA, on; on the CPU (where the logits already
+    /// are on the host), off. `TGA_DEVICE_SAMPLING=0` turns it off, `=1` on anywhere (on the CPU
+    /// the op is the kernel's Rust model: for tests).
+    pub fn for_device(device: &Device) -> Self {
+        match std::env::var("TGA_DEVICE_SAMPLING").as_deref() {
+            Ok("0" | "off" | "false") => Self::Off,
+            Ok("1" | "on" | "true") => Self::Unchecked,
+            _ if device.is_cuda() => Self::Unchecked,
+            _ => Self::Off,
+        }
+    }
 }
 
 impl LlavaBackend {
@@ -582,7 +609,36 @@ impl LlavaBackend {
             lens,
             byte_tokens: byte_tokens(&loaded.tokenizer),
             sampled_vocab: loaded.sampled_vocab,
+            device_sampling: DeviceSampling::for_device(loaded.model.device()),
         }
+    }
+
+    /// Overrides where decode steps sample ([`DeviceSampling::for_device`] by default).
+    pub fn with_device_sampling(mut self, mode: DeviceSampling) -> Self {
+        self.device_sampling = mode;
+        self
+    }
+
+    /// Whether this step samples on the device, running the start-up check first.
+    fn samples_on_device(&mut self) -> bool {
+        if self.device_sampling == DeviceSampling::Unchecked {
+            let vocab = self.model.config().text.vocab_size;
+            self.device_sampling = match model::device_sampling::self_check(
+                self.model.device(),
+                DType::F32,
+                vocab,
+            ) {
+                Ok(rows) => {
+                    tracing::info!(rows, vocab, "device sampling: start-up check passed");
+                    DeviceSampling::On
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "device sampling failed its start-up check; sampling on the host");
+                    DeviceSampling::Off
+                }
+            };
+        }
+        self.device_sampling == DeviceSampling::On
     }
 
     /// One short text and image request through the whole path, so the first user does not pay
@@ -1136,6 +1192,56 @@ impl ModelBackend for LlavaBackend {
             .map_err(internal)
     }
 
+    fn decode_batch_sampled(
+        &mut self,
+        tokens: &[u32],
+        caches: &mut [&mut LlavaCache],
+        draws: &[Option<DrawSpec>],
+    ) -> Result<Vec<StepRow>, BackendError> {
+        let mut kvs: Vec<&mut KvCache> = caches.iter_mut().map(|c| &mut c.kv).collect();
+        let logits = self.model.decode_step(tokens, &mut kvs).map_err(internal)?;
+        let on_device: Vec<u32> = (0..draws.len() as u32)
+            .filter(|&i| draws[i as usize].is_some())
+            .collect();
+        if on_device.is_empty() || !self.samples_on_device() {
+            let rows = logits.to_vec2::<f32>().map_err(internal)?;
+            return Ok(rows.into_iter().map(StepRow::Logits).collect());
+        }
+        let rows_of = |ids: &[u32]| -> Result<Tensor, BackendError> {
+            if ids.len() == draws.len() {
+                return Ok(logits.clone());
+            }
+            let ids = Tensor::new(ids, logits.device()).map_err(internal)?;
+            logits.index_select(&ids, 0).map_err(internal)
+        };
+        let specs: Vec<DrawSpec> = draws.iter().flatten().copied().collect();
+        let limit = self.sampled_vocab.unwrap_or(usize::MAX);
+        let sampled = model::device_sampling::sample_rows(&rows_of(&on_device)?, &specs, limit)
+            .map_err(internal)?;
+        // A row the device could not sample (a NaN) goes back as logits: its sequence fails on
+        // the host with the host's error, alone.
+        let mut out: Vec<Option<StepRow>> = vec![None; draws.len()];
+        let mut host: Vec<u32> = Vec::new();
+        for (&i, token) in on_device.iter().zip(sampled) {
+            match token {
+                Ok(token) => out[i as usize] = Some(StepRow::Sampled(token)),
+                Err(_) => host.push(i),
+            }
+        }
+        host.extend((0..draws.len() as u32).filter(|&i| draws[i as usize].is_none()));
+        host.sort_unstable();
+        if !host.is_empty() {
+            let rows = rows_of(&host)?.to_vec2::<f32>().map_err(internal)?;
+            for (&i, row) in host.iter().zip(rows) {
+                out[i as usize] = Some(StepRow::Logits(row));
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|r| r.expect("every row placed"))
+            .collect())
+    }
+
     fn sampler(&self, params: &SamplingParams, prompt: &[u32]) -> LlavaSampler {
         LlavaSampler {
             sampler: Sampler::for_sequence(params.clone(), prompt, &self.stop_ids),
@@ -1174,23 +1280,49 @@ pub struct LlavaSampler {
     sampled_vocab: Option<usize>,
 }
 
-impl TokenSampler for LlavaSampler {
-    fn sample(&mut self, logits: &[f32]) -> Result<SampledToken, BackendError> {
+impl LlavaSampler {
+    /// `logits` with the rows past the sampled vocabulary at −inf (rather than a shorter row, so
+    /// that ids past it, a logit_bias, stay in range and the logprobs are normalised over the
+    /// ids that can be drawn).
+    fn masked<'a>(&self, logits: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
         match self.sampled_vocab {
             Some(n) if n < logits.len() => {
-                // −inf rather than a shorter row, so that ids past `n` (a logit_bias) stay
-                // in range and the logprobs are normalised over the ids that can be drawn.
                 let mut row = logits.to_vec();
                 row[n..].fill(f32::NEG_INFINITY);
-                self.sampler.sample_logits(&row)
+                row.into()
             }
-            _ => self.sampler.sample_logits(logits),
+            _ => logits.into(),
         }
-        .map_err(internal)
+    }
+}
+
+impl TokenSampler for LlavaSampler {
+    fn sample(&mut self, logits: &[f32]) -> Result<SampledToken, BackendError> {
+        let row = self.masked(logits);
+        self.sampler.sample_logits(&row).map_err(internal)
     }
 
     fn params(&self) -> &SamplingParams {
         self.sampler.params()
+    }
+
+    fn device_draw(&mut self) -> Option<DrawSpec> {
+        self.sampler.device_draw()
+    }
+
+    fn accept(&mut self, token: &SampledToken) {
+        self.sampler.accept(token)
+    }
+
+    fn sample_with(
+        &mut self,
+        logits: &[f32],
+        spec: &DrawSpec,
+    ) -> Result<SampledToken, BackendError> {
+        let row = self.masked(logits);
+        self.sampler
+            .sample_logits_with(&row, spec)
+            .map_err(internal)
     }
 }
 
@@ -1225,6 +1357,107 @@ mod tests {
             sampled_vocab: None,
         };
         assert_eq!(unmasked.sample(&logits).unwrap().id, 5);
+    }
+
+    /// Decode steps sampled on the "device" (the op's Rust model on the CPU) give the tokens
+    /// and logprobs of the host sampler with the same seeds, for rows drawn on the device and
+    /// rows that stay on the host (a penalty) in one batch.
+    #[test]
+    fn device_sampling_draws_the_host_samplers_tokens() {
+        let spec = RandomModelSpec::parse("tiny").unwrap();
+        let loaded = load_random(
+            &spec,
+            1,
+            Some(DType::F32),
+            Default::default(),
+            None,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let params = [
+            SamplingParams {
+                temperature: 0.9,
+                top_p: 0.95,
+                top_k: 50,
+                seed: Some(5),
+                logprobs: true,
+                top_logprobs: 3,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                seed: Some(6),
+                ..SamplingParams::default()
+            },
+            SamplingParams::greedy(),
+            SamplingParams {
+                presence_penalty: 1.5,
+                seed: Some(7),
+                ..SamplingParams::default()
+            },
+        ];
+        let run = |mode: DeviceSampling| {
+            let mut backend = LlavaBackend::new(&loaded).with_device_sampling(mode);
+            let prompt = Prompt {
+                token_ids: vec![1, 5, 9, 13, 21],
+                image_spans: vec![],
+                images: vec![],
+                layout: PromptLayout::default(),
+            };
+            let input = PrefillInput {
+                prompt: &prompt,
+                generated: &[],
+            };
+            let mut caches: Vec<LlavaCache> = params.iter().map(|_| backend.new_cache()).collect();
+            let mut samplers: Vec<LlavaSampler> = params
+                .iter()
+                .map(|p| backend.sampler(p, &prompt.token_ids))
+                .collect();
+            let mut last = Vec::new();
+            for (cache, sampler) in caches.iter_mut().zip(&mut samplers) {
+                let logits = backend
+                    .prefill(&input, input.len(), cache)
+                    .unwrap()
+                    .unwrap();
+                last.push(sampler.sample(&logits).unwrap().id);
+            }
+            let (mut tokens, mut on_device) = (Vec::new(), 0);
+            for _ in 0..8 {
+                let draws: Vec<_> = samplers.iter_mut().map(|s| s.device_draw()).collect();
+                let mut refs: Vec<&mut LlavaCache> = caches.iter_mut().collect();
+                let rows = backend
+                    .decode_batch_sampled(&last, &mut refs, &draws)
+                    .unwrap();
+                last.clear();
+                for ((row, draw), sampler) in rows.into_iter().zip(&draws).zip(&mut samplers) {
+                    let token = match (row, draw) {
+                        (StepRow::Sampled(t), _) => {
+                            on_device += 1;
+                            sampler.accept(&t);
+                            t
+                        }
+                        (StepRow::Logits(l), Some(d)) => sampler.sample_with(&l, d).unwrap(),
+                        (StepRow::Logits(l), None) => sampler.sample(&l).unwrap(),
+                    };
+                    last.push(token.id);
+                    tokens.push(token);
+                }
+            }
+            (tokens, on_device)
+        };
+        let (host, none) = run(DeviceSampling::Off);
+        let (device, some) = run(DeviceSampling::Unchecked);
+        assert_eq!(
+            (none, some),
+            (0, 8 * 3),
+            "the penalised row stays on the host"
+        );
+        assert_eq!(host.len(), device.len());
+        for (h, d) in host.iter().zip(&device) {
+            assert_eq!(h.id, d.id);
+            assert!((h.logprob - d.logprob).abs() < 1e-5, "{h:?} {d:?}");
+            let ids = |t: &SampledToken| t.top_logprobs.iter().map(|p| p.0).collect::<Vec<_>>();
+            assert_eq!(ids(h), ids(d));
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::fmt;
 
 use model::diagnostics::{RefusalSet, RefusalTokens};
 use model::kv::{BlockTable, KvBlocks};
-use model::sampling::{SampledToken, SamplingParams};
+use model::sampling::{DrawSpec, SampledToken, SamplingParams};
 
 use crate::engine::plan::{CaptionPrompt, DiagnosePlan, Diagnosis};
 use crate::engine::request::{ChatTurn, ImageInput, Prompt};
@@ -132,6 +132,36 @@ pub trait TokenSampler: Send {
 
     /// The request's settings, which also say how the sequence stops and is detokenized.
     fn params(&self) -> &SamplingParams;
+
+    /// The draw a backend may make on its device for this step
+    /// ([`model::sampling::Sampler::device_draw`]); it takes the draw's random number from the
+    /// sequence's stream. `None` (the default, and whenever a logit processor is active) keeps
+    /// the step on the host.
+    fn device_draw(&mut self) -> Option<DrawSpec> {
+        None
+    }
+
+    /// Counts a token the backend drew with a spec from [`Self::device_draw`].
+    fn accept(&mut self, token: &SampledToken) {
+        let _ = token;
+    }
+
+    /// Samples on the host with a spec already taken from [`Self::device_draw`] (the backend
+    /// returned the row's logits instead of a token).
+    fn sample_with(
+        &mut self,
+        logits: &[f32],
+        spec: &DrawSpec,
+    ) -> Result<SampledToken, BackendError>;
+}
+
+/// One sequence's result of [`ModelBackend::decode_batch_sampled`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepRow {
+    /// Drawn on the backend's device with the sequence's spec.
+    Sampled(SampledToken),
+    /// The logits, for the host to sample.
+    Logits(Vec<f32>),
 }
 
 /// A failure inside the model (a real internal fault: the request gets a 500).
@@ -253,6 +283,24 @@ pub trait ModelBackend: Send + 'static {
         tokens: &[u32],
         caches: &mut [&mut Self::Cache],
     ) -> Result<Vec<Vec<f32>>, BackendError>;
+
+    /// [`Self::decode_batch`], with the draws made on the model's device where `draws[i]` is
+    /// `Some` and the backend can: then only the tokens cross to the host. Rows it returns as
+    /// logits are sampled on the host, with the spec when there is one. The default samples
+    /// nothing on the device.
+    fn decode_batch_sampled(
+        &mut self,
+        tokens: &[u32],
+        caches: &mut [&mut Self::Cache],
+        draws: &[Option<DrawSpec>],
+    ) -> Result<Vec<StepRow>, BackendError> {
+        let _ = draws;
+        Ok(self
+            .decode_batch(tokens, caches)?
+            .into_iter()
+            .map(StepRow::Logits)
+            .collect())
+    }
 
     /// A fresh sampler for one sequence whose prompt is `prompt` (the repetition penalty counts
     /// it); its `min_tokens` mask covers [`Self::stop_token_ids`].

@@ -211,6 +211,15 @@ impl<B: ModelBackend> Sequence<B> {
         draw(&mut self.sampler, &mut self.constraint, logits)
     }
 
+    /// The spec of a draw the backend may make on its device this step: none under a
+    /// constraint (its mask is applied on the host) or a logit processor.
+    pub(super) fn device_draw(&mut self) -> Option<model::sampling::DrawSpec> {
+        match self.constraint {
+            Some(_) => None,
+            None => self.sampler.device_draw(),
+        }
+    }
+
     /// The parts [`Sequence::draw`] uses, borrowed apart from the rest of the sequence.
     pub(super) fn draw_parts(
         &mut self,

@@ -25,7 +25,9 @@ use rayon::prelude::*;
 use super::request::Prompt;
 use super::sequence::{Phase, Sequence, SequenceDiagnosis};
 use super::{Command, EngineConfig, Event, FinishReason, GenerationError, Job, Usage};
-use crate::backend::{BackendError, ModelBackend, PrefillInput, SequenceCache};
+use crate::backend::{
+    BackendError, ModelBackend, PrefillInput, SequenceCache, StepRow, TokenSampler,
+};
 use crate::firehose::Firehose;
 use crate::metrics::Metrics;
 
@@ -730,11 +732,13 @@ impl<B: ModelBackend> Worker<B> {
             .partition(|s| s.phase == Phase::Decode);
         let tokens: Vec<u32> = batch.iter().map(|seq| seq.last_token).collect();
         self.metrics.batch_size.observe(tokens.len() as f64);
+        // Each draw's random number is taken now, whichever side then draws.
+        let specs: Vec<_> = batch.iter_mut().map(|seq| seq.device_draw()).collect();
         let backend = &mut self.backend;
         let mut caches: Vec<&mut B::Cache> = batch.iter_mut().map(|seq| &mut seq.cache).collect();
         let started = Instant::now();
         let result = catch_unwind(AssertUnwindSafe(|| {
-            backend.decode_batch(&tokens, &mut caches)
+            backend.decode_batch_sampled(&tokens, &mut caches, &specs)
         }))
         .unwrap_or_else(|panic| Err(BackendError::new(panic_message(&panic))));
         drop(caches);
@@ -742,14 +746,14 @@ impl<B: ModelBackend> Worker<B> {
         // ones, but preemption only needs "youngest last" approximately, so the prefilling ones
         // go after.
         self.running = rest;
-        let all_logits = match result {
-            Ok(logits) if logits.len() == tokens.len() => logits,
-            Ok(logits) => {
+        let rows = match result {
+            Ok(rows) if rows.len() == tokens.len() => rows,
+            Ok(rows) => {
                 return self.fail_batch(
                     batch,
                     BackendError(format!(
-                        "decode_batch returned {} logit rows for {} sequences",
-                        logits.len(),
+                        "decode_batch returned {} rows for {} sequences",
+                        rows.len(),
                         tokens.len()
                     )),
                 )
@@ -765,11 +769,18 @@ impl<B: ModelBackend> Worker<B> {
         let mut parts: Vec<_> = batch.iter_mut().map(|seq| seq.draw_parts()).collect();
         let draws: Vec<Result<SampledToken, BackendError>> = parts
             .par_iter_mut()
-            .zip(all_logits.par_iter())
+            .zip(rows.par_iter().zip(specs.par_iter()))
             .with_min_len(4)
-            .map(|((sampler, constraint), logits)| {
-                catch_unwind(AssertUnwindSafe(|| {
-                    super::sequence::draw(&mut **sampler, constraint, logits)
+            .map(|((sampler, constraint), (row, spec))| {
+                catch_unwind(AssertUnwindSafe(|| match (row, spec) {
+                    (StepRow::Sampled(token), _) => {
+                        sampler.accept(token);
+                        Ok(token.clone())
+                    }
+                    (StepRow::Logits(logits), Some(spec)) => sampler.sample_with(logits, spec),
+                    (StepRow::Logits(logits), None) => {
+                        super::sequence::draw(&mut **sampler, constraint, logits)
+                    }
                 }))
                 .unwrap_or_else(|panic| Err(BackendError::new(panic_message(&panic))))
             })

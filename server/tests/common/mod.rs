@@ -11,11 +11,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use model::kv::{BlockTable, KvBlocks, KvPoolConfig};
-use model::sampling::{SampledToken, Sampler, SamplingParams};
+use model::sampling::{DrawSpec, SampledToken, Sampler, SamplingParams};
 use server::app::{AppState, HttpConfig, ModelCard, ServingConfig, ServingModel};
 use server::backend::{
     BackendError, ModelBackend, PrefillInput, ProcessError, PromptProcessor, SequenceCache,
-    TokenSampler,
+    StepRow, TokenSampler,
 };
 use server::engine::request::{ChatTurn, ImageInput, Prompt, PromptLayout, Role, TurnPart};
 use server::firehose::Firehose;
@@ -436,6 +436,38 @@ impl ModelBackend for FakeModel {
             .collect())
     }
 
+    /// The rows with a spec are drawn by the device sampler's op (on the CPU, the kernel's Rust
+    /// model), so the engine's device path runs in every test; the others go back as logits.
+    fn decode_batch_sampled(
+        &mut self,
+        tokens: &[u32],
+        caches: &mut [&mut FakeCache],
+        draws: &[Option<DrawSpec>],
+    ) -> Result<Vec<StepRow>, BackendError> {
+        let rows = self.decode_batch(tokens, caches)?;
+        rows.into_iter()
+            .zip(draws)
+            .map(|(row, draw)| match draw {
+                None => Ok(StepRow::Logits(row)),
+                Some(spec) => {
+                    let logits = candle_core::Tensor::from_slice(
+                        &row,
+                        (1, row.len()),
+                        &candle_core::Device::Cpu,
+                    )
+                    .map_err(BackendError::new)?;
+                    match model::device_sampling::sample_rows(&logits, &[*spec], VOCAB)
+                        .map_err(BackendError::new)?
+                        .remove(0)
+                    {
+                        Ok(token) => Ok(StepRow::Sampled(token)),
+                        Err(_) => Ok(StepRow::Logits(row)),
+                    }
+                }
+            })
+            .collect()
+    }
+
     fn sampler(&self, params: &SamplingParams, prompt: &[u32]) -> FakeSampler {
         FakeSampler(Sampler::for_sequence(params.clone(), prompt, &[EOS]))
     }
@@ -495,6 +527,28 @@ impl TokenSampler for FakeSampler {
 
     fn params(&self) -> &SamplingParams {
         self.0.params()
+    }
+
+    fn device_draw(&mut self) -> Option<DrawSpec> {
+        self.0.device_draw()
+    }
+
+    fn accept(&mut self, token: &SampledToken) {
+        self.0.accept(token)
+    }
+
+    fn sample_with(
+        &mut self,
+        logits: &[f32],
+        spec: &DrawSpec,
+    ) -> Result<SampledToken, BackendError> {
+        assert!(
+            !logits[0].is_nan(),
+            "scripted sampler panic on a poisoned row"
+        );
+        self.0
+            .sample_logits_with(logits, spec)
+            .map_err(|e| BackendError::new(e.to_string()))
     }
 }
 
