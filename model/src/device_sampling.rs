@@ -23,10 +23,10 @@
 //!
 //! Every reduction has a fixed order, so a row gives the same bits on every run.
 
-#[cfg(test)]
-use candle_core::DType;
 #[cfg(feature = "cuda")]
-use candle_core::{backend::BackendStorage, DType};
+use candle_core::backend::BackendStorage;
+#[cfg(any(test, feature = "cuda"))]
+use candle_core::DType;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 use crate::error::{ModelError, Result};
