@@ -4,7 +4,8 @@
 # test suite. CI (.ci/run) calls exactly this.
 #   - prometheus: the e2e test scrapes the server with a real Prometheus (Debian's package);
 #   - python3 with venv: the e2e suite's clients (openai, pytest) live in a venv it creates under
-#     target/e2e-venv from PyPI.
+#     target/e2e-venv from PyPI;
+#   - g++: a CUDA kernel's host emulation (model/tests/sample_kernel_emulated.rs).
 # Extra arguments go to `cargo test` (e.g. `tools/test.sh -p tga-model`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,8 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then missing+=(python3-venv); fi
+# g++: model/tests/sample_kernel_emulated.rs builds a CUDA kernel for the host with it.
+command -v c++ >/dev/null 2>&1 || missing+=(g++)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=()
     if [ "$(id -u)" -ne 0 ]; then

@@ -5,9 +5,15 @@
 //
 // Output per row (OUT_COLS floats): id, logprob, then MAX_TOP (id, logprob) pairs; the id is -1
 // for a NaN or +inf logit and -2 when no logit is finite.
+#ifdef TGA_HOST_EMULATION
+#include "host_emulation.h"  // the tests' host build (f32 only)
+#else
 #include "common.cuh"
+#endif
 
-#define THREADS 512
+#ifndef THREADS
+#define THREADS 512  // threads per row; the host emulation also builds with fewer
+#endif
 #define WARPS (THREADS / 32)
 #define MAX_TOP 20
 #define OUT_COLS (2 + 2 * MAX_TOP)
@@ -267,5 +273,7 @@ __device__ void sample_row(const T *x, const double *p, float *out, int limit) {
     }
 
 SAMPLE(f32, float)
+#ifndef TGA_HOST_EMULATION
 SAMPLE(bf16, __nv_bfloat16)
 SAMPLE(f16, __half)
+#endif

@@ -83,12 +83,9 @@ pub fn sample_rows(
     let out = logits
         .contiguous()?
         .apply_op2_no_bwd(&params, &SampleRows { rows, vocab, limit })?
-        .to_vec2::<f32>()?;
-    Ok(out
-        .iter()
-        .zip(specs)
-        .map(|(row, spec)| token(row, spec, limit))
-        .collect())
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok(tokens_of(&out, specs, limit))
 }
 
 /// The op on `device` against [`reference_row`] on the host, at `vocab` columns in `dtype`: 48
@@ -127,8 +124,9 @@ pub fn self_check(
         })
         .collect();
     let rows: Vec<f32> = (0..specs.len() * vocab)
-        .map(|_| {
-            if rng.random::<f32>() < 0.01 {
+        .map(|i| {
+            // Each row's first logit finite: a row with none is an error, not a draw.
+            if i % vocab != 0 && rng.random::<f32>() < 0.01 {
                 f32::NEG_INFINITY
             } else {
                 half::bf16::from_f32(rng.random_range(-8.0f32..8.0)).to_f32()
@@ -140,31 +138,51 @@ pub fn self_check(
     let widened = host.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
     let got = sample_rows(&host.to_device(device)?, &specs, vocab)?;
     for (b, (got, spec)) in got.into_iter().zip(&specs).enumerate() {
-        let got = got?;
-        let want = token(&reference_row(&widened[b], spec), spec, vocab)?;
-        let nudged = |du: f64| {
-            let spec = DrawSpec {
-                u: (spec.u + du).clamp(0.0, 1.0 - f64::EPSILON),
-                ..*spec
-            };
-            reference_row(&widened[b], &spec)[0] as u32
-        };
-        let same_id = got.id == want.id || got.id == nudged(1e-4) || got.id == nudged(-1e-4);
-        let close = |a: f32, b: f32| a == b || (a - b).abs() <= 1e-4;
-        let same_top = got.top_logprobs.len() == want.top_logprobs.len()
-            && got
-                .top_logprobs
-                .iter()
-                .zip(&want.top_logprobs)
-                .all(|(g, w)| g.0 == w.0 && close(g.1, w.1));
-        let logprob_ok = got.id != want.id || close(got.logprob, want.logprob);
-        if !(same_id && same_top && logprob_ok) {
-            return Err(ModelError::Sampling(format!(
-                "device sampler row {b} ({spec:?}): got {got:?}, the reference {want:?}"
-            )));
-        }
+        check_against_reference(&widened[b], spec, &got?)
+            .map_err(|e| ModelError::Sampling(format!("device sampler row {b}: {e}")))?;
     }
     Ok(specs.len())
+}
+
+/// Whether `got`, a device's token for logits `x` (the ids below the limit) under `spec`,
+/// is [`reference_row`]'s: the same id, or the reference's with `u` moved by 1e-4 (a rounding at
+/// a boundary of the kept mass, which the device sums in f32); logprobs within 1e-4; the same
+/// top alternatives.
+pub fn check_against_reference(
+    x: &[f32],
+    spec: &DrawSpec,
+    got: &SampledToken,
+) -> std::result::Result<(), String> {
+    let want = token(&reference_row(x, spec), spec, x.len()).map_err(|e| e.to_string())?;
+    let nudged = |du: f64| {
+        let spec = DrawSpec {
+            u: (spec.u + du).clamp(0.0, 1.0 - f64::EPSILON),
+            ..*spec
+        };
+        reference_row(x, &spec)[0] as u32
+    };
+    let same_id = got.id == want.id || got.id == nudged(1e-4) || got.id == nudged(-1e-4);
+    let close = |a: f32, b: f32| a == b || (a - b).abs() <= 1e-4;
+    let same_top = got.top_logprobs.len() == want.top_logprobs.len()
+        && got
+            .top_logprobs
+            .iter()
+            .zip(&want.top_logprobs)
+            .all(|(g, w)| g.0 == w.0 && close(g.1, w.1));
+    let logprob_ok = got.id != want.id || close(got.logprob, want.logprob);
+    if same_id && same_top && logprob_ok {
+        Ok(())
+    } else {
+        Err(format!("{spec:?}: got {got:?}, the reference {want:?}"))
+    }
+}
+
+/// The op's result rows (`[rows, OUT_COLS]`, as the kernel writes them) as tokens.
+pub fn tokens_of(out: &[f32], specs: &[DrawSpec], limit: usize) -> Vec<Result<SampledToken>> {
+    out.chunks_exact(OUT_COLS)
+        .zip(specs)
+        .map(|(row, spec)| token(row, spec, limit))
+        .collect()
 }
 
 /// One row of the op's result as a token, or the host sampler's error for that row.

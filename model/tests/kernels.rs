@@ -1,7 +1,9 @@
 //! The custom kernels against their Rust references on the CPU, on the test device: paged
 //! decode attention (`model::paged::paged_decode_attention`), paged prefill attention
-//! (`model::paged_prefill::paged_prefill_attention`), and the fused add + RMSNorm and RoPE kernels
-//! (`model::fused`), those also against the candle ops they replace (on the same device).
+//! (`model::paged_prefill::paged_prefill_attention`), the fused add + RMSNorm and RoPE kernels
+//! (`model::fused`), those also against the candle ops they replace (on the same device), and
+//! the device sampler (`model::device_sampling`: ids equal but for a rounding at a boundary of
+//! the kept mass, logprobs within 1e-4; see `check_against_reference`).
 //!
 //! Environment: `TGA_TEST_DEVICE` = `cpu` (default: the op runs the reference itself, so this
 //! checks the plumbing in CI) or `cuda` (device 0; needs `--features cuda`: the CUDA kernel).
@@ -942,6 +944,19 @@ fn fused_silu_mul_self_check_passes() {
         println!("device {dev:?} {dtype:?} silu_mul self-check: max |diff| {d:.3e}");
         if dev.is_cuda() {
             assert_eq!(d, 0.0, "{dtype:?}");
+        }
+    }
+}
+
+/// The device sampler against its reference at awkward vocabulary sizes and the 7B's, in each
+/// logits dtype (48 rows of greedy, temperature, top-k, top-p and min-p draws each).
+#[test]
+fn device_sampler_equals_its_reference() {
+    let dev = device();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for vocab in [1usize, 15, 16, 17, 511, 512, 513, 3000, 32064] {
+            model::device_sampling::self_check(&dev, dtype, vocab)
+                .unwrap_or_else(|e| panic!("{dtype:?}, vocab {vocab}: {e}"));
         }
     }
 }
