@@ -569,6 +569,11 @@ def cmd_report(a) -> int:
              f"{fmt(v.get('first_token_ms'), 1)} | {fmt(v.get('ttft_ms'), 1)} | {fmt(v.get('decode_step_ms'), 2)}; "
              f"{'/'.join(fmt(v.get(f'decode_b{b}_step_ms'), 2) for b in (1, 32, 64))} |"
              if v else f"| {k} | (no STAGES line: see its log) | | | | | | |" for k, v in stages.items()],
+           "", "Sampling one decode step's rows (temperature 1, top-p 0.9, 5 top logprobs): logits copied "
+           "to the host and drawn there in parallel, against the device sampler (ms, batch 1/32/64):", "",
+           *[f"- {k}: host {'/'.join(fmt(v.get(f'sample_host_b{b}_ms'), 3) for b in (1, 32, 64))}, "
+             f"device {'/'.join(fmt(v.get(f'sample_device_b{b}_ms'), 3) for b in (1, 32, 64))}"
+             for k, v in stages.items() if v],
            "", "Attention kernels alone (kernels tests `paged_decode_timing`, `paged_prefill_timing`):", "",
            "```", kernel_timing.strip() or "(not run)", "```",
            "", "## tools/gpu_check.sh summary (T5a)", "", "```", check_summary.strip() or "(none)", "```",

@@ -242,7 +242,8 @@ fn work_queued_on_one_thread_is_complete_when_another_reads_it() {
 /// projector + anyres packing, input embeddings, the decoder's prefill in 2,048-position chunks
 /// (the server's default on CUDA), then batch-1 decode steps at that context with the logits
 /// read back, as the engine does; then decode steps at batch 1, 32 and 64 over 128-token
-/// contexts (T2's shape). Medians of 5 runs after a warm-up; one `STAGES {json}` line.
+/// contexts (T2's shape), and each batch's draws on the host (logits copied back) against the
+/// device sampler's. Medians of 5 runs after a warm-up; one `STAGES {json}` line.
 #[test]
 #[ignore]
 fn image_prefill_stage_timing() {
@@ -440,6 +441,47 @@ fn image_prefill_stage_timing() {
         let m = median(&step_ms);
         println!("decode batch {b:2} at context 128: {m:8.2} ms per step");
         json[format!("decode_b{b}_step_ms")] = serde_json::json!(m);
+        // The step's draws (temperature 1, top-p 0.9, 5 top logprobs) from its logits on the
+        // device: copied to the host and drawn there in parallel, as the engine does without
+        // device sampling; or drawn on the device (model::device_sampling). Median of 16.
+        use rayon::prelude::*;
+        let mut refs: Vec<&mut _> = caches.iter_mut().collect();
+        let logits = model.decode_step(&tokens, &mut refs).unwrap();
+        let specs = vec![
+            model::sampling::DrawSpec {
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 0.9,
+                min_p: 0.0,
+                top_logprobs: 5,
+                u: 0.5,
+            };
+            b
+        ];
+        let vocab = logits.dim(1).unwrap();
+        let (mut host_ms, mut device_ms) = (Vec::new(), Vec::new());
+        for _ in 0..17 {
+            sync();
+            let t = Instant::now();
+            let rows = logits.to_vec2::<f32>().unwrap();
+            let ids: Vec<u32> = rows
+                .par_iter()
+                .zip(&specs)
+                .map(|(r, s)| {
+                    let mut sampler = model::sampling::Sampler::new(Default::default());
+                    sampler.sample_logits_with(r, s).unwrap().id
+                })
+                .collect();
+            host_ms.push(ms(t));
+            let t = Instant::now();
+            let drawn = model::device_sampling::sample_rows(&logits, &specs, vocab).unwrap();
+            device_ms.push(ms(t));
+            assert_eq!(drawn.len(), ids.len());
+        }
+        let (h, d) = (median(&host_ms[1..]), median(&device_ms[1..]));
+        println!("sampling batch {b:2}: host {h:8.3} ms, device {d:8.3} ms");
+        json[format!("sample_host_b{b}_ms")] = serde_json::json!(h);
+        json[format!("sample_device_b{b}_ms")] = serde_json::json!(d);
     }
     println!("STAGES {json}");
 }
