@@ -182,12 +182,13 @@ part gpu_check 120 env OUT="$W/check" SERVE="$SERVE" PARITY="$PARITY" NO_CUDA="$
 grep -E '^(PASS|FAIL|INFO|RESULT)' "$W/check/summary.txt" 2>/dev/null
 
 # --- where an image prompt's time goes, at the model level (no HTTP): the kernels test binary's
-# image_prefill_stage_timing, once as served and once per switch that restores an older path
+# image_prefill_stage_timing, once as served, once with decode steps through CUDA graphs
+# (TGA_CUDA_GRAPHS=1, not yet the default) and once per switch that restores an older path
 # (cudarc's per-allocation events; the candle-ops prefill attention; the unfused norms/RoPE), so
 # each change is measured side by side in this run.
 if [ -z "${KERNELS:-}" ] && [ -f .cudabin/kernels.gz ]; then gpu_unpack /tmp/tgabin kernels && KERNELS=/tmp/tgabin/kernels; fi
 if [ -n "${KERNELS:-}" ]; then
-  for variant in served:- events:TGA_CUDA_EVENT_TRACKING=1 \
+  for variant in served:- graphs:TGA_CUDA_GRAPHS=1 events:TGA_CUDA_EVENT_TRACKING=1 \
       candle_attention:TGA_PREFILL_KERNEL=0 unfused:TGA_FUSED_KERNELS=0; do
     name=${variant%%:*} envs=${variant#*:}
     [ "$envs" = - ] && envs=""

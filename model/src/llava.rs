@@ -245,6 +245,11 @@ impl LlavaModel {
         self.decoder.configure_kv_pool(config)
     }
 
+    /// See [`crate::mistral::Decoder::set_decode_graphs`].
+    pub fn set_decode_graphs(&mut self, mode: crate::mistral::DecodeGraphs) {
+        self.decoder.set_decode_graphs(mode)
+    }
+
     /// Image tokens for one image: projector output, anyres-packed with newlines [T, hidden].
     pub fn encode_image(&self, image: &ImageInput) -> Result<Tensor> {
         let pv = image

@@ -275,6 +275,9 @@ struct KvPool {
     blocks: KvBlocks,
     k: Vec<Tensor>,
     v: Vec<Tensor>,
+    /// One block past the allocator's, never handed out: the padding rows of a static decode
+    /// step ([`DecodeGraphs`]) write and read it.
+    scratch: u32,
 }
 
 impl KvPool {
@@ -288,7 +291,7 @@ impl KvPool {
         commit: bool,
     ) -> Result<Self> {
         let shape = (
-            pool.num_blocks * pool.block_size,
+            (pool.num_blocks + 1) * pool.block_size,
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
@@ -311,6 +314,8 @@ impl KvPool {
             blocks: KvBlocks::new(pool),
             k,
             v,
+            scratch: u32::try_from(pool.num_blocks)
+                .map_err(|_| ModelError::InvalidInput(format!("{} KV blocks", pool.num_blocks)))?,
         })
     }
 
@@ -1127,6 +1132,90 @@ impl DecoderLayer {
     }
 }
 
+/// Batch sizes a static decode step pads to ([`DecodeGraphs`]); a CUDA graph is captured per size.
+pub const DECODE_BUCKETS: [usize; 12] = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256];
+
+/// The longest context (positions) a static decode step serves: its block tables are this wide
+/// (the paged kernel's partitions are fixed by the width at capture); longer steps run eagerly.
+pub const STATIC_MAX_CONTEXT: usize = 4096;
+
+/// The bucket of [`DECODE_BUCKETS`] a step of `batch` sequences pads to.
+pub fn decode_bucket(batch: usize) -> Option<usize> {
+    DECODE_BUCKETS.iter().copied().find(|&s| s >= batch)
+}
+
+/// How decode steps run ([`Decoder::set_decode_graphs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeGraphs {
+    /// Eagerly, op by op, at the batch's own size.
+    Off,
+    /// On the static path, eagerly: the batch padded to its bucket (padding rows read and write
+    /// the pool's scratch block), every input in one device buffer per bucket uploaded once per
+    /// step, the paged kernel over tables [`STATIC_MAX_CONTEXT`] wide. What a graph replays; on
+    /// the CPU, the tests' way to check it against the eager path.
+    Static,
+    /// The static path captured as one CUDA graph per bucket at its first step and replayed
+    /// after (each capture checked against the eager static step bit for bit, else graphs are
+    /// turned off); on the CPU the same as `Static`.
+    Captured,
+}
+
+impl DecodeGraphs {
+    /// `TGA_CUDA_GRAPHS=1` captures graphs on CUDA; anything else (the default until a GPU run
+    /// has measured and checked them) runs eagerly.
+    pub fn from_env() -> Self {
+        match std::env::var("TGA_CUDA_GRAPHS").as_deref() {
+            Ok("1" | "on" | "true") => Self::Captured,
+            _ => Self::Off,
+        }
+    }
+}
+
+/// One bucket's static decode step: its inputs on the device and, on CUDA, its graph.
+struct StaticStep {
+    batch: usize,
+    max_blocks: usize,
+    block_size: usize,
+    /// u32 [4·batch + batch·max_blocks]: tokens, positions, lengths, write slots, block tables.
+    inputs: Tensor,
+    /// f32 [batch, vocab]: what the captured graph writes its logits to.
+    #[cfg(feature = "cuda")]
+    logits: Tensor,
+    #[cfg(feature = "cuda")]
+    graph: Option<graph::Graph>,
+}
+
+/// The static steps made so far, by bucket.
+struct StaticSteps {
+    mode: DecodeGraphs,
+    steps: std::collections::HashMap<usize, StaticStep>,
+}
+
+#[cfg(feature = "cuda")]
+mod graph {
+    use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph, DriverError};
+
+    /// A captured decode step. cudarc's graph is not `Send`: it is only used under the
+    /// decoder's lock on its static steps, so one thread at a time.
+    pub(super) struct Graph(pub(super) CudaGraph);
+    // SAFETY: every use of the graph is serialised by `Decoder::static_steps`' mutex, and the
+    // CUDA driver allows a graph exec to be launched from any thread of its context.
+    unsafe impl Send for Graph {}
+
+    impl Graph {
+        pub(super) fn launch(&self) -> Result<(), DriverError> {
+            self.0.launch()
+        }
+    }
+
+    pub(super) const CAPTURE_MODE: sys::CUstreamCaptureMode =
+        sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+    /// Allocations a replay leaves unfreed are freed at the next launch (the graph frees every
+    /// intermediate itself; this only guards against a leak).
+    pub(super) const INSTANTIATE: sys::CUgraphInstantiate_flags =
+        sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH;
+}
+
 /// The Mistral decoder (`language_model`): embeddings, blocks, final norm, unembedding.
 pub struct Decoder {
     embed_tokens: Embedding,
@@ -1156,6 +1245,8 @@ pub struct Decoder {
     prefill_checked: std::sync::OnceLock<Option<bool>>,
     /// See [`Decoder::force_prefill_kernel`].
     prefill_forced: bool,
+    /// See [`Decoder::set_decode_graphs`].
+    static_steps: std::sync::Mutex<StaticSteps>,
 }
 
 /// Result of a prefill.
@@ -1208,6 +1299,10 @@ impl Decoder {
             rope_table: std::sync::OnceLock::new(),
             prefill_checked: std::sync::OnceLock::new(),
             prefill_forced: false,
+            static_steps: std::sync::Mutex::new(StaticSteps {
+                mode: DecodeGraphs::from_env(),
+                steps: Default::default(),
+            }),
         })
     }
 
@@ -1233,6 +1328,39 @@ impl Decoder {
     /// (reads from the pool, probability taps, masked layers' fallback) on the CPU.
     pub fn force_prefill_kernel(&mut self, on: bool) {
         self.prefill_forced = on;
+    }
+
+    /// How decode steps run ([`DecodeGraphs`]; by default from `TGA_CUDA_GRAPHS`). The static
+    /// path needs the device path with the fused kernels and stacked projections, and on CUDA
+    /// the paged decode kernel; steps it cannot take (a key mask, a context over
+    /// [`STATIC_MAX_CONTEXT`], a batch over the largest bucket, positions past the RoPE table)
+    /// run eagerly.
+    pub fn set_decode_graphs(&mut self, mode: DecodeGraphs) {
+        let steps = self
+            .static_steps
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner());
+        steps.mode = mode;
+        steps.steps.clear();
+    }
+
+    /// The decode-step mode now (a failed graph capture turns `Captured` into `Static`) and
+    /// the buckets with a static step, each with whether its CUDA graph is captured.
+    pub fn decode_graphs(&self) -> (DecodeGraphs, Vec<(usize, bool)>) {
+        let state = self.static_steps.lock().unwrap_or_else(|e| e.into_inner());
+        let mut buckets: Vec<(usize, bool)> = state
+            .steps
+            .iter()
+            .map(|(&b, _step)| {
+                #[cfg(feature = "cuda")]
+                let captured = _step.graph.is_some();
+                #[cfg(not(feature = "cuda"))]
+                let captured = false;
+                (b, captured)
+            })
+            .collect();
+        buckets.sort_unstable();
+        (state.mode, buckets)
     }
 
     /// Whether the fused device path (see [`Decoder::set_fused_kernels`], which this needs) also
@@ -1279,6 +1407,12 @@ impl Decoder {
     /// Replaces the KV pool with one of `config`'s shape, its memory committed now. Caches of
     /// the old pool stay valid as tables but are refused by forwards.
     pub fn configure_kv_pool(&mut self, config: KvPoolConfig) -> Result<()> {
+        // The static steps' graphs write the old pool: they go first.
+        self.static_steps
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .steps
+            .clear();
         // Free the old storage first: the two need not fit together.
         self.pool.k.clear();
         self.pool.v.clear();
@@ -1579,6 +1713,11 @@ impl Decoder {
         }
         let fuse = self.fused_ops();
         let stacked = fuse && self.stacked_projections;
+        if stacked {
+            if let Some(logits) = self.decode_static(tokens, caches, &positions)? {
+                return Ok(logits);
+            }
+        }
         // RoPE: the fused kernel reads the device's table at the uploaded positions; otherwise
         // (or past the table) this step's angles are computed and uploaded.
         let table = self
@@ -1691,6 +1830,229 @@ impl Decoder {
 }
 
 impl Decoder {
+    /// The decode step on the static path ([`DecodeGraphs`]), or `None` when it does not apply
+    /// (then the caller runs the step eagerly). `positions` were prepared in the pool.
+    fn decode_static(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut KvCache],
+        positions: &[usize],
+    ) -> Result<Option<Tensor>> {
+        let mut guard = self.static_steps.lock().unwrap_or_else(|e| e.into_inner());
+        let mode = guard.mode;
+        let b = tokens.len();
+        let bucket = match (mode, decode_bucket(b)) {
+            (DecodeGraphs::Off, _) | (_, None) => return Ok(None),
+            (_, Some(bucket)) => bucket,
+        };
+        let Some(bs) = caches.first().map(|c| c.table.block_size()) else {
+            return Ok(None);
+        };
+        let max_context = positions.iter().max().map_or(0, |p| p + 1);
+        let table = self.rope_table(true);
+        let applies = self.device_ops
+            && (self.device.is_cpu() || self.paged_kernel(self.dtype))
+            && max_context <= STATIC_MAX_CONTEXT
+            && caches
+                .iter()
+                .all(|c| c.mask.is_none() && c.table.block_size() == bs)
+            && table.is_some_and(|(cos, _)| max_context <= cos.dims()[0]);
+        let (Some(rope), true) = (table, applies) else {
+            return Ok(None);
+        };
+        let vocab = self.cfg.vocab_size;
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ModelError::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary ({vocab})"
+            )));
+        }
+        let m = STATIC_MAX_CONTEXT.div_ceil(bs);
+        let state = &mut *guard;
+        let step = match state.steps.entry(bucket) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(StaticStep {
+                batch: bucket,
+                max_blocks: m,
+                block_size: bs,
+                inputs: Tensor::zeros(4 * bucket + bucket * m, DType::U32, &self.device)?,
+                #[cfg(feature = "cuda")]
+                logits: Tensor::zeros((bucket, vocab), DType::F32, &self.device)?,
+                #[cfg(feature = "cuda")]
+                graph: None,
+            }),
+        };
+        // The inputs, padded: padding rows hold token 0 at position 0 of the scratch block.
+        let scratch = self.pool.scratch;
+        let mut host = vec![0u32; 4 * bucket + bucket * m];
+        let (head, tables) = host.split_at_mut(4 * bucket);
+        tables.fill(scratch);
+        for r in 0..bucket {
+            let (token, pos, slot) = match caches.get(r) {
+                Some(cache) => {
+                    let pos = positions[r];
+                    let used = (pos + 1).div_ceil(bs);
+                    let row = &mut tables[r * m..r * m + used];
+                    row.copy_from_slice(&cache.table.blocks()[..used]);
+                    (tokens[r], pos, cache.table.slot(pos) as u32)
+                }
+                None => (0, 0, scratch * bs as u32),
+            };
+            head[r] = token;
+            head[bucket + r] = pos as u32;
+            head[2 * bucket + r] = pos as u32 + 1;
+            head[3 * bucket + r] = slot;
+        }
+        let fresh = Tensor::from_vec(host, 4 * bucket + bucket * m, &self.device)?;
+        step.inputs.slice_set(&fresh, 0, 0)?;
+        drop(fresh);
+        let logits = self.run_static(step, rope, &mut state.mode)?;
+        for c in caches.iter_mut() {
+            c.len += 1;
+        }
+        Ok(Some(logits.narrow(0, 0, b)?.copy()?))
+    }
+
+    /// Runs a static step whose inputs are uploaded: its graph when captured; else eagerly,
+    /// capturing it first when `mode` asks (on CUDA). A capture that fails or whose replay
+    /// differs from the eager step turns graphs off (`mode` becomes `Static`) and logs why.
+    fn run_static(
+        &self,
+        step: &mut StaticStep,
+        rope: &(Tensor, Tensor),
+        mode: &mut DecodeGraphs,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(cuda) = &self.device {
+            if let Some(graph) = &step.graph {
+                graph
+                    .launch()
+                    .map_err(|e| candle_core::Error::Msg(format!("decode graph launch: {e}")))?;
+                return Ok(step.logits.clone());
+            }
+            if *mode == DecodeGraphs::Captured {
+                // candle's parameter uploads (shapes, strides) are cached by content from the
+                // eager step on, so that the capture finds them on the device.
+                let _cache = cuda.enable_cuda_graph_htod_cache();
+                let eager = self.static_forward(step, rope)?;
+                match self.capture(cuda, step, rope, &eager) {
+                    Ok(graph) => {
+                        tracing::info!(batch = step.batch, "decode step captured as a CUDA graph");
+                        step.graph = Some(graph);
+                        return Ok(eager);
+                    }
+                    Err(e) => {
+                        tracing::error!(batch = step.batch, error = %e,
+                            "decode graph capture failed its check: decode steps run eagerly");
+                        *mode = DecodeGraphs::Static;
+                        // A replay may have written other keys and values: the eager step's
+                        // again.
+                        return self.static_forward(step, rope);
+                    }
+                }
+            }
+        }
+        let _ = mode;
+        self.static_forward(step, rope)
+    }
+
+    /// Captures `step`'s forward as a CUDA graph, replays it once and checks that its logits
+    /// equal `eager`'s (the same step run op by op from the same inputs) bit for bit.
+    #[cfg(feature = "cuda")]
+    fn capture(
+        &self,
+        cuda: &candle_core::CudaDevice,
+        step: &StaticStep,
+        rope: &(Tensor, Tensor),
+        eager: &Tensor,
+    ) -> Result<graph::Graph> {
+        let msg = |what: &str, e: &dyn std::fmt::Display| {
+            ModelError::from(candle_core::Error::Msg(format!("{what}: {e}")))
+        };
+        let stream = cuda.cuda_stream();
+        stream
+            .begin_capture(graph::CAPTURE_MODE)
+            .map_err(|e| msg("begin capture", &e))?;
+        // Every tensor the forward makes is dropped inside the capture (freed by the graph);
+        // its logits are copied into the step's own buffer.
+        let recorded = self
+            .static_forward(step, rope)
+            .and_then(|l| Ok(step.logits.slice_set(&l, 0, 0)?));
+        // End the capture whatever happened, so that the stream is usable again.
+        let ended = stream.end_capture(graph::INSTANTIATE);
+        recorded?;
+        let graph = ended
+            .map_err(|e| msg("end capture", &e))?
+            .ok_or_else(|| msg("end capture", &"no graph"))?;
+        let graph = graph::Graph(graph);
+        graph.launch().map_err(|e| msg("replay", &e))?;
+        let (want, got) = (
+            eager.flatten_all()?.to_vec1::<f32>()?,
+            step.logits.flatten_all()?.to_vec1::<f32>()?,
+        );
+        match want
+            .iter()
+            .zip(&got)
+            .position(|(a, b)| a.to_bits() != b.to_bits())
+        {
+            None => Ok(graph),
+            Some(i) => Err(msg(
+                "replay differs from the eager step",
+                &format!("logit {i}: {} against {}", got[i], want[i]),
+            )),
+        }
+    }
+
+    /// The static step's forward at its bucket's size, from its uploaded inputs: logits f32
+    /// [batch, vocab]. Every op reads the device (nothing crosses from the host), so that a
+    /// CUDA graph can record it.
+    fn static_forward(&self, step: &StaticStep, (cos, sin): &(Tensor, Tensor)) -> Result<Tensor> {
+        let (bk, m) = (step.batch, step.max_blocks);
+        let part = |i: usize| step.inputs.narrow(0, i * bk, bk);
+        let (tokens, positions, lens, slots) = (part(0)?, part(1)?, part(2)?, part(3)?);
+        let tables = step.inputs.narrow(0, 4 * bk, bk * m)?.reshape((bk, m))?;
+        let (hd, heads) = (self.cfg.head_dim, self.cfg.num_attention_heads);
+        let width = self.cfg.num_key_value_heads * hd;
+        let write = slots
+            .reshape((bk, 1))?
+            .broadcast_as((bk, width))?
+            .contiguous()?;
+        let rope = Rope::Table {
+            cos,
+            sin,
+            positions: &positions,
+        };
+        let block_size = step.block_size;
+        let mut xs = self.embed_tokens.forward(&tokens)?.to_dtype(self.dtype)?;
+        let mut h = match self.layers.first() {
+            Some(first) => first.input_layernorm.forward(&xs)?,
+            None => self.norm.forward(&xs)?,
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let attn = &layer.self_attn;
+            let (q, k, v) = attn.qkv_rope(&h, rope, true)?;
+            self.pool.scatter(i, &write, &k, &v)?;
+            let args = crate::paged::PagedDecode {
+                k_pool: &self.pool.k[i],
+                v_pool: &self.pool.v[i],
+                block_tables: &tables,
+                lens: &lens,
+                block_size,
+                window: attn.window,
+                scale: 1.0 / (hd as f32).sqrt(),
+            };
+            let o = crate::paged::paged_decode_attention(&q, &args)?.reshape((bk, heads * hd))?;
+            let o = attn.o_proj.forward(&o)?;
+            let (sum, normed) = self.add_norm(&xs, &o, &layer.post_attention_layernorm, true)?;
+            let mlp = layer.mlp.forward(&normed, true)?;
+            let next = self
+                .layers
+                .get(i + 1)
+                .map_or(&self.norm, |l| &l.input_layernorm);
+            (xs, h) = self.add_norm(&sum, &mlp, next, true)?;
+        }
+        Ok(self.lm_head.forward(&h)?.to_dtype(DType::F32)?)
+    }
+
     /// Whether decode attention takes the paged CUDA kernel (crate::paged): on CUDA where it
     /// supports the shapes and passed its start-up check against the reference (else an error
     /// is logged and the candle-ops path serves), unless `TGA_PAGED_ATTENTION=0` asks for the
@@ -2139,6 +2501,85 @@ mod tests {
                 .unwrap();
         }
         (logits.unwrap(), acc.finish(taps, n).unwrap())
+    }
+
+    /// Decode steps on the static path (the batch padded to its bucket, inputs from one device
+    /// buffer, padding rows on the scratch block, tables STATIC_MAX_CONTEXT wide) give the
+    /// eager path's logits: three sequences of different lengths (bucket 4), then two of them
+    /// (bucket 2), with and without a sliding window that the longest outgrows.
+    #[test]
+    fn static_decode_steps_equal_eager_ones() {
+        for window in [None, Some(9)] {
+            let eager = random_decoder(window);
+            let mut statik = random_decoder(window);
+            statik.set_decode_graphs(DecodeGraphs::Static);
+            let run = |dec: &Decoder| -> (Vec<Vec<f32>>, Vec<u32>) {
+                let mut caches: Vec<KvCache> = [2usize, 7, 12]
+                    .iter()
+                    .map(|&n| {
+                        let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7 + 3) % 50).collect();
+                        let mut cache = dec.new_cache();
+                        let taps = LayerTaps::default();
+                        let mut acc = TapAccumulator::new(&taps);
+                        dec.prefill_chunk(
+                            &dec.embed(&ids).unwrap(),
+                            &mut cache,
+                            &taps,
+                            &mut acc,
+                            false,
+                        )
+                        .unwrap();
+                        cache
+                    })
+                    .collect();
+                let (mut rows, mut next) = (Vec::new(), vec![1u32, 2, 3]);
+                for step in 0..8 {
+                    let live = if step < 5 { 3 } else { 2 };
+                    let mut refs: Vec<&mut KvCache> = caches.iter_mut().take(live).collect();
+                    let logits = dec.decode_step(&next[..live], &mut refs).unwrap();
+                    let out = logits.to_vec2::<f32>().unwrap();
+                    next = out
+                        .iter()
+                        .map(|r| crate::sampling::argmax(r) as u32)
+                        .collect();
+                    next.resize(3, 0);
+                    rows.extend(out);
+                }
+                let greedy = rows
+                    .iter()
+                    .map(|r| crate::sampling::argmax(r) as u32)
+                    .collect();
+                (rows, greedy)
+            };
+            let (want, want_ids) = run(&eager);
+            let (got, got_ids) = run(&statik);
+            assert_eq!(got_ids, want_ids, "window {window:?}");
+            let mut worst = 0f32;
+            for (g, w) in got.iter().zip(&want) {
+                for (a, b) in g.iter().zip(w) {
+                    worst = worst.max((a - b).abs() / (1.0 + b.abs()));
+                }
+            }
+            assert!(worst <= 1e-5, "window {window:?}: {worst}");
+            let (mode, buckets) = statik.decode_graphs();
+            assert_eq!(mode, DecodeGraphs::Static);
+            assert_eq!(
+                buckets,
+                [(2, false), (4, false)],
+                "the static path served both batch sizes"
+            );
+        }
+    }
+
+    #[test]
+    fn batches_pad_to_the_next_bucket() {
+        assert_eq!(decode_bucket(1), Some(1));
+        assert_eq!(decode_bucket(3), Some(4));
+        assert_eq!(decode_bucket(17), Some(24));
+        assert_eq!(decode_bucket(64), Some(64));
+        assert_eq!(decode_bucket(65), Some(96));
+        assert_eq!(decode_bucket(257), None);
+        assert!(DECODE_BUCKETS.windows(2).all(|w| w[0] < w[1]));
     }
 
     /// max |a - b| / (1 + max |b|).

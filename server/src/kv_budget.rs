@@ -39,8 +39,10 @@ pub struct KvBudget {
 }
 
 impl KvBudget {
+    /// The pool's storage: its blocks and the decoder's one scratch block, which the padding
+    /// rows of a static decode step write (one block over the budget's count).
     pub fn bytes(&self) -> u64 {
-        (self.pool.num_blocks * self.bytes_per_block) as u64
+        ((self.pool.num_blocks + 1) * self.bytes_per_block) as u64
     }
 }
 
