@@ -661,6 +661,8 @@ impl LlavaBackend {
             .ok_or_else(|| BackendError::new("warm-up prefill gave no logits"))?;
         let tok = argmax(&logits) as u32;
         self.decode_batch(&[tok], &mut [&mut cache])?;
+        // The device sampler's start-up check, here rather than in the first request's step.
+        self.samples_on_device();
         Ok(())
     }
 
