@@ -1838,26 +1838,15 @@ impl Decoder {
         caches: &mut [&mut KvCache],
         positions: &[usize],
     ) -> Result<Option<Tensor>> {
-        let mut guard = self.static_steps.lock().unwrap_or_else(|e| e.into_inner());
-        let mode = guard.mode;
         let b = tokens.len();
-        let bucket = match (mode, decode_bucket(b)) {
-            (DecodeGraphs::Off, _) | (_, None) => return Ok(None),
-            (_, Some(bucket)) => bucket,
-        };
         let Some(bs) = caches.first().map(|c| c.table.block_size()) else {
             return Ok(None);
         };
         let max_context = positions.iter().max().map_or(0, |p| p + 1);
-        let table = self.rope_table(true);
-        let applies = self.device_ops
-            && (self.device.is_cpu() || self.paged_kernel(self.dtype))
-            && max_context <= STATIC_MAX_CONTEXT
-            && caches
-                .iter()
-                .all(|c| c.mask.is_none() && c.table.block_size() == bs)
-            && table.is_some_and(|(cos, _)| max_context <= cos.dims()[0]);
-        let (Some(rope), true) = (table, applies) else {
+        let fits = caches
+            .iter()
+            .all(|c| c.mask.is_none() && c.table.block_size() == bs);
+        let Some((bucket, rope)) = self.static_plan(b, max_context).filter(|_| fits) else {
             return Ok(None);
         };
         let vocab = self.cfg.vocab_size;
@@ -1866,7 +1855,77 @@ impl Decoder {
                 "token id {bad} is outside the vocabulary ({vocab})"
             )));
         }
+        let logits = self.run_static_step(bucket, bs, rope, |r| {
+            let cache = caches.get(r)?;
+            let pos = positions[r];
+            let used = (pos + 1).div_ceil(bs);
+            Some((
+                tokens[r],
+                pos,
+                cache.table.slot(pos) as u32,
+                &cache.table.blocks()[..used],
+            ))
+        })?;
+        for c in caches.iter_mut() {
+            c.len += 1;
+        }
+        Ok(Some(logits.narrow(0, 0, b)?.copy()?))
+    }
+
+    /// Makes the static step of every bucket up to `max_batch` now, from padding rows only
+    /// (they touch nothing but the scratch block), and with `DecodeGraphs::Captured` on CUDA
+    /// captures and checks each bucket's graph: what a server does at start-up, so that no
+    /// request pays for a capture. Returns the buckets made (none when the static path is off
+    /// or does not apply).
+    pub fn warm_decode_graphs(&self, max_batch: usize) -> Result<Vec<usize>> {
+        let bs = self.pool.blocks.table().block_size();
+        let mut made = Vec::new();
+        for &bucket in DECODE_BUCKETS
+            .iter()
+            .take_while(|&&s| s <= max_batch.max(1))
+        {
+            let Some((_, rope)) = self.static_plan(bucket, 1) else {
+                break;
+            };
+            self.run_static_step(bucket, bs, rope, |_| None)?;
+            made.push(bucket);
+        }
+        Ok(made)
+    }
+
+    /// The bucket a static step of `batch` rows and `max_context` positions runs at, and the
+    /// RoPE table it reads, when the static path is on and applies (module docs of
+    /// [`DecodeGraphs`]).
+    fn static_plan(&self, batch: usize, max_context: usize) -> Option<(usize, &(Tensor, Tensor))> {
+        let mode = self
+            .static_steps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .mode;
+        let bucket = decode_bucket(batch).filter(|_| mode != DecodeGraphs::Off)?;
+        let applies = self.device_ops
+            && self.fused_ops()
+            && self.stacked_projections
+            && (self.device.is_cpu() || self.paged_kernel(self.dtype))
+            && max_context <= STATIC_MAX_CONTEXT;
+        let rope = self
+            .rope_table(applies)
+            .filter(|(cos, _)| max_context <= cos.dims()[0])?;
+        Some((bucket, rope))
+    }
+
+    /// Uploads a static step's inputs (`row(r)`: token, position, write slot and the blocks in
+    /// use of row r, `None` for a padding row, which holds token 0 at position 0 of the scratch
+    /// block) and runs it ([`Self::run_static`]): logits f32 [bucket, vocab].
+    fn run_static_step<'a>(
+        &self,
+        bucket: usize,
+        bs: usize,
+        rope: &(Tensor, Tensor),
+        row: impl Fn(usize) -> Option<(u32, usize, u32, &'a [u32])>,
+    ) -> Result<Tensor> {
         let m = STATIC_MAX_CONTEXT.div_ceil(bs);
+        let mut guard = self.static_steps.lock().unwrap_or_else(|e| e.into_inner());
         let state = &mut *guard;
         let step = match state.steps.entry(bucket) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -1876,24 +1935,20 @@ impl Decoder {
                 block_size: bs,
                 inputs: Tensor::zeros(4 * bucket + bucket * m, DType::U32, &self.device)?,
                 #[cfg(feature = "cuda")]
-                logits: Tensor::zeros((bucket, vocab), DType::F32, &self.device)?,
+                logits: Tensor::zeros((bucket, self.cfg.vocab_size), DType::F32, &self.device)?,
                 #[cfg(feature = "cuda")]
                 graph: None,
             }),
         };
-        // The inputs, padded: padding rows hold token 0 at position 0 of the scratch block.
         let scratch = self.pool.scratch;
         let mut host = vec![0u32; 4 * bucket + bucket * m];
         let (head, tables) = host.split_at_mut(4 * bucket);
         tables.fill(scratch);
         for r in 0..bucket {
-            let (token, pos, slot) = match caches.get(r) {
-                Some(cache) => {
-                    let pos = positions[r];
-                    let used = (pos + 1).div_ceil(bs);
-                    let row = &mut tables[r * m..r * m + used];
-                    row.copy_from_slice(&cache.table.blocks()[..used]);
-                    (tokens[r], pos, cache.table.slot(pos) as u32)
+            let (token, pos, slot) = match row(r) {
+                Some((token, pos, slot, blocks)) => {
+                    tables[r * m..r * m + blocks.len()].copy_from_slice(blocks);
+                    (token, pos, slot)
                 }
                 None => (0, 0, scratch * bs as u32),
             };
@@ -1905,11 +1960,7 @@ impl Decoder {
         let fresh = Tensor::from_vec(host, 4 * bucket + bucket * m, &self.device)?;
         step.inputs.slice_set(&fresh, 0, 0)?;
         drop(fresh);
-        let logits = self.run_static(step, rope, &mut state.mode)?;
-        for c in caches.iter_mut() {
-            c.len += 1;
-        }
-        Ok(Some(logits.narrow(0, 0, b)?.copy()?))
+        self.run_static(step, rope, &mut state.mode)
     }
 
     /// Runs a static step whose inputs are uploaded: its graph when captured; else eagerly,
@@ -2513,6 +2564,9 @@ mod tests {
             let eager = random_decoder(window);
             let mut statik = random_decoder(window);
             statik.set_decode_graphs(DecodeGraphs::Static);
+            // Buckets made ahead from padding rows only (a server's start-up) change nothing.
+            assert_eq!(statik.warm_decode_graphs(3).unwrap(), [1, 2]);
+            assert_eq!(eager.warm_decode_graphs(3).unwrap(), Vec::<usize>::new());
             let run = |dec: &Decoder| -> (Vec<Vec<f32>>, Vec<u32>) {
                 let mut caches: Vec<KvCache> = [2usize, 7, 12]
                     .iter()
@@ -2565,7 +2619,7 @@ mod tests {
             assert_eq!(mode, DecodeGraphs::Static);
             assert_eq!(
                 buckets,
-                [(2, false), (4, false)],
+                [(1, false), (2, false), (4, false)],
                 "the static path served both batch sizes"
             );
         }

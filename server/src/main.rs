@@ -316,7 +316,7 @@ fn load_model(
     }
     let processor = Arc::new(processor);
     let mut backend = server::backend::llava::LlavaBackend::new(&loaded);
-    backend.warm_up()?;
+    backend.warm_up(args.max_num_seqs as usize)?;
     // Loading and the warm-up ran on this thread; the engine thread takes over the model now.
     // On CUDA each host thread has its own stream: wait for this one's work before handing over.
     device.synchronize()?;

@@ -54,7 +54,7 @@ fn real_model(
     .unwrap();
     let processor = Arc::new(LlavaProcessor::new(&loaded, Default::default()));
     let mut backend = LlavaBackend::new(&loaded);
-    backend.warm_up().unwrap();
+    backend.warm_up(4).unwrap();
     let card = ModelCard {
         id: MODEL_ID.into(),
         created: 0,

@@ -642,8 +642,9 @@ impl LlavaBackend {
     }
 
     /// One short text and image request through the whole path, so the first user does not pay
-    /// for lazy initialisation.
-    pub fn warm_up(&mut self) -> Result<(), BackendError> {
+    /// for lazy initialisation; with CUDA graphs on, the decode graphs of every batch size up to
+    /// `max_batch` (the engine's `--max-num-seqs`).
+    pub fn warm_up(&mut self, max_batch: usize) -> Result<(), BackendError> {
         let mut cache = self.new_cache();
         let bos = self.tokenizer.bos_id().unwrap_or(1);
         let prompt = Prompt {
@@ -661,8 +662,18 @@ impl LlavaBackend {
             .ok_or_else(|| BackendError::new("warm-up prefill gave no logits"))?;
         let tok = argmax(&logits) as u32;
         self.decode_batch(&[tok], &mut [&mut cache])?;
-        // The device sampler's start-up check, here rather than in the first request's step.
+        // The device sampler's start-up check, and with TGA_CUDA_GRAPHS=1 every bucket's decode
+        // graph, here rather than in the first requests' steps.
         self.samples_on_device();
+        let buckets = self
+            .model
+            .decoder()
+            .warm_decode_graphs(max_batch)
+            .map_err(internal)?;
+        if !buckets.is_empty() {
+            let (mode, _) = self.model.decoder().decode_graphs();
+            tracing::info!(?buckets, ?mode, "static decode steps ready");
+        }
         Ok(())
     }
 
