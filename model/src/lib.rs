@@ -7,7 +7,8 @@
 //! - `device`: CUDA set-up candle leaves at the driver's defaults: one stream for all work, no
 //!   per-allocation events, the memory pool's threshold.
 //! - `cpu`: f32 CPU kernels (small-batch linear, decode attention, fused softmax/activations).
-//! - `clip`, `mistral`, `llava`: vision tower, decoder with [`mistral::LayerTaps`], the assembled model.
+//! - `clip`, `mistral`, `llava`: vision tower, decoder with [`mistral::LayerTaps`] (and decode steps
+//!   as CUDA graphs per batch bucket, [`mistral::DecodeGraphs`]), the assembled model.
 //! - `random`: random-weight models of any LLaVA-NeXT shape (presets: the 7B, a tiny one), built
 //!   through the loader's construction path.
 //! - `kv`: the paged KV cache's block allocator, block tables and prefix hashes (the storage is the
