@@ -725,12 +725,6 @@ impl Attention {
         Ok(attn)
     }
 
-    /// Projects [rows, hidden] to rotated q [rows, heads, hd] and k, v [rows, kv_heads, hd]; row r
-    /// at the angles of row r of cos, sin [rows, hd/2].
-    fn qkv(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        self.qkv_rope(xs, Rope::Rows { cos, sin }, false)
-    }
-
     /// [`Attention::qkv`] with the angles from `rope`; `stacked`: q, k and v from one product
     /// with the stacked weight (the device path), and with a RoPE table q', k' and v from one
     /// launch ([`crate::fused::rope_qkv`]), contiguous.
@@ -776,7 +770,7 @@ impl Attention {
         &self,
         xs: &Tensor,
         start: usize,
-        (cos, sin): (&Tensor, &Tensor),
+        (rope, stacked): (Rope, bool),
         (pool, layer, table, slots): (&KvPool, usize, &BlockTable, Option<&Tensor>),
         write_index: Option<&Tensor>,
         kernel: Option<&PrefillKernel>,
@@ -784,7 +778,7 @@ impl Attention {
         recorded: &mut Option<Tensor>,
     ) -> Result<Tensor> {
         let n = xs.dim(0)?;
-        let (q, k, v) = self.qkv(xs, cos, sin)?;
+        let (q, k, v) = self.qkv_rope(xs, rope, stacked)?;
         match write_index {
             Some(index) => pool.scatter(layer, index, &k, &v)?,
             None => pool.write(layer, table, start, &k, &v)?,
@@ -1545,8 +1539,32 @@ impl Decoder {
             }
             false => None,
         };
-        let positions: Vec<usize> = (start..total).collect();
-        let (cos, sin) = self.rotary.cos_sin(&positions, &self.device, self.dtype)?;
+        let fuse = self.fused_ops();
+        let stacked = fuse && self.stacked_projections;
+        // RoPE: on the fused path from the device's table at this chunk's positions (as decode),
+        // else this chunk's angles computed and uploaded.
+        let table = self
+            .rope_table(stacked)
+            .filter(|(cos, _)| total <= cos.dims()[0]);
+        let (pos, angles);
+        let rope = match table {
+            Some((cos, sin)) => {
+                pos = Tensor::arange(start as u32, total as u32, &self.device)?;
+                Rope::Table {
+                    cos,
+                    sin,
+                    positions: &pos,
+                }
+            }
+            None => {
+                let positions: Vec<usize> = (start..total).collect();
+                angles = self.rotary.cos_sin(&positions, &self.device, self.dtype)?;
+                Rope::Rows {
+                    cos: &angles.0,
+                    sin: &angles.1,
+                }
+            }
+        };
         // This chunk's hidden-state taps: (index in taps.hidden_positions, row in the chunk).
         let hidden_here: Vec<(usize, u32)> = taps
             .hidden_positions
@@ -1606,8 +1624,6 @@ impl Decoder {
         let mut xs = embeds.to_dtype(self.dtype)?;
         record(&xs, &mut hidden_rec, &mut pooled_rec)?;
         let mut attention = Vec::new();
-        let fuse = self.fused_ops();
-        let stacked = fuse && self.stacked_projections;
         let mut next_h = None;
         for (i, layer) in self.layers.iter().enumerate() {
             let block = i + 1;
@@ -1629,7 +1645,7 @@ impl Decoder {
             let a = layer.self_attn.forward_seq(
                 &h,
                 start,
-                (&cos, &sin),
+                (rope, stacked),
                 (&self.pool, i, &cache.table, slots.as_ref()),
                 write_index.as_ref(),
                 kernel.as_ref(),
