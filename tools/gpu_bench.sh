@@ -181,32 +181,6 @@ part gpu_check 120 env OUT="$W/check" SERVE="$SERVE" PARITY="$PARITY" NO_CUDA="$
   bash tools/gpu_check.sh > "$W/check.log" 2>&1
 grep -E '^(PASS|FAIL|INFO|RESULT)' "$W/check/summary.txt" 2>/dev/null
 
-# --- where an image prompt's time goes, at the model level (no HTTP): the kernels test binary's
-# image_prefill_stage_timing, once as served, once with decode steps through CUDA graphs
-# (TGA_CUDA_GRAPHS=1, not yet the default) and once per switch that restores an older path
-# (cudarc's per-allocation events; the candle-ops prefill attention; the unfused norms/RoPE), so
-# each change is measured side by side in this run.
-if [ -z "${KERNELS:-}" ] && [ -f .cudabin/kernels.gz ]; then gpu_unpack /tmp/tgabin kernels && KERNELS=/tmp/tgabin/kernels; fi
-if [ -n "${KERNELS:-}" ]; then
-  for variant in served:- graphs:TGA_CUDA_GRAPHS=1 events:TGA_CUDA_EVENT_TRACKING=1 \
-      candle_attention:TGA_PREFILL_KERNEL=0 unfused:TGA_FUSED_KERNELS=0; do
-    name=${variant%%:*} envs=${variant#*:}
-    [ "$envs" = - ] && envs=""
-    # shellcheck disable=SC2086  # envs is one VAR=value word or empty
-    part "stages_$name" 40 env TGA_TEST_DEVICE="$DEVICE" $envs "$KERNELS" --ignored --exact \
-      image_prefill_stage_timing --nocapture --test-threads 1 > "$W/stages_$name.log" 2>&1
-    grep -E '^ +[a-z_]+: |^prefill chunks|^decode batch' "$W/stages_$name.log"
-  done
-  # the attention kernels alone at the 7B's shape (µs, GB/s, TFLOP/s per layer); on the CPU (a
-  # dry run) the op is its slow reference and the figures would mean nothing
-  [ -z "$NO_CUDA" ] && part kernel_timing 40 env TGA_TEST_DEVICE="$DEVICE" "$KERNELS" --ignored --exact \
-    paged_decode_timing paged_prefill_timing --nocapture --test-threads 1 \
-    > "$W/kernel_timing.log" 2>&1
-  grep -vsE '^(running|test |$)' "$W/kernel_timing.log" | head -30
-else
-  echo "== stages: no kernels test binary (.cudabin/kernels.gz or KERNELS=): not measured"
-fi
-
 # --- T0: the ceilings and the transformers peer
 part peer 130 env PYTHONUNBUFFERED=1 "$PY" tools/gpu_peer.py "${PEER_ARGS[@]}" --device "$DEVICE" \
   --dtype "$PEER_DTYPE" --json "$W/peer.json" --image-size "$IMAGE" --decode-context "$T1_CONTEXT" \
@@ -263,6 +237,33 @@ if [ -n "$T6_BYTES" ]; then
 else
   printf 't6\tskipped\t-1\t0\t0\n' >> "$W/parts.tsv"
 fi
+# --- where an image prompt's time goes, at the model level (no HTTP; last, so that the served
+# targets above get the budget first): the kernels test binary's
+# image_prefill_stage_timing, once as served, once with decode steps through CUDA graphs
+# (TGA_CUDA_GRAPHS=1, not yet the default) and once per switch that restores an older path
+# (cudarc's per-allocation events; the candle-ops prefill attention; the unfused norms/RoPE), so
+# each change is measured side by side in this run.
+if [ -z "${KERNELS:-}" ] && [ -f .cudabin/kernels.gz ]; then gpu_unpack /tmp/tgabin kernels && KERNELS=/tmp/tgabin/kernels; fi
+if [ -n "${KERNELS:-}" ]; then
+  for variant in served:- graphs:TGA_CUDA_GRAPHS=1 events:TGA_CUDA_EVENT_TRACKING=1 \
+      candle_attention:TGA_PREFILL_KERNEL=0 unfused:TGA_FUSED_KERNELS=0; do
+    name=${variant%%:*} envs=${variant#*:}
+    [ "$envs" = - ] && envs=""
+    # shellcheck disable=SC2086  # envs is one VAR=value word or empty
+    part "stages_$name" 40 env TGA_TEST_DEVICE="$DEVICE" $envs "$KERNELS" --ignored --exact \
+      image_prefill_stage_timing --nocapture --test-threads 1 > "$W/stages_$name.log" 2>&1
+    grep -E '^ +[a-z_]+: |^prefill chunks|^decode batch' "$W/stages_$name.log"
+  done
+  # the attention kernels alone at the 7B's shape (µs, GB/s, TFLOP/s per layer); on the CPU (a
+  # dry run) the op is its slow reference and the figures would mean nothing
+  [ -z "$NO_CUDA" ] && part kernel_timing 40 env TGA_TEST_DEVICE="$DEVICE" "$KERNELS" --ignored --exact \
+    paged_decode_timing paged_prefill_timing --nocapture --test-threads 1 \
+    > "$W/kernel_timing.log" 2>&1
+  grep -vsE '^(running|test |$)' "$W/kernel_timing.log" | head -30
+else
+  echo "== stages: no kernels test binary (.cudabin/kernels.gz or KERNELS=): not measured"
+fi
+
 "$PY" - "$W/parts.tsv" <<'PY'
 import sys
 for line in open(sys.argv[1]):
