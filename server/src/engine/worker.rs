@@ -773,10 +773,14 @@ impl<B: ModelBackend> Worker<B> {
             .with_min_len(4)
             .map(|((sampler, constraint), (row, spec))| {
                 catch_unwind(AssertUnwindSafe(|| match (row, spec) {
-                    (StepRow::Sampled(token), _) => {
+                    (StepRow::Sampled(token), Some(_)) => {
                         sampler.accept(token);
                         Ok(token.clone())
                     }
+                    // A grammar or a logit processor needs the host's draw.
+                    (StepRow::Sampled(_), None) => Err(BackendError::new(
+                        "the backend sampled a row that the engine keeps on the host",
+                    )),
                     (StepRow::Logits(logits), Some(spec)) => sampler.sample_with(logits, spec),
                     (StepRow::Logits(logits), None) => {
                         super::sequence::draw(&mut **sampler, constraint, logits)
