@@ -1729,10 +1729,8 @@ impl Decoder {
         }
         let fuse = self.fused_ops();
         let stacked = fuse && self.stacked_projections;
-        if stacked {
-            if let Some(logits) = self.decode_static(tokens, caches, &positions)? {
-                return Ok(logits);
-            }
+        if let Some(logits) = self.decode_static(tokens, caches, &positions)? {
+            return Ok(logits);
         }
         // RoPE: the fused kernel reads the device's table at the uploaded positions; otherwise
         // (or past the table) this step's angles are computed and uploaded.
@@ -1772,10 +1770,7 @@ impl Decoder {
             false => None,
         };
         // Each layer's normed input: the previous layer's last residual add made it.
-        let mut h = match self.layers.first() {
-            Some(first) => first.input_layernorm.forward(&xs)?,
-            None => self.norm.forward(&xs)?,
-        };
+        let mut h = self.first_norm(&xs)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let attn = &layer.self_attn;
             let (q, k, v) = attn.qkv_rope(&h, rope, stacked)?;
@@ -1828,14 +1823,7 @@ impl Decoder {
                     Tensor::cat(&outs, 0)?
                 }
             };
-            let o = attn.o_proj.forward(&o)?;
-            let (sum, normed) = self.add_norm(&xs, &o, &layer.post_attention_layernorm, fuse)?;
-            let m = layer.mlp.forward(&normed, stacked)?;
-            let next = self
-                .layers
-                .get(i + 1)
-                .map_or(&self.norm, |l| &l.input_layernorm);
-            (xs, h) = self.add_norm(&sum, &m, next, fuse)?;
+            (xs, h) = self.layer_tail(i, &xs, &o, fuse, stacked)?;
         }
         for c in caches.iter_mut() {
             c.len += 1;
@@ -2090,10 +2078,7 @@ impl Decoder {
         };
         let block_size = step.block_size;
         let mut xs = self.embed_tokens.forward(&tokens)?.to_dtype(self.dtype)?;
-        let mut h = match self.layers.first() {
-            Some(first) => first.input_layernorm.forward(&xs)?,
-            None => self.norm.forward(&xs)?,
-        };
+        let mut h = self.first_norm(&xs)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let attn = &layer.self_attn;
             let (q, k, v) = attn.qkv_rope(&h, rope, true)?;
@@ -2108,14 +2093,7 @@ impl Decoder {
                 scale: 1.0 / (hd as f32).sqrt(),
             };
             let o = crate::paged::paged_decode_attention(&q, &args)?.reshape((bk, heads * hd))?;
-            let o = attn.o_proj.forward(&o)?;
-            let (sum, normed) = self.add_norm(&xs, &o, &layer.post_attention_layernorm, true)?;
-            let mlp = layer.mlp.forward(&normed, true)?;
-            let next = self
-                .layers
-                .get(i + 1)
-                .map_or(&self.norm, |l| &l.input_layernorm);
-            (xs, h) = self.add_norm(&sum, &mlp, next, true)?;
+            (xs, h) = self.layer_tail(i, &xs, &o, true, true)?;
         }
         Ok(self.lm_head.forward(&h)?.to_dtype(DType::F32)?)
     }
@@ -2232,6 +2210,38 @@ impl Decoder {
                 }
             })
             .as_ref()
+    }
+
+    /// The first layer's input norm of `xs` (the final norm when there is no layer): a decode
+    /// step's `h` before its first layer.
+    fn first_norm(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self.layers.first() {
+            Some(first) => first.input_layernorm.forward(xs),
+            None => self.norm.forward(xs),
+        }
+    }
+
+    /// Decode layer `i` after its attention `o` [rows, heads·hd]: the output projection, the
+    /// residual add with the post-attention norm, the MLP, and the residual add with the next
+    /// layer's input norm (the final norm after the last layer). Returns the residual stream
+    /// and its normed copy, the next layer's input.
+    fn layer_tail(
+        &self,
+        i: usize,
+        xs: &Tensor,
+        o: &Tensor,
+        fuse: bool,
+        stacked: bool,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let layer = &self.layers[i];
+        let o = layer.self_attn.o_proj.forward(o)?;
+        let (sum, normed) = self.add_norm(xs, &o, &layer.post_attention_layernorm, fuse)?;
+        let m = layer.mlp.forward(&normed, stacked)?;
+        let next = self
+            .layers
+            .get(i + 1)
+            .map_or(&self.norm, |l| &l.input_layernorm);
+        self.add_norm(&sum, &m, next, fuse)
     }
 
     /// `xs + residual` and `norm` of it: one launch on the fused path, else candle's add and
