@@ -1338,6 +1338,40 @@ impl Decoder {
         steps.steps.clear();
     }
 
+    /// A test aid for the decode paths: each of `prompts` prefilled into a cache of its own,
+    /// then one decode step per entry of `live` over the first `live[s]` sequences (the batch
+    /// may shrink as it goes), each fed the previous step's greedy tokens (`first` at the
+    /// first). Returns every step's logit rows, in order.
+    pub fn greedy_trace(
+        &self,
+        prompts: &[Vec<u32>],
+        first: &[u32],
+        live: &[usize],
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut caches = prompts
+            .iter()
+            .map(|ids| {
+                let mut cache = self.new_cache();
+                let taps = LayerTaps::default();
+                let mut acc = TapAccumulator::new(&taps);
+                self.prefill_chunk(&self.embed(ids)?, &mut cache, &taps, &mut acc, false)?;
+                Ok(cache)
+            })
+            .collect::<Result<Vec<KvCache>>>()?;
+        let (mut rows, mut next) = (Vec::new(), first.to_vec());
+        for &n in live {
+            let mut refs: Vec<&mut KvCache> = caches.iter_mut().take(n).collect();
+            let out = self.decode_step(&next[..n], &mut refs)?.to_vec2::<f32>()?;
+            next = out
+                .iter()
+                .map(|r| crate::sampling::argmax(r) as u32)
+                .collect();
+            next.resize(prompts.len(), 0);
+            rows.extend(out);
+        }
+        Ok(rows)
+    }
+
     /// The decode-step mode now (a failed graph capture turns `Captured` into `Static`) and
     /// the buckets with a static step, each with whether its CUDA graph is captured.
     pub fn decode_graphs(&self) -> (DecodeGraphs, Vec<(usize, bool)>) {
@@ -2593,38 +2627,14 @@ mod tests {
             // Buckets made ahead from padding rows only (a server's start-up) change nothing.
             assert_eq!(statik.warm_decode_graphs(3).unwrap(), [1, 2]);
             assert_eq!(eager.warm_decode_graphs(3).unwrap(), Vec::<usize>::new());
+            let prompts: Vec<Vec<u32>> = [2u32, 7, 12]
+                .iter()
+                .map(|&n| (0..n).map(|i| (i * 7 + 3) % 50).collect())
+                .collect();
             let run = |dec: &Decoder| -> (Vec<Vec<f32>>, Vec<u32>) {
-                let mut caches: Vec<KvCache> = [2usize, 7, 12]
-                    .iter()
-                    .map(|&n| {
-                        let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7 + 3) % 50).collect();
-                        let mut cache = dec.new_cache();
-                        let taps = LayerTaps::default();
-                        let mut acc = TapAccumulator::new(&taps);
-                        dec.prefill_chunk(
-                            &dec.embed(&ids).unwrap(),
-                            &mut cache,
-                            &taps,
-                            &mut acc,
-                            false,
-                        )
-                        .unwrap();
-                        cache
-                    })
-                    .collect();
-                let (mut rows, mut next) = (Vec::new(), vec![1u32, 2, 3]);
-                for step in 0..8 {
-                    let live = if step < 5 { 3 } else { 2 };
-                    let mut refs: Vec<&mut KvCache> = caches.iter_mut().take(live).collect();
-                    let logits = dec.decode_step(&next[..live], &mut refs).unwrap();
-                    let out = logits.to_vec2::<f32>().unwrap();
-                    next = out
-                        .iter()
-                        .map(|r| crate::sampling::argmax(r) as u32)
-                        .collect();
-                    next.resize(3, 0);
-                    rows.extend(out);
-                }
+                let rows = dec
+                    .greedy_trace(&prompts, &[1, 2, 3], &[3, 3, 3, 3, 3, 2, 2, 2])
+                    .unwrap();
                 let greedy = rows
                     .iter()
                     .map(|r| crate::sampling::argmax(r) as u32)

@@ -1012,7 +1012,7 @@ fn device_sampler_equals_its_reference() {
 #[test]
 fn decode_graphs_equal_eager_steps() {
     use model::llava::{LlavaModel, LoadOptions};
-    use model::mistral::{DecodeGraphs, LayerTaps, TapAccumulator};
+    use model::mistral::DecodeGraphs;
     let dev = device();
     let spec = model::random::RandomModelSpec::parse("tiny").unwrap();
     let build = |mode| {
@@ -1026,43 +1026,16 @@ fn decode_graphs_equal_eager_steps() {
         m.set_decode_graphs(mode);
         m
     };
+    let prompts: Vec<Vec<u32>> = [3u32, 9, 20]
+        .iter()
+        .map(|&n| (0..n).map(|i| (i * 11 + 5) % 90).collect())
+        .collect();
+    let live = [3, 3, 3, 2, 2, 2, 1, 1, 1];
     let run = |model: &LlavaModel| {
-        let dec = model.decoder();
-        let mut caches: Vec<_> = [3usize, 9, 20]
-            .iter()
-            .map(|&n| {
-                let ids: Vec<u32> = (0..n as u32).map(|i| (i * 11 + 5) % 90).collect();
-                let mut cache = model.new_cache();
-                let taps = LayerTaps::default();
-                let mut acc = TapAccumulator::new(&taps);
-                dec.prefill_chunk(
-                    &dec.embed(&ids).unwrap(),
-                    &mut cache,
-                    &taps,
-                    &mut acc,
-                    false,
-                )
-                .unwrap();
-                cache
-            })
-            .collect();
-        let (mut rows, mut next) = (Vec::new(), vec![4u32, 5, 6]);
-        for step in 0..9 {
-            let live = 3 - step / 3;
-            let mut refs: Vec<&mut _> = caches.iter_mut().take(live).collect();
-            let out = model
-                .decode_step(&next[..live], &mut refs)
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap();
-            next = out
-                .iter()
-                .map(|r| model::sampling::argmax(r) as u32)
-                .collect();
-            next.resize(3, 0);
-            rows.extend(out);
-        }
-        rows
+        model
+            .decoder()
+            .greedy_trace(&prompts, &[4, 5, 6], &live)
+            .unwrap()
     };
     let want = run(&build(DecodeGraphs::Off));
     let graphed = build(DecodeGraphs::Captured);
