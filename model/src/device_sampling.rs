@@ -35,7 +35,7 @@ use crate::sampling::{argmax, DrawSpec, SampledToken, MAX_TOP_LOGPROBS};
 /// Columns of a row's result: id, logprob, then `MAX_TOP_LOGPROBS` (id, logprob) pairs.
 pub const OUT_COLS: usize = 2 + 2 * MAX_TOP_LOGPROBS;
 /// Columns of a row's settings: temperature, top_k, top_p, min_p, top_logprobs, u (f64 each).
-const PARAM_COLS: usize = 6;
+pub const PARAM_COLS: usize = 6;
 /// The id column's codes for a row that cannot be sampled.
 const BAD_LOGIT: f32 = -1.0;
 const NO_FINITE_LOGIT: f32 = -2.0;
@@ -66,19 +66,7 @@ pub fn sample_rows(
             "cannot sample ids below {limit} of a {vocab}-token vocabulary on the device"
         )));
     }
-    let params: Vec<f64> = specs
-        .iter()
-        .flat_map(|s| {
-            [
-                f64::from(s.temperature),
-                s.top_k as f64,
-                f64::from(s.top_p),
-                f64::from(s.min_p),
-                s.top_logprobs.min(MAX_TOP_LOGPROBS) as f64,
-                s.u,
-            ]
-        })
-        .collect();
+    let params: Vec<f64> = specs.iter().flat_map(kernel_params).collect();
     let params = Tensor::from_vec(params, (rows, PARAM_COLS), logits.device())?;
     let out = logits
         .contiguous()?
@@ -123,15 +111,8 @@ pub fn self_check(
             }
         })
         .collect();
-    let rows: Vec<f32> = (0..specs.len() * vocab)
-        .map(|i| {
-            // Each row's first logit finite: a row with none is an error, not a draw.
-            if i % vocab != 0 && rng.random::<f32>() < 0.01 {
-                f32::NEG_INFINITY
-            } else {
-                half::bf16::from_f32(rng.random_range(-8.0f32..8.0)).to_f32()
-            }
-        })
+    let rows: Vec<f32> = (0..specs.len())
+        .flat_map(|_| test_logits(&mut rng, vocab))
         .collect();
     let host =
         Tensor::from_vec(rows, (specs.len(), vocab), &candle_core::Device::Cpu)?.to_dtype(dtype)?;
@@ -182,6 +163,35 @@ pub fn tokens_of(out: &[f32], specs: &[DrawSpec], limit: usize) -> Vec<Result<Sa
     out.chunks_exact(OUT_COLS)
         .zip(specs)
         .map(|(row, spec)| token(row, spec, limit))
+        .collect()
+}
+
+/// A draw's settings as the kernel reads them, one row of `[rows, PARAM_COLS]` f64 (the inverse
+/// of `SampleRows::spec`); `top_logprobs` capped at [`MAX_TOP_LOGPROBS`].
+pub fn kernel_params(spec: &DrawSpec) -> [f64; PARAM_COLS] {
+    [
+        f64::from(spec.temperature),
+        spec.top_k as f64,
+        f64::from(spec.top_p),
+        f64::from(spec.min_p),
+        spec.top_logprobs.min(MAX_TOP_LOGPROBS) as f64,
+        spec.u,
+    ]
+}
+
+/// A row of `n` test logits for the sampler's checks: uniform at a random scale in [0.5, 8),
+/// rounded to bf16 (so with ties), about 2 % of them −inf but never the first (a row with no
+/// finite logit is an error, not a draw).
+pub fn test_logits(rng: &mut impl rand::Rng, n: usize) -> Vec<f32> {
+    let scale = rng.random_range(0.5f32..8.0);
+    (0..n)
+        .map(|i| {
+            if i > 0 && rng.random::<f32>() < 0.02 {
+                f32::NEG_INFINITY
+            } else {
+                half::bf16::from_f32(rng.random_range(-1.0f32..1.0) * scale).to_f32()
+            }
+        })
         .collect()
 }
 
@@ -470,20 +480,6 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
-    /// A row of `n` logits rounded to bf16 (many ties), a few of them −inf.
-    fn row(n: usize, rng: &mut StdRng) -> Vec<f32> {
-        let scale = rng.random_range(0.5f32..6.0);
-        (0..n)
-            .map(|_| {
-                if n > 4 && rng.random::<f32>() < 0.02 {
-                    f32::NEG_INFINITY
-                } else {
-                    half::bf16::from_f32(rng.random_range(-1.0f32..1.0) * scale).to_f32()
-                }
-            })
-            .collect()
-    }
-
     fn specs() -> Vec<DrawSpec> {
         let mut out = Vec::new();
         for temperature in [0.0f32, 0.7, 1.3] {
@@ -520,7 +516,7 @@ mod tests {
                         ..s
                     })
                     .collect();
-                let rows: Vec<Vec<f32>> = specs.iter().map(|_| row(n, &mut rng)).collect();
+                let rows: Vec<Vec<f32>> = specs.iter().map(|_| test_logits(&mut rng, n)).collect();
                 let flat: Vec<f32> = rows.concat();
                 let logits = Tensor::from_vec(flat, (rows.len(), n), &Device::Cpu)
                     .unwrap()
@@ -564,7 +560,7 @@ mod tests {
         let (mut host, mut device) = (Sampler::new(params.clone()), Sampler::new(params));
         let mut differ = 0;
         for _ in 0..200 {
-            let x = row(700, &mut rng);
+            let x = test_logits(&mut rng, 700);
             let want = host.sample_logits(&x).unwrap();
             let spec = device.device_draw().expect("no logit processors");
             let logits = Tensor::from_slice(&x, (1, x.len()), &Device::Cpu).unwrap();

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use model::device_sampling::{check_against_reference, tokens_of};
+use model::device_sampling::{check_against_reference, kernel_params, test_logits, tokens_of};
 use model::sampling::DrawSpec;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -53,15 +53,7 @@ fn run(exe: &Path, logits: &[f32], vocab: usize, limit: usize, specs: &[DrawSpec
     }
     input.extend(logits.iter().flat_map(|x| x.to_le_bytes()));
     for s in specs {
-        let p = [
-            f64::from(s.temperature),
-            s.top_k as f64,
-            f64::from(s.top_p),
-            f64::from(s.min_p),
-            s.top_logprobs as f64,
-            s.u,
-        ];
-        input.extend(p.iter().flat_map(|x| x.to_le_bytes()));
+        input.extend(kernel_params(s).iter().flat_map(|x| x.to_le_bytes()));
     }
     let mut child = Command::new(exe)
         .stdin(Stdio::piped())
@@ -92,20 +84,6 @@ fn run(exe: &Path, logits: &[f32], vocab: usize, limit: usize, specs: &[DrawSpec
     bytes
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
-}
-
-/// A row of bf16-rounded logits (ties), a few −inf.
-fn row(n: usize, rng: &mut StdRng) -> Vec<f32> {
-    let scale = rng.random_range(0.5f32..8.0);
-    (0..n)
-        .map(|_| {
-            if n > 4 && rng.random::<f32>() < 0.02 {
-                f32::NEG_INFINITY
-            } else {
-                half::bf16::from_f32(rng.random_range(-1.0f32..1.0) * scale).to_f32()
-            }
-        })
         .collect()
 }
 
@@ -140,7 +118,7 @@ fn draws_match(threads: u32, lengths: &[usize], per_kind: usize) -> usize {
                 }
             })
             .collect();
-        let rows: Vec<Vec<f32>> = specs.iter().map(|_| row(n, &mut rng)).collect();
+        let rows: Vec<Vec<f32>> = specs.iter().map(|_| test_logits(&mut rng, n)).collect();
         let out = run(&exe, &rows.concat(), n, limit, &specs);
         assert_eq!(out.len(), specs.len() * model::device_sampling::OUT_COLS);
         for ((x, spec), got) in rows.iter().zip(&specs).zip(tokens_of(&out, &specs, limit)) {
