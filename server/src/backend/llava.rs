@@ -1372,13 +1372,10 @@ mod tests {
         assert_eq!(unmasked.sample(&logits).unwrap().id, 5);
     }
 
-    /// Decode steps sampled on the "device" (the op's Rust model on the CPU) give the tokens
-    /// and logprobs of the host sampler with the same seeds, for rows drawn on the device and
-    /// rows that stay on the host (a penalty) in one batch.
-    #[test]
-    fn device_sampling_draws_the_host_samplers_tokens() {
+    /// The built-in tiny model's shapes with random weights, f32 on the CPU.
+    fn tiny_random() -> LoadedModel {
         let spec = RandomModelSpec::parse("tiny").unwrap();
-        let loaded = load_random(
+        load_random(
             &spec,
             1,
             Some(DType::F32),
@@ -1386,7 +1383,15 @@ mod tests {
             None,
             &Device::Cpu,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    /// Decode steps sampled on the "device" (the op's Rust model on the CPU) give the tokens
+    /// and logprobs of the host sampler with the same seeds, for rows drawn on the device and
+    /// rows that stay on the host (a penalty) in one batch.
+    #[test]
+    fn device_sampling_draws_the_host_samplers_tokens() {
+        let loaded = tiny_random();
         let params = [
             SamplingParams {
                 temperature: 0.9,
@@ -1475,16 +1480,7 @@ mod tests {
 
     #[test]
     fn a_random_model_uses_the_builtin_tokenizer_and_masks_the_rows_it_lacks() {
-        let spec = RandomModelSpec::parse("tiny").unwrap();
-        let loaded = load_random(
-            &spec,
-            1,
-            Some(DType::F32),
-            Default::default(),
-            None,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let loaded = tiny_random();
         assert_eq!(loaded.sampled_vocab, Some(loaded.tokenizer.vocab_size()));
         assert_eq!(loaded.tokenizer.vocab_size(), 1001);
         assert_eq!(loaded.model.config().text.vocab_size, 1024);
