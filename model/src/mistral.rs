@@ -1168,15 +1168,21 @@ impl DecodeGraphs {
 /// One bucket's static decode step: its inputs on the device and, on CUDA, its graph.
 struct StaticStep {
     batch: usize,
-    max_blocks: usize,
     block_size: usize,
-    /// u32 [4·batch + batch·max_blocks]: tokens, positions, lengths, write slots, block tables.
+    /// u32 [4·batch + batch·max_blocks()]: tokens, positions, lengths, write slots, block tables.
     inputs: Tensor,
     /// f32 [batch, vocab]: what the captured graph writes its logits to.
     #[cfg(feature = "cuda")]
     logits: Tensor,
     #[cfg(feature = "cuda")]
     graph: Option<graph::Graph>,
+}
+
+impl StaticStep {
+    /// The width of its block tables: [`STATIC_MAX_CONTEXT`] positions.
+    fn max_blocks(&self) -> usize {
+        STATIC_MAX_CONTEXT.div_ceil(self.block_size)
+    }
 }
 
 /// The static steps made so far, by bucket.
@@ -1969,7 +1975,6 @@ impl Decoder {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => e.insert(StaticStep {
                 batch: bucket,
-                max_blocks: m,
                 block_size: bs,
                 inputs: Tensor::zeros(4 * bucket + bucket * m, DType::U32, &self.device)?,
                 #[cfg(feature = "cuda")]
@@ -2095,7 +2100,7 @@ impl Decoder {
     /// [batch, vocab]. Every op reads the device (nothing crosses from the host), so that a
     /// CUDA graph can record it.
     fn static_forward(&self, step: &StaticStep, (cos, sin): &(Tensor, Tensor)) -> Result<Tensor> {
-        let (bk, m) = (step.batch, step.max_blocks);
+        let (bk, m) = (step.batch, step.max_blocks());
         let part = |i: usize| step.inputs.narrow(0, i * bk, bk);
         let (tokens, positions, lens, slots) = (part(0)?, part(1)?, part(2)?, part(3)?);
         let tables = step.inputs.narrow(0, 4 * bk, bk * m)?.reshape((bk, m))?;
