@@ -269,21 +269,12 @@ pub fn reference_row(x: &[f32], spec: &DrawSpec) -> [f32; OUT_COLS] {
         .sum();
     let log_z = f64::from(max) + sum.ln();
     let logprob = |i: usize| (f64::from(x[i]) - log_z) as f32;
-    // Top alternatives: each round the first token after the previous one in the order key
-    // descending, id ascending.
-    let mut prev: Option<(u32, usize)> = None;
-    for j in 0..spec.top_logprobs.min(MAX_TOP_LOGPROBS).min(x.len()) {
-        let after = |i: usize| match prev {
-            None => true,
-            Some((k, id)) => key(x[i]) < k || (key(x[i]) == k && i > id),
-        };
-        let next = (0..x.len())
-            .filter(|&i| after(i))
-            .min_by(|&a, &b| key(x[b]).cmp(&key(x[a])).then(a.cmp(&b)))
-            .expect("fewer alternatives than logits");
-        out[2 + 2 * j] = next as f32;
-        out[3 + 2 * j] = logprob(next);
-        prev = Some((key(x[next]), next));
+    // Top alternatives: the kernel's rounds ("the first token after the previous one, logit
+    // descending, id ascending") give the host's order (`top_n`: total_cmp, lower id first).
+    let top = crate::sampling::top_n(x, spec.top_logprobs.min(MAX_TOP_LOGPROBS));
+    for (j, &i) in top.iter().enumerate() {
+        out[2 + 2 * j] = i as f32;
+        out[3 + 2 * j] = logprob(i);
     }
     let id = if spec.is_greedy() {
         best
