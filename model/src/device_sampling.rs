@@ -88,29 +88,9 @@ pub fn self_check(
     dtype: candle_core::DType,
     vocab: usize,
 ) -> Result<usize> {
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
-    let combos = [
-        (0.0f32, 0usize, 1.0f32, 0.0f32),
-        (1.0, 0, 1.0, 0.0),
-        (0.7, 50, 1.0, 0.0),
-        (1.3, 0, 0.9, 0.0),
-        (1.0, 40, 0.5, 0.05),
-        (0.8, 0, 0.0, 0.0),
-    ];
-    let specs: Vec<DrawSpec> = (0..48)
-        .map(|i| {
-            let (temperature, top_k, top_p, min_p) = combos[i % combos.len()];
-            DrawSpec {
-                temperature,
-                top_k,
-                top_p,
-                min_p,
-                top_logprobs: [0, 5, 20][i % 3],
-                u: rng.random(),
-            }
-        })
-        .collect();
+    let specs = test_draws(&mut rng, 48);
     let rows: Vec<f32> = (0..specs.len())
         .flat_map(|_| test_logits(&mut rng, vocab))
         .collect();
@@ -177,6 +157,38 @@ pub fn kernel_params(spec: &DrawSpec) -> [f64; PARAM_COLS] {
         spec.top_logprobs.min(MAX_TOP_LOGPROBS) as f64,
         spec.u,
     ]
+}
+
+/// The kinds of draw [`test_draws`] cycles through: (temperature, top_k, top_p, min_p).
+pub const TEST_DRAW_KINDS: [(f32, usize, f32, f32); 8] = [
+    (0.0, 0, 1.0, 0.0),
+    (1.0, 0, 1.0, 0.0),
+    (0.7, 1, 1.0, 0.0),
+    (0.7, 5, 1.0, 0.0),
+    (1.3, 0, 0.9, 0.0),
+    (1.0, 40, 0.5, 0.05),
+    (0.8, 0, 0.0, 0.0),
+    (1.0, 0, 0.3, 0.1),
+];
+
+/// `n` draws for the sampler's checks: greedy, temperature, top-k (1 and more), top-p (0 to
+/// 0.9) and min-p in turn ([`TEST_DRAW_KINDS`]), with 0, 1, 7 or 20 top logprobs and a random
+/// `u` each.
+pub fn test_draws(rng: &mut impl rand::Rng, n: usize) -> Vec<DrawSpec> {
+    let kinds = TEST_DRAW_KINDS.len();
+    (0..n)
+        .map(|i| {
+            let (temperature, top_k, top_p, min_p) = TEST_DRAW_KINDS[i % kinds];
+            DrawSpec {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                top_logprobs: [0, 1, 7, 20][(i / kinds + i) % 4],
+                u: rng.random(),
+            }
+        })
+        .collect()
 }
 
 /// A row of `n` test logits for the sampler's checks: uniform at a random scale in [0.5, 8),

@@ -10,10 +10,12 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use model::device_sampling::{check_against_reference, kernel_params, test_logits, tokens_of};
+use model::device_sampling::{
+    check_against_reference, kernel_params, test_draws, test_logits, tokens_of, TEST_DRAW_KINDS,
+};
 use model::sampling::DrawSpec;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
 /// The emulated kernel as a program under the test's temporary directory (built once): with
 /// the kernel's 512 threads a row, or with 64 (two warps: every cross-warp step still runs) for
@@ -91,33 +93,11 @@ fn run(exe: &Path, logits: &[f32], vocab: usize, limit: usize, specs: &[DrawSpec
 fn draws_match(threads: u32, lengths: &[usize], per_kind: usize) -> usize {
     let exe = build(threads);
     let mut rng = StdRng::seed_from_u64(12 + u64::from(threads));
-    let kinds = [
-        (0.0f32, 0usize, 1.0f32, 0.0f32),
-        (1.0, 0, 1.0, 0.0),
-        (0.7, 1, 1.0, 0.0),
-        (0.7, 5, 1.0, 0.0),
-        (1.3, 0, 0.9, 0.0),
-        (1.0, 40, 0.5, 0.05),
-        (0.8, 0, 0.0, 0.0),
-        (1.0, 0, 0.3, 0.1),
-    ];
     let mut compared = 0;
     for &n in lengths {
         // The limit below the row's width on some lengths (a padded vocabulary).
         let limit = if n > 16 { n - 3 } else { n };
-        let specs: Vec<DrawSpec> = (0..kinds.len() * per_kind)
-            .map(|i| {
-                let (temperature, top_k, top_p, min_p) = kinds[i % kinds.len()];
-                DrawSpec {
-                    temperature,
-                    top_k,
-                    top_p,
-                    min_p,
-                    top_logprobs: [0, 1, 7, 20][(i / kinds.len() + i) % 4],
-                    u: rng.random(),
-                }
-            })
-            .collect();
+        let specs = test_draws(&mut rng, TEST_DRAW_KINDS.len() * per_kind);
         let rows: Vec<Vec<f32>> = specs.iter().map(|_| test_logits(&mut rng, n)).collect();
         let out = run(&exe, &rows.concat(), n, limit, &specs);
         assert_eq!(out.len(), specs.len() * model::device_sampling::OUT_COLS);
